@@ -1,0 +1,46 @@
+# Two commands for a new user: `make run` and `make test`. Both set up the
+# virtual environment themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROTOS := $(wildcard protos/orgbilling/v1/*.proto)
+
+.PHONY: run test protos check-generated lint-protos bench soak fuzz clean
+
+$(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11 or newer is needed, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+run: venv
+	$(BIN)/orgbilling serve
+
+test: venv check-generated lint-protos
+	$(BIN)/python -m pytest -q
+
+# Regenerates generated/ from protos/.
+protos: venv
+	$(BIN)/python -m tools.gen_protos generated
+
+# Fails when generated/ is not what `make protos` would write.
+check-generated: venv
+	$(BIN)/python -m tools.gen_protos --check generated
+
+lint-protos: venv
+	$(BIN)/buf lint
+
+bench: venv
+	$(BIN)/python -m benchmarks.run
+
+soak: venv
+	$(BIN)/python -m tests.bank.soak $(SOAK_ARGS)
+
+fuzz: venv
+	$(BIN)/python -m pytest -q tests/test_fuzz.py --fuzz-examples=$${FUZZ_EXAMPLES:-2000}
+
+clean:
+	rm -rf $(VENV) .orgbilling .pytest_cache

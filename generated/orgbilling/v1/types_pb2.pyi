@@ -1,0 +1,152 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Plan(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAN_UNSPECIFIED: _ClassVar[Plan]
+    PLAN_PLATFORM: _ClassVar[Plan]
+    PLAN_BYOK: _ClassVar[Plan]
+    PLAN_HYBRID: _ClassVar[Plan]
+
+class BillingCycle(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BILLING_CYCLE_UNSPECIFIED: _ClassVar[BillingCycle]
+    BILLING_CYCLE_MONTHLY: _ClassVar[BillingCycle]
+    BILLING_CYCLE_YEARLY: _ClassVar[BillingCycle]
+
+class SubscriptionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SUBSCRIPTION_STATUS_UNSPECIFIED: _ClassVar[SubscriptionStatus]
+    SUBSCRIPTION_STATUS_TRIALING: _ClassVar[SubscriptionStatus]
+    SUBSCRIPTION_STATUS_ACTIVE: _ClassVar[SubscriptionStatus]
+    SUBSCRIPTION_STATUS_PAST_DUE: _ClassVar[SubscriptionStatus]
+    SUBSCRIPTION_STATUS_CANCELED: _ClassVar[SubscriptionStatus]
+
+class ResetPeriod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESET_PERIOD_UNSPECIFIED: _ClassVar[ResetPeriod]
+    RESET_PERIOD_DAILY: _ClassVar[ResetPeriod]
+    RESET_PERIOD_WEEKLY: _ClassVar[ResetPeriod]
+    RESET_PERIOD_MONTHLY: _ClassVar[ResetPeriod]
+    RESET_PERIOD_NEVER: _ClassVar[ResetPeriod]
+
+class CreditSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CREDIT_SOURCE_UNSPECIFIED: _ClassVar[CreditSource]
+    CREDIT_SOURCE_PURCHASE: _ClassVar[CreditSource]
+    CREDIT_SOURCE_GRANT: _ClassVar[CreditSource]
+    CREDIT_SOURCE_ADJUSTMENT: _ClassVar[CreditSource]
+
+class PlanChange(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAN_CHANGE_UNSPECIFIED: _ClassVar[PlanChange]
+    PLAN_CHANGE_UPGRADE: _ClassVar[PlanChange]
+    PLAN_CHANGE_DOWNGRADE: _ClassVar[PlanChange]
+    PLAN_CHANGE_LATERAL: _ClassVar[PlanChange]
+PLAN_UNSPECIFIED: Plan
+PLAN_PLATFORM: Plan
+PLAN_BYOK: Plan
+PLAN_HYBRID: Plan
+BILLING_CYCLE_UNSPECIFIED: BillingCycle
+BILLING_CYCLE_MONTHLY: BillingCycle
+BILLING_CYCLE_YEARLY: BillingCycle
+SUBSCRIPTION_STATUS_UNSPECIFIED: SubscriptionStatus
+SUBSCRIPTION_STATUS_TRIALING: SubscriptionStatus
+SUBSCRIPTION_STATUS_ACTIVE: SubscriptionStatus
+SUBSCRIPTION_STATUS_PAST_DUE: SubscriptionStatus
+SUBSCRIPTION_STATUS_CANCELED: SubscriptionStatus
+RESET_PERIOD_UNSPECIFIED: ResetPeriod
+RESET_PERIOD_DAILY: ResetPeriod
+RESET_PERIOD_WEEKLY: ResetPeriod
+RESET_PERIOD_MONTHLY: ResetPeriod
+RESET_PERIOD_NEVER: ResetPeriod
+CREDIT_SOURCE_UNSPECIFIED: CreditSource
+CREDIT_SOURCE_PURCHASE: CreditSource
+CREDIT_SOURCE_GRANT: CreditSource
+CREDIT_SOURCE_ADJUSTMENT: CreditSource
+PLAN_CHANGE_UNSPECIFIED: PlanChange
+PLAN_CHANGE_UPGRADE: PlanChange
+PLAN_CHANGE_DOWNGRADE: PlanChange
+PLAN_CHANGE_LATERAL: PlanChange
+
+class Subscription(_message.Message):
+    __slots__ = ("org_id", "subscription_id", "plan", "billing_cycle", "status", "price_cents", "currency", "current_period_start", "current_period_end", "trial_end", "external_customer_id", "external_subscription_id", "create_time", "cancel_time")
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    BILLING_CYCLE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PRICE_CENTS_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_PERIOD_START_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_PERIOD_END_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_END_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_TIME_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    subscription_id: str
+    plan: Plan
+    billing_cycle: BillingCycle
+    status: SubscriptionStatus
+    price_cents: int
+    currency: str
+    current_period_start: _timestamp_pb2.Timestamp
+    current_period_end: _timestamp_pb2.Timestamp
+    trial_end: _timestamp_pb2.Timestamp
+    external_customer_id: str
+    external_subscription_id: str
+    create_time: _timestamp_pb2.Timestamp
+    cancel_time: _timestamp_pb2.Timestamp
+    def __init__(self, org_id: _Optional[str] = ..., subscription_id: _Optional[str] = ..., plan: _Optional[_Union[Plan, str]] = ..., billing_cycle: _Optional[_Union[BillingCycle, str]] = ..., status: _Optional[_Union[SubscriptionStatus, str]] = ..., price_cents: _Optional[int] = ..., currency: _Optional[str] = ..., current_period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trial_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., external_customer_id: _Optional[str] = ..., external_subscription_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreditPool(_message.Message):
+    __slots__ = ("org_id", "total_millicredits", "allocated_millicredits", "used_millicredits", "reserved_millicredits", "spendable_millicredits", "unallocated_millicredits", "overage_limit_millicredits")
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    USED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    SPENDABLE_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    UNALLOCATED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    OVERAGE_LIMIT_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    total_millicredits: int
+    allocated_millicredits: int
+    used_millicredits: int
+    reserved_millicredits: int
+    spendable_millicredits: int
+    unallocated_millicredits: int
+    overage_limit_millicredits: int
+    def __init__(self, org_id: _Optional[str] = ..., total_millicredits: _Optional[int] = ..., allocated_millicredits: _Optional[int] = ..., used_millicredits: _Optional[int] = ..., reserved_millicredits: _Optional[int] = ..., spendable_millicredits: _Optional[int] = ..., unallocated_millicredits: _Optional[int] = ..., overage_limit_millicredits: _Optional[int] = ...) -> None: ...
+
+class Allocation(_message.Message):
+    __slots__ = ("org_id", "user_id", "limit_millicredits", "used_millicredits", "reserved_millicredits", "remaining_millicredits", "reset_period", "next_reset_time", "revoked")
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    USED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    RESET_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RESET_TIME_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    user_id: str
+    limit_millicredits: int
+    used_millicredits: int
+    reserved_millicredits: int
+    remaining_millicredits: int
+    reset_period: ResetPeriod
+    next_reset_time: _timestamp_pb2.Timestamp
+    revoked: bool
+    def __init__(self, org_id: _Optional[str] = ..., user_id: _Optional[str] = ..., limit_millicredits: _Optional[int] = ..., used_millicredits: _Optional[int] = ..., reserved_millicredits: _Optional[int] = ..., remaining_millicredits: _Optional[int] = ..., reset_period: _Optional[_Union[ResetPeriod, str]] = ..., next_reset_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""orgbilling: organizations' subscriptions, credit pools and allocations over gRPC."""

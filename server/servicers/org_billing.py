@@ -1,0 +1,246 @@
+import base64
+import binascii
+import json
+
+from orgbilling.v1 import org_billing_service_pb2 as pb
+from orgbilling.v1 import org_billing_service_pb2_grpc, types_pb2
+from server import catalog, convert
+from server.errors import refusal
+from server.request_context import current_request_id, fingerprint
+from server.settings import Settings
+from server.store import Store
+from server.validation import Checks
+
+_PLAN = (types_pb2.Plan, "PLAN")
+_CYCLE = (types_pb2.BillingCycle, "BILLING_CYCLE")
+_RESET = (types_pb2.ResetPeriod, "RESET_PERIOD")
+_SOURCE = (types_pb2.CreditSource, "CREDIT_SOURCE")
+
+
+def _name(kind, value: int) -> str:
+    return convert.enum_name(kind[0], kind[1], value)
+
+
+def _raise_unless_ok(result: dict) -> dict:
+    if result["outcome"] != "OK":
+        details = {k: v for k, v in result.items() if k in ("available", "requested")}
+        raise refusal(result["outcome"], **{f"{k}_millicredits": v for k, v in details.items()})
+    return result
+
+
+class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer):
+    def __init__(self, store: Store, settings: Settings):
+        self._store = store
+        self._settings = settings
+
+    # Subscriptions.
+
+    def CreateSubscription(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.enum("plan", request.plan, types_pb2.Plan)
+        checks.enum("billing_cycle", request.billing_cycle, types_pb2.BillingCycle)
+        if not 0 <= request.trial_days <= catalog.TRIAL_DAYS_MAX:
+            checks.fail("trial_days", f"must be from 0 to {catalog.TRIAL_DAYS_MAX}")
+        checks.text("external_customer_id", request.external_customer_id, 128)
+        checks.text("external_subscription_id", request.external_subscription_id, 128)
+        checks.idempotency_key(request.idempotency_key)
+        checks.done()
+        plan, cycle = _name(_PLAN, request.plan), _name(_CYCLE, request.billing_cycle)
+        result = _raise_unless_ok(
+            self._store.create_subscription(
+                request.org_id, plan, cycle, catalog.plan_price_cents(plan, cycle),
+                catalog.CATALOG_CURRENCY, request.trial_days, request.external_customer_id,
+                request.external_subscription_id, request.idempotency_key,
+                fingerprint(request), current_request_id(),
+            )
+        )
+        return pb.CreateSubscriptionResponse(
+            subscription=convert.subscription(result["subscription"]), replayed=result["replayed"]
+        )
+
+    def GetSubscription(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.done()
+        found = self._store.get_live_subscription(request.org_id)
+        if found is None:
+            raise refusal(
+                "SUBSCRIPTION_NOT_FOUND" if self._store.org_exists(request.org_id) else "ORG_NOT_FOUND"
+            )
+        return pb.GetSubscriptionResponse(subscription=convert.subscription(found))
+
+    def ChangePlan(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.enum("plan", request.plan, types_pb2.Plan)
+        checks.enum("billing_cycle", request.billing_cycle, types_pb2.BillingCycle)
+        checks.idempotency_key(request.idempotency_key)
+        checks.done()
+        plan, cycle = _name(_PLAN, request.plan), _name(_CYCLE, request.billing_cycle)
+        result = _raise_unless_ok(
+            self._store.change_plan(
+                request.org_id, plan, cycle, catalog.plan_price_cents(plan, cycle),
+                catalog.CATALOG_CURRENCY, request.idempotency_key, fingerprint(request),
+                current_request_id(),
+            )
+        )
+        return pb.ChangePlanResponse(
+            subscription=convert.subscription(result["subscription"]),
+            change=convert.enum_value(types_pb2.PlanChange, "PLAN_CHANGE", result["change"]),
+            replayed=result["replayed"],
+        )
+
+    def CancelSubscription(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.text("reason", request.reason)
+        checks.idempotency_key(request.idempotency_key)
+        checks.done()
+        result = _raise_unless_ok(
+            self._store.cancel_subscription(
+                request.org_id, request.reason, request.idempotency_key, fingerprint(request),
+                current_request_id(),
+            )
+        )
+        return pb.CancelSubscriptionResponse(
+            subscription=convert.subscription(result["subscription"]), replayed=result["replayed"]
+        )
+
+    # The pool.
+
+    def GetCreditPool(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.done()
+        found = self._store.get_pool(request.org_id)
+        if found is None:
+            raise refusal("ORG_NOT_FOUND")
+        return pb.GetCreditPoolResponse(pool=convert.pool(found))
+
+    def AddCredits(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.enum("source", request.source, types_pb2.CreditSource)
+        checks.text("reason", request.reason)
+        checks.idempotency_key(request.idempotency_key)
+        source = request.source
+        if source == types_pb2.CREDIT_SOURCE_PURCHASE:
+            if request.amount_millicredits != 0:
+                checks.fail("amount_millicredits", "must be 0 for PURCHASE: it follows from amount_paid_cents")
+            checks.idempotency_key(request.payment_reference, field="payment_reference")
+            max_cents = 10**15 // catalog.MILLICREDITS_PER_CENT
+            if not 1 <= request.amount_paid_cents <= max_cents:
+                checks.fail("amount_paid_cents", f"must be from 1 to {max_cents}")
+            if request.currency != catalog.CATALOG_CURRENCY:
+                checks.fail("currency", f"must be {catalog.CATALOG_CURRENCY}, the catalog's currency")
+        else:
+            for field in ("payment_reference", "currency"):
+                if getattr(request, field):
+                    checks.fail(field, "is only for PURCHASE")
+            if request.amount_paid_cents:
+                checks.fail("amount_paid_cents", "is only for PURCHASE")
+            if source == types_pb2.CREDIT_SOURCE_ADJUSTMENT:
+                if request.amount_millicredits == 0 or abs(request.amount_millicredits) > 10**15:
+                    checks.fail("amount_millicredits", "must be non-zero and at most 10^15 either way")
+            else:
+                checks.amount("amount_millicredits", request.amount_millicredits)
+        checks.done()
+
+        purchase = source == types_pb2.CREDIT_SOURCE_PURCHASE
+        amount = (
+            catalog.millicredits_for_cents(request.amount_paid_cents)
+            if purchase else request.amount_millicredits
+        )
+        result = _raise_unless_ok(
+            self._store.add_credits(
+                request.org_id, _name(_SOURCE, source), amount,
+                request.payment_reference if purchase else None,
+                request.amount_paid_cents if purchase else None,
+                request.currency if purchase else None,
+                request.reason, request.idempotency_key, fingerprint(request),
+                current_request_id(),
+            )
+        )
+        return pb.AddCreditsResponse(
+            pool=convert.pool(result["pool"]), event_id=result["event_id"],
+            added_millicredits=result["added"], replayed=result["replayed"],
+        )
+
+    # Allocations.
+
+    def AllocateCredits(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.identifier("user_id", request.user_id)
+        checks.amount("limit_millicredits", request.limit_millicredits, minimum=0)
+        checks.enum("reset_period", request.reset_period, types_pb2.ResetPeriod)
+        checks.idempotency_key(request.idempotency_key)
+        checks.done()
+        result = _raise_unless_ok(
+            self._store.allocate(
+                request.org_id, request.user_id, request.limit_millicredits,
+                _name(_RESET, request.reset_period), request.idempotency_key,
+                fingerprint(request), current_request_id(),
+            )
+        )
+        return pb.AllocateCreditsResponse(
+            allocation=convert.allocation(result["allocation"]),
+            pool=convert.pool(result["pool"]), replayed=result["replayed"],
+        )
+
+    def RevokeAllocation(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.identifier("user_id", request.user_id)
+        checks.idempotency_key(request.idempotency_key)
+        checks.done()
+        result = _raise_unless_ok(
+            self._store.revoke(
+                request.org_id, request.user_id, request.idempotency_key,
+                fingerprint(request), current_request_id(),
+            )
+        )
+        return pb.RevokeAllocationResponse(
+            allocation=convert.allocation(result["allocation"]),
+            pool=convert.pool(result["pool"]), replayed=result["replayed"],
+        )
+
+    def ListAllocations(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        if not 0 <= request.page_size <= self._settings.page_size_max:
+            checks.fail("page_size", f"must be from 0 to {self._settings.page_size_max}")
+        after = ""
+        if request.page_token:
+            after = _read_page_token(request.page_token, request.org_id)
+            if after is None:
+                checks.fail("page_token", "is not a token this list returned")
+        checks.done()
+        if not self._store.org_exists(request.org_id):
+            raise refusal("ORG_NOT_FOUND")
+        page_size = request.page_size or self._settings.page_size_default
+        # One more than a page tells whether there is a next page.
+        found = self._store.list_allocations(
+            request.org_id, after, page_size + 1, request.include_revoked
+        )
+        page = found[:page_size]
+        next_token = _page_token(request.org_id, page[-1]["user_id"]) if len(found) > page_size else ""
+        return pb.ListAllocationsResponse(
+            allocations=[convert.allocation(a) for a in page], next_page_token=next_token
+        )
+
+
+def _page_token(org_id: str, last_user_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([org_id, last_user_id]).encode()).decode()
+
+
+def _read_page_token(token: str, org_id: str) -> str | None:
+    """The user id to continue after, or None if the token is not ours."""
+    try:
+        token_org, last_user_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, binascii.Error, TypeError, UnicodeError):
+        return None
+    if token_org != org_id or not isinstance(last_user_id, str):
+        return None
+    return last_user_id

@@ -1,0 +1,197 @@
+"""The one place the server speaks SQL. Every method is one statement, so one
+short transaction; the ledger's logic lives in the SQL functions of
+migrations/, called here.
+
+Refusals come back as outcomes (see server.errors.refusal); database failures
+come back as psycopg exceptions, which the error interceptor maps to
+UNAVAILABLE.
+"""
+
+import dataclasses
+import json
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+
+@dataclasses.dataclass(frozen=True)
+class Deduction:
+    org_id: str
+    user_id: str
+    amount_millicredits: int
+    service_type: str
+    service_name: str
+    idempotency_key: str
+    request_hash: bytes
+    request_id: str
+    metadata: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeductionResult:
+    outcome: str
+    deduction_id: str
+    allocation_remaining_millicredits: int
+    pool_spendable_millicredits: int
+    replayed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    outcome: str
+    sufficient: bool
+    allocation_remaining_millicredits: int
+    pool_spendable_millicredits: int
+
+
+_ALLOCATION_NOW = """
+    allocation_json(a) || CASE WHEN a.next_reset_at <= now()
+        THEN jsonb_build_object('used', 0, 'next_reset_at_us',
+                                epoch_micros(next_reset_after(a.reset_period, now())))
+        ELSE '{}'::jsonb END
+"""
+
+
+class Store:
+    def __init__(self, pool: ConnectionPool):
+        self.pool = pool
+
+    def _one(self, sql: str, params: tuple):
+        """Runs one statement and returns its first row.
+
+        A connection found dead on use (PostgreSQL restarted, a proxy dropped
+        it) is retried once on a fresh one: every mutation is guarded by its
+        idempotency key, so running it again is safe.
+        """
+        for attempt in (1, 2):
+            with self.pool.connection() as conn:
+                try:
+                    return conn.execute(sql, params).fetchone()
+                except psycopg.OperationalError:
+                    if attempt == 2 or not conn.broken:
+                        raise
+
+    def _json(self, sql: str, params: tuple) -> dict:
+        return self._one(sql, params)[0]
+
+    # The hot path.
+
+    def check(self, org_id: str, user_id: str, amount_millicredits: int) -> CheckResult:
+        row = self._one(
+            "SELECT * FROM has_sufficient_credits(%s, %s, %s)",
+            (org_id, user_id, amount_millicredits),
+        )
+        return CheckResult(row[0], bool(row[1]), row[2] or 0, row[3] or 0)
+
+    def deduct(self, d: Deduction) -> DeductionResult:
+        row = self._one(
+            "SELECT * FROM deduct_credits(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                d.org_id, d.user_id, d.amount_millicredits, d.service_type, d.service_name,
+                d.idempotency_key, d.request_hash, d.request_id, Jsonb(d.metadata),
+            ),
+        )
+        return _deduction_result(row)
+
+    def deduct_batch(self, items: list[Deduction]) -> list[DeductionResult]:
+        """Commits many deductions in one transaction, each with its own result."""
+        columns = list(zip(*(dataclasses.astuple(d) for d in items))) if items else [[]] * 9
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT * FROM deduct_credits_batch(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb[])",
+                (*[list(c) for c in columns[:8]], [json.dumps(m) for m in columns[8]]),
+            ).fetchall()
+        return [_deduction_result(row[1:]) for row in sorted(rows)]
+
+    # Administration: each returns the jsonb outcome of its SQL function.
+
+    def add_credits(self, org_id, source, amount_millicredits, payment_reference,
+                    amount_paid_cents, currency, reason, idempotency_key, request_hash,
+                    request_id) -> dict:
+        return self._json(
+            "SELECT add_credits_to_pool(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (org_id, source, amount_millicredits, payment_reference, amount_paid_cents,
+             currency, reason, idempotency_key, request_hash, request_id),
+        )
+
+    def allocate(self, org_id, user_id, limit_millicredits, reset_period, idempotency_key,
+                 request_hash, request_id) -> dict:
+        return self._json(
+            "SELECT allocate_credits_to_user(%s, %s, %s, %s, %s, %s, %s)",
+            (org_id, user_id, limit_millicredits, reset_period, idempotency_key,
+             request_hash, request_id),
+        )
+
+    def revoke(self, org_id, user_id, idempotency_key, request_hash, request_id) -> dict:
+        return self._json(
+            "SELECT revoke_allocation(%s, %s, %s, %s, %s)",
+            (org_id, user_id, idempotency_key, request_hash, request_id),
+        )
+
+    def create_subscription(self, org_id, plan, billing_cycle, price_cents, currency,
+                            trial_days, external_customer_id, external_subscription_id,
+                            idempotency_key, request_hash, request_id) -> dict:
+        return self._json(
+            "SELECT create_subscription(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (org_id, plan, billing_cycle, price_cents, currency, trial_days,
+             external_customer_id, external_subscription_id, idempotency_key,
+             request_hash, request_id),
+        )
+
+    def change_plan(self, org_id, plan, billing_cycle, price_cents, currency,
+                    idempotency_key, request_hash, request_id) -> dict:
+        return self._json(
+            "SELECT change_subscription_plan(%s, %s, %s, %s, %s, %s, %s, %s)",
+            (org_id, plan, billing_cycle, price_cents, currency, idempotency_key,
+             request_hash, request_id),
+        )
+
+    def cancel_subscription(self, org_id, reason, idempotency_key, request_hash,
+                            request_id) -> dict:
+        return self._json(
+            "SELECT cancel_subscription(%s, %s, %s, %s, %s)",
+            (org_id, reason, idempotency_key, request_hash, request_id),
+        )
+
+    # Reads.
+
+    def get_pool(self, org_id: str) -> dict | None:
+        row = self._one(
+            "SELECT pool_json(p) FROM organization_credit_pools p WHERE org_id = %s", (org_id,)
+        )
+        return row[0] if row else None
+
+    def get_live_subscription(self, org_id: str) -> dict | None:
+        row = self._one(
+            "SELECT subscription_json(s) FROM organization_subscriptions s"
+            " WHERE org_id = %s AND status IN ('TRIALING', 'ACTIVE', 'PAST_DUE')",
+            (org_id,),
+        )
+        return row[0] if row else None
+
+    def org_exists(self, org_id: str) -> bool:
+        return self._one("SELECT 1 FROM organizations WHERE org_id = %s", (org_id,)) is not None
+
+    def list_allocations(self, org_id: str, after_user_id: str, limit: int,
+                         include_revoked: bool) -> list[dict]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_ALLOCATION_NOW} FROM user_credit_allocations a"
+                " WHERE org_id = %s AND user_id > %s AND (%s OR revoked_at IS NULL)"
+                " ORDER BY user_id LIMIT %s",
+                (org_id, after_user_id, include_revoked, limit),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def ping(self, timeout_s: float) -> None:
+        with self.pool.connection(timeout=timeout_s) as conn:
+            conn.execute("SELECT 1")
+
+
+def _deduction_result(row) -> DeductionResult:
+    outcome, deduction_id, remaining, spendable, replayed = row
+    return DeductionResult(
+        outcome, str(deduction_id) if deduction_id else "", remaining or 0, spendable or 0,
+        bool(replayed),
+    )

@@ -1,0 +1,63 @@
+"""Checks the ledger's invariants for every organization, read-only.
+
+Each query returns the rows that break one invariant; a healthy ledger
+returns none from all of them.
+"""
+
+import psycopg
+
+INVARIANT_QUERIES: dict[str, str] = {
+    "pool total equals the sum of its credit events": """
+        SELECT p.org_id, p.total_millicredits, coalesce(sum(h.credits_delta_millicredits), 0)
+          FROM organization_credit_pools p
+          LEFT JOIN org_billing_history h ON h.org_id = p.org_id
+         GROUP BY p.org_id, p.total_millicredits
+        HAVING p.total_millicredits <> coalesce(sum(h.credits_delta_millicredits), 0)""",
+    "pool used equals the sum of its attributions": """
+        SELECT p.org_id, p.used_millicredits, coalesce(sum(u.amount_millicredits), 0)
+          FROM organization_credit_pools p
+          LEFT JOIN credit_usage_attribution u ON u.org_id = p.org_id
+         GROUP BY p.org_id, p.used_millicredits
+        HAVING p.used_millicredits <> coalesce(sum(u.amount_millicredits), 0)""",
+    "pool allocated equals the sum of its users' limits": """
+        SELECT p.org_id, p.allocated_millicredits, coalesce(sum(a.limit_millicredits), 0)
+          FROM organization_credit_pools p
+          LEFT JOIN user_credit_allocations a ON a.org_id = p.org_id
+         GROUP BY p.org_id, p.allocated_millicredits
+        HAVING p.allocated_millicredits <> coalesce(sum(a.limit_millicredits), 0)""",
+    "pool reserved equals the sum of its users' reservations": """
+        SELECT p.org_id, p.reserved_millicredits, coalesce(sum(a.reserved_millicredits), 0)
+          FROM organization_credit_pools p
+          LEFT JOIN user_credit_allocations a ON a.org_id = p.org_id
+         GROUP BY p.org_id, p.reserved_millicredits
+        HAVING p.reserved_millicredits <> coalesce(sum(a.reserved_millicredits), 0)""",
+    "allocation used equals its attributions of this period": """
+        SELECT a.org_id, a.user_id, a.used_millicredits, coalesce(sum(u.amount_millicredits), 0)
+          FROM user_credit_allocations a
+          LEFT JOIN credit_usage_attribution u
+            ON u.org_id = a.org_id AND u.user_id = a.user_id
+           AND u.allocation_period = a.period_number
+         GROUP BY a.org_id, a.user_id, a.used_millicredits
+        HAVING a.used_millicredits <> coalesce(sum(u.amount_millicredits), 0)""",
+    "no pool balance is negative": """
+        SELECT org_id FROM organization_credit_pools
+         WHERE used_millicredits + reserved_millicredits
+               > total_millicredits + overage_limit_millicredits""",
+    "each organization has at most one live subscription": """
+        SELECT org_id FROM organization_subscriptions
+         WHERE status IN ('TRIALING', 'ACTIVE', 'PAST_DUE')
+         GROUP BY org_id HAVING count(*) > 1""",
+}
+
+
+def violations(conn: psycopg.Connection) -> dict[str, list[tuple]]:
+    """Every invariant that is broken, with the rows that break it."""
+    found = {}
+    with conn.transaction():
+        # One snapshot for all checks, so a running server cannot make them disagree.
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        for name, sql in INVARIANT_QUERIES.items():
+            rows = conn.execute(sql).fetchall()
+            if rows:
+                found[name] = rows
+    return found
