@@ -3,6 +3,7 @@
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -13,6 +14,7 @@ from orgbilling.v1 import credit_service_pb2, credit_service_pb2_grpc
 from orgbilling.v1 import org_billing_service_pb2, org_billing_service_pb2_grpc
 from server.database import open_pool, resolve_database_url
 from server.health import DatabaseHealthMonitor
+from server.interceptors.draining import DrainingInterceptor
 from server.interceptors.errors import ErrorInterceptor
 from server.interceptors.request_id import RequestIdInterceptor
 from server.migrate import migrate
@@ -62,11 +64,12 @@ class OrgBillingServer:
         self.health = DatabaseHealthMonitor(
             self.store, self.health_servicer, SERVICE_NAMES, settings.health_check_interval_ms
         )
+        self.draining = DrainingInterceptor()
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.worker_threads, thread_name_prefix="rpc"
             ),
-            interceptors=[RequestIdInterceptor(), ErrorInterceptor()],
+            interceptors=[RequestIdInterceptor(), self.draining, ErrorInterceptor()],
             maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
             options=[
                 ("grpc.max_receive_message_length", settings.message_size_max_bytes),
@@ -100,8 +103,12 @@ class OrgBillingServer:
     def stop(self) -> None:
         """Stops taking calls, lets in-flight ones finish within the grace
         period, then closes the database connections."""
+        grace_s = self.settings.shutdown_grace_ms / 1000
+        deadline = time.monotonic() + grace_s
         self.health.stop()
-        self.grpc_server.stop(self.settings.shutdown_grace_ms / 1000).wait()
+        self.draining.begin_draining()
+        self.draining.wait_quiet(self.settings.shutdown_quiet_ms / 1000, grace_s)
+        self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
         self.pool.close()
 
 

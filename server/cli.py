@@ -3,8 +3,6 @@
 import argparse
 import sys
 
-import psycopg
-
 from server.settings import Settings
 
 
@@ -37,8 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         from server.database import resolve_database_url
         from server.verify import violations
 
-        with psycopg.connect(resolve_database_url(settings)) as conn:
-            found = violations(conn)
+        found = violations(resolve_database_url(settings))
         for name, rows in found.items():
             print(f"VIOLATED: {name}: {len(rows)} rows, first: {rows[:5]}")
         print("all invariants hold" if not found else f"{len(found)} invariants violated")

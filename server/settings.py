@@ -44,6 +44,8 @@ class Settings:
     keepalive_timeout_ms: int = 10_000
     # How long in-flight calls may take to finish after SIGTERM.
     shutdown_grace_ms: int = 10_000
+    # While stopping, how long no call must arrive before the listener closes.
+    shutdown_quiet_ms: int = 300
     # How often the health service asks PostgreSQL whether it answers.
     health_check_interval_ms: int = 1000
     # Page sizes of list RPCs.

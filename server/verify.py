@@ -50,14 +50,15 @@ INVARIANT_QUERIES: dict[str, str] = {
 }
 
 
-def violations(conn: psycopg.Connection) -> dict[str, list[tuple]]:
+def violations(database_url: str) -> dict[str, list[tuple]]:
     """Every invariant that is broken, with the rows that break it."""
     found = {}
-    with conn.transaction():
+    with psycopg.connect(database_url, autocommit=True) as conn:
         # One snapshot for all checks, so a running server cannot make them disagree.
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        for name, sql in INVARIANT_QUERIES.items():
-            rows = conn.execute(sql).fetchall()
-            if rows:
-                found[name] = rows
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            for name, sql in INVARIANT_QUERIES.items():
+                rows = conn.execute(sql).fetchall()
+                if rows:
+                    found[name] = rows
     return found

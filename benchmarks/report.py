@@ -1,0 +1,166 @@
+"""The printed table, the issue-5 targets next to what was measured, and
+the JSON file. Every figure is also given as a ratio to a baseline of the
+same run, because the machine is small, shared and noisy."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from benchmarks.load import Measurement
+from benchmarks.scenarios import BASELINE_A
+
+
+def ratio(value: float, baseline: float) -> float:
+    if not baseline or math.isnan(baseline) or math.isnan(value):
+        return math.nan
+    return value / baseline
+
+
+def with_ratios_to_a(rows: list[dict]) -> list[dict]:
+    """Adds to each row its throughput and latencies over baseline A's at
+    the same number of callers."""
+    baseline = {row["callers"]: row for row in rows if row["scenario"] == BASELINE_A}
+    for row in rows:
+        a = baseline.get(row["callers"])
+        row["vs_a"] = {
+            key: ratio(row[key], a[key]) if a else math.nan
+            for key in ("calls_per_s", "p50_ms", "p99_ms")
+        }
+    return rows
+
+
+def with_ratios_to_b(rows: list[dict], baseline_b: dict | None) -> list[dict]:
+    """Adds to each deduction row its deductions/s over pgbench's tps."""
+    for row in rows:
+        if row["deductions_per_s"] and baseline_b:
+            row["vs_b"] = ratio(row["deductions_per_s"], baseline_b["tps"])
+    return rows
+
+
+def scenario_row(name: str, description: str, deductions_per_call: int,
+                 measurement: Measurement) -> dict:
+    row = {"scenario": name, "description": description, **dataclasses.asdict(measurement)}
+    row["deductions_per_s"] = measurement.calls_per_s * deductions_per_call
+    return row
+
+
+def _cell(value: float, digits: int) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'scenario':<15}{'callers':>8}{'calls/s':>9}{'xA':>6}{'p50 ms':>8}{'xA':>6}"
+              f"{'p99 ms':>8}{'xA':>6}{'errors':>7}{'srv us':>8}{'db us':>7}{'cli us':>8}"
+              f"{'busy%':>6}{'rss MB':>7}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        vs_a = row["vs_a"]
+        print(f"{row['scenario']:<15}{row['callers']:>8}{_cell(row['calls_per_s'], 0):>9}"
+              f"{_cell(vs_a['calls_per_s'], 2):>6}{_cell(row['p50_ms'], 2):>8}"
+              f"{_cell(vs_a['p50_ms'], 2):>6}{_cell(row['p99_ms'], 2):>8}"
+              f"{_cell(vs_a['p99_ms'], 2):>6}{row['errors']:>7}"
+              f"{_cell(row['server_cpu_us_per_call'], 0):>8}"
+              f"{_cell(row['database_cpu_us_per_call'], 0):>7}"
+              f"{_cell(row['client_cpu_us_per_call'], 0):>8}"
+              f"{_cell(row['machine_busy_pct'], 0):>6}{_cell(row['server_peak_rss_mb'], 0):>7}")
+        if row["errors"]:
+            print(f"{'':<15}errors: {row['error_codes']}")
+
+
+def find(rows: list[dict], scenario: str, callers: int) -> dict | None:
+    return next((r for r in rows if r["scenario"] == scenario and r["callers"] == callers), None)
+
+
+def targets(results: dict) -> list[dict]:
+    """Issue 5's targets against this run's figures. Reported, not asserted."""
+    rows = results["scenarios"]
+    top = max(row["callers"] for row in rows)
+    hot, spread = find(rows, "deduct_hot", top), find(rows, "deduct_spread", top)
+    noop = find(rows, BASELINE_A, top)
+    one = find(rows, "deduct_hot", 1)
+    b = results.get("baseline_b")
+    big = results.get("big_table")
+    batch = [r for r in rows if r["scenario"].startswith("deduct_batch")]
+    found = []
+
+    def add(name: str, measured: float | None, limit: float, at_least: bool, unit: str = ""):
+        met = None if measured is None or math.isnan(measured) else (
+            measured >= limit if at_least else measured <= limit)
+        found.append({"target": name, "measured": measured, "limit": limit,
+                      "at_least": at_least, "unit": unit, "met": met})
+
+    add(f"hot deduct @{top} / baseline B (pgbench)",
+        ratio(hot["calls_per_s"], b["tps"]) if hot and b else None, 2.0, True, "x")
+    add(f"hot deduct @{top} / baseline A (noop)",
+        ratio(hot["calls_per_s"], noop["calls_per_s"]) if hot and noop else None, 0.6, True, "x")
+    add(f"hot deduct @{top} p99", hot["p99_ms"] if hot else None, 25.0, False, "ms")
+    add(f"spread deduct @{top} / hot deduct @{top}",
+        ratio(spread["calls_per_s"], hot["calls_per_s"]) if hot and spread else None, 1.0, True, "x")
+    add("hot deduct @1 p50", one["p50_ms"] if one else None, 1.5, False, "ms")
+    add("batch deductions/s on a hot pool",
+        max(r["deductions_per_s"] for r in batch) if batch else None, 50_000, True, "/s")
+    add(f"big table ({big['rows_added']:,} rows) p50 / empty p50" if big else "big table p50 / empty p50",
+        big["p50_ratio"] if big else None, 1.2, False, "x")
+    add("server peak RSS", results["server_peak_rss_mb"], 200.0, False, "MB")
+    return found
+
+
+def print_summary(results: dict) -> None:
+    print()
+    print("Each scenario: its own warm-up, then the measured window. xA = this figure")
+    print("over baseline A's (health Check) at the same callers; CPU columns are")
+    print("microseconds per call of the server (srv), PostgreSQL (db) and this client (cli).")
+    b = results.get("baseline_b")
+    if b:
+        print()
+        print(f"Baseline B, pgbench deduct_credits(), {b['clients']} clients, "
+              f"{b['threads']} threads, {b['seconds']:.0f} s: {b['tps']:.0f} tps, "
+              f"average {b['latency_average_ms']:.2f} ms, {b['failed_transactions']} failed")
+        if b["attribution_rows"] != b["transactions"]:
+            print(f"  warning: {b['transactions']} transactions wrote "
+                  f"{b['attribution_rows']} attribution rows")
+        top = max(row["callers"] for row in results["scenarios"])
+        for name in ("deduct_hot", "deduct_spread"):
+            row = find(results["scenarios"], name, top)
+            if row:
+                print(f"  {name} @{top}: {row['deductions_per_s']:.0f}/s = "
+                      f"{row['vs_b']:.2f}x baseline B")
+    big = results.get("big_table")
+    if big:
+        print()
+        print(f"Big table: +{big['rows_added']:,} attribution rows in {big['fill_s']:.0f} s "
+              f"({big['table_rows_before']:,} -> {big['table_rows_after']:,} rows); "
+              f"deduct @1 p50 {big['before']['p50_ms']:.2f} -> {big['after']['p50_ms']:.2f} ms "
+              f"= {big['p50_ratio']:.2f}x, p99 {big['before']['p99_ms']:.2f} -> "
+              f"{big['after']['p99_ms']:.2f} ms")
+    print()
+    print(f"Server peak RSS over the run: {results['server_peak_rss_mb']:.0f} MB")
+    print()
+    print("Issue 5 targets (reported, not asserted):")
+    for target in results["targets"]:
+        measured = target["measured"]
+        shown = "not measured" if measured is None or math.isnan(measured) else f"{measured:,.2f} {target['unit']}"
+        verdict = {True: "met", False: "MISSED", None: "-"}[target["met"]]
+        sign = ">=" if target["at_least"] else "<="
+        print(f"  {target['target']:<44} {shown:>14}  (target {sign} {target['limit']:,} "
+              f"{target['unit']})  {verdict}")
+
+
+def write_json(results: dict, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{results['started_at'].replace(':', '').replace('-', '')}.json"
+    # NaN is not JSON: write null instead.
+    path.write_text(json.dumps(_without_nan(results), indent=2) + "\n")
+    return path
+
+
+def _without_nan(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(item) for item in value]
+    return value

@@ -1,0 +1,158 @@
+"""The organizations the benchmark charges, and the table of scenarios.
+
+A scenario is one entry in SCENARIOS: a name and a function that, given the
+stubs, returns a coroutine function making one call. The load generator
+calls it from N concurrent callers. Adding a scenario (DeductCreditsBatch,
+once the RPC exists) is adding one entry.
+"""
+
+import concurrent.futures
+import dataclasses
+import itertools
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from orgbilling.v1 import credit_service_pb2 as credit_pb
+from orgbilling.v1 import credit_service_pb2_grpc
+from tests.support import Client
+
+
+def call_metadata() -> tuple[tuple[str, str], ...]:
+    """The metadata every authenticated call carries: the one place to wire
+    credentials. Set ORGBILLING_BENCH_TOKEN to send a bearer token."""
+    token = os.environ.get("ORGBILLING_BENCH_TOKEN")
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+CALL_METADATA = call_metadata()
+# No call should take this long; a stuck one counts as an error, not a hang.
+CALL_TIMEOUT_S = 10.0
+
+# The largest amount the API accepts: each deduction takes 1 millicredit, so
+# this never runs out.
+UNLIMITED_MILLICREDITS = 10**15
+USER_ID = "bench-user"
+HOT_ORG = "bench-hot"
+SPREAD_ORGS = [f"bench-spread-{number:04d}" for number in range(1000)]
+PGBENCH_ORG = "bench-pgbench"  # baseline B charges its own org, not the hot one
+BIG_TABLE_ORG = "bench-big-table"
+ALL_ORGS = [HOT_ORG, *SPREAD_ORGS, PGBENCH_ORG, BIG_TABLE_ORG]
+
+
+def create_orgs(address: str, org_ids: list[str], threads: int = 8) -> None:
+    """Subscribes, funds and allocates each org through the real API (not
+    SQL), so the data is what production would hold."""
+    client = Client(address, metadata=CALL_METADATA)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            funded = pool.map(
+                lambda org_id: client.funded_org(
+                    org_id, UNLIMITED_MILLICREDITS, {USER_ID: UNLIMITED_MILLICREDITS}
+                ),
+                org_ids,
+            )
+            list(funded)  # re-raises the first failure
+    finally:
+        client.close()
+
+
+@dataclasses.dataclass
+class Stubs:
+    """Stubs over one asyncio channel, shared by every caller."""
+
+    health: health_pb2_grpc.HealthStub
+    credits: credit_service_pb2_grpc.CreditServiceStub
+
+    @classmethod
+    def over(cls, channel: grpc.aio.Channel) -> "Stubs":
+        return cls(health_pb2_grpc.HealthStub(channel),
+                   credit_service_pb2_grpc.CreditServiceStub(channel))
+
+
+OneCall = Callable[[], Awaitable[object]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    make_call: Callable[[Stubs], OneCall]
+    # Deductions one call makes, for deductions/s (a batch of 1,000: 1000).
+    deductions_per_call: int = 0
+
+
+def health_check(stubs: Stubs) -> OneCall:
+    request = health_pb2.HealthCheckRequest()
+
+    async def call():
+        # Health stays unauthenticated: no CALL_METADATA here, on purpose.
+        return await stubs.health.Check(request, timeout=CALL_TIMEOUT_S)
+
+    return call
+
+
+def check_credits(org_id: str) -> Callable[[Stubs], OneCall]:
+    def make(stubs: Stubs) -> OneCall:
+        request = credit_pb.CheckCreditsRequest(org_id=org_id, user_id=USER_ID, amount_millicredits=1)
+
+        async def call():
+            return await stubs.credits.CheckCredits(
+                request, metadata=CALL_METADATA, timeout=CALL_TIMEOUT_S
+            )
+
+        return call
+
+    return make
+
+
+def deduct_request(org_id: str) -> credit_pb.DeductCreditsRequest:
+    # Random keys, as real callers send: they land all over the unique index
+    # on (org_id, idempotency_key), which is what a big table makes slower.
+    return credit_pb.DeductCreditsRequest(
+        org_id=org_id, user_id=USER_ID, amount_millicredits=1,
+        service_type="llm", service_name="bench", idempotency_key=uuid.uuid4().hex,
+        metadata={"model": "bench-model", "tokens": "100"},
+    )
+
+
+def deduct_credits(org_ids: list[str]) -> Callable[[Stubs], OneCall]:
+    """Each call charges the next org of org_ids, round robin."""
+
+    def make(stubs: Stubs) -> OneCall:
+        next_org = itertools.cycle(org_ids).__next__
+
+        async def call():
+            return await stubs.credits.DeductCredits(
+                deduct_request(next_org()), metadata=CALL_METADATA, timeout=CALL_TIMEOUT_S
+            )
+
+        return call
+
+    return make
+
+
+# The first entry is baseline A: every other figure is divided by it.
+BASELINE_A = "noop"
+SCENARIOS = [
+    Scenario(BASELINE_A, "health Check, no database: the cost of a gRPC call itself",
+             health_check),
+    Scenario("check", "CheckCredits on the hot allocation", check_credits(HOT_ORG)),
+    Scenario("deduct_hot", "DeductCredits, all on one hot allocation",
+             deduct_credits([HOT_ORG]), deductions_per_call=1),
+    Scenario("deduct_spread", "DeductCredits, round robin over 1,000 orgs",
+             deduct_credits(SPREAD_ORGS), deductions_per_call=1),
+    # DeductCreditsBatch (issue 5), once the RPC exists: a `deduct_batch(HOT_ORG,
+    # 1000)` maker like deduct_credits above, and this entry:
+    # Scenario("deduct_batch_hot", "DeductCreditsBatch of 1,000 on the hot allocation",
+    #          deduct_batch(HOT_ORG, 1000), deductions_per_call=1000),
+]
+
+# Measured alone at one caller, before and after the attribution table grows.
+BIG_TABLE_SCENARIO = Scenario(
+    "deduct_big_table_org", "DeductCredits on the org whose attribution table is filled",
+    deduct_credits([BIG_TABLE_ORG]), deductions_per_call=1,
+)

@@ -1,0 +1,43 @@
+import pytest
+
+from server.app import OrgBillingServer
+from server.settings import Settings
+from tests.support import Client, PostgresForTests
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    server = PostgresForTests()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def database_url(postgres):
+    """A fresh, migrated database for this test alone."""
+    return postgres.new_database()
+
+
+def start_server(database_url: str, **overrides) -> OrgBillingServer:
+    settings = Settings(
+        listen_address="127.0.0.1:0", database_url=database_url,
+        health_check_interval_ms=200, pool_size_min=2, **overrides,
+    )
+    server = OrgBillingServer(settings, database_url)
+    server.start()
+    return server
+
+
+@pytest.fixture
+def server(database_url):
+    """A real server, in this process, on a free port, over its own database."""
+    running = start_server(database_url)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server):
+    client = Client(f"127.0.0.1:{server.port}")
+    yield client
+    client.close()
