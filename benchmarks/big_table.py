@@ -5,16 +5,18 @@ import time
 
 import psycopg
 
-# The rows look like real ones: random idempotency keys spread over the
-# unique index (as uuid keys are), times spread over the past weeks.
+# Keys, times and (by default) deduction ids all grow with g, so every index
+# is filled in order, at its right edge: many times faster than random
+# inserts. The keys are still spread evenly over the hex key space, as uuid
+# keys are, so a new random key lands anywhere in the big unique index.
 FILL = """
 INSERT INTO credit_usage_attribution (
     org_id, user_id, amount_millicredits, service_type, service_name,
     idempotency_key, request_hash, allocation_period,
     allocation_remaining_after, pool_spendable_after, created_at)
 SELECT %(org_id)s, %(user_id)s, 1, 'llm', 'bulk',
-       md5(%(org_id)s || g::text), '\\x00'::bytea, 0,
-       0, 0, now() - g * interval '100 milliseconds'
+       lpad(to_hex((g - 1) * (x'1000000000000000'::bigint / %(rows)s)), 15, '0'), '\\x00'::bytea, 0,
+       0, 0, now() - (%(rows)s - g) * interval '100 milliseconds'
   FROM generate_series(1, %(rows)s) AS g
 """
 
@@ -26,6 +28,16 @@ CHARGE = [
     "UPDATE user_credit_allocations SET used_millicredits = used_millicredits + %(rows)s"
     " WHERE org_id = %(org_id)s AND user_id = %(user_id)s",
 ]
+
+
+def _skip_foreign_key_checks(conn: psycopg.Connection) -> None:
+    """Every bulk row references the one allocation the org has, so the
+    per-row foreign key check proves nothing and costs much of the time.
+    Only a superuser may skip it (the embedded server's user is one)."""
+    try:
+        conn.execute("SET session_replication_role = replica")
+    except psycopg.errors.InsufficientPrivilege:
+        pass
 
 
 def attribution_rows(url: str) -> int:
@@ -48,10 +60,12 @@ def fill_attribution(url: str, org_id: str, user_id: str, rows: int) -> float:
     """Adds `rows` attribution rows to org_id's user; returns the seconds taken."""
     started = time.monotonic()
     params = {"org_id": org_id, "user_id": user_id, "rows": rows}
-    with psycopg.connect(url) as conn:  # one transaction: all rows or none
-        conn.execute("SET LOCAL statement_timeout = 0")
-        conn.execute(FILL, params)
-        for statement in CHARGE:
-            conn.execute(statement, params)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = 0")
+        _skip_foreign_key_checks(conn)
+        with conn.transaction():  # all rows and their charge, or nothing
+            conn.execute(FILL, params)
+            for statement in CHARGE:
+                conn.execute(statement, params)
     settle(url)
     return time.monotonic() - started

@@ -118,26 +118,28 @@ class Measurement:
 
 async def measure(call: OneCall, callers: int, warmup_s: float, duration_s: float,
                   probes: Probes) -> Measurement:
-    """Runs `callers` loops of `call` for warmup_s + duration_s; counts the
-    calls that start inside the measured window."""
+    """Runs `callers` loops of `call` for warmup_s + duration_s. Counts the
+    calls that end inside the measured window, so calls longer than the
+    warm-up (a batch of 1,000) are counted too."""
     latencies: list[float] = []
     error_codes: collections.Counter[str] = collections.Counter()
     window_start = time.perf_counter() + warmup_s
     window_end = window_start + duration_s
 
     async def caller():
-        while True:
+        while time.perf_counter() < window_end:
             started = time.perf_counter()
-            if started >= window_end:
-                return
             try:
                 await call()
+                failure = None
             except grpc.aio.AioRpcError as error:
-                if started >= window_start:
-                    error_codes[error.code().name] += 1
-                continue
-            if started >= window_start:
-                latencies.append(time.perf_counter() - started)
+                failure = error.code().name
+            ended = time.perf_counter()
+            if window_start <= ended < window_end:
+                if failure:
+                    error_codes[failure] += 1
+                else:
+                    latencies.append(ended - started)
 
     tasks = [asyncio.create_task(caller()) for _ in range(callers)]
     try:
@@ -146,6 +148,8 @@ async def measure(call: OneCall, callers: int, warmup_s: float, duration_s: floa
         before = probes.cpu()
         await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
         after = probes.cpu()
+        # Calls still running finish before the next scenario starts, so it
+        # finds the server idle.
         await asyncio.gather(*tasks)
     finally:
         for task in tasks:

@@ -49,24 +49,33 @@ def _cell(value: float, digits: int) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def _ratio_cell(value: float) -> str:
+    """Three significant digits at most, so a column never overflows."""
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'scenario':<15}{'callers':>8}{'calls/s':>9}{'xA':>6}{'p50 ms':>8}{'xA':>6}"
-              f"{'p99 ms':>8}{'xA':>6}{'errors':>7}{'srv us':>8}{'db us':>7}{'cli us':>8}"
+    header = (f"{'scenario':<17}{'callers':>8}{'calls/s':>9}{'xA':>6}{'p50 ms':>8}{'xA':>6}"
+              f"{'p99 ms':>8}{'xA':>6}{'deduct/s':>9}{'xB':>6}{'errors':>7}{'srv us':>8}{'db us':>7}{'cli us':>8}"
               f"{'busy%':>6}{'rss MB':>7}")
     print(header)
     print("-" * len(header))
     for row in rows:
         vs_a = row["vs_a"]
-        print(f"{row['scenario']:<15}{row['callers']:>8}{_cell(row['calls_per_s'], 0):>9}"
-              f"{_cell(vs_a['calls_per_s'], 2):>6}{_cell(row['p50_ms'], 2):>8}"
-              f"{_cell(vs_a['p50_ms'], 2):>6}{_cell(row['p99_ms'], 2):>8}"
-              f"{_cell(vs_a['p99_ms'], 2):>6}{row['errors']:>7}"
+        print(f"{row['scenario']:<17}{row['callers']:>8}{_cell(row['calls_per_s'], 0):>9}"
+              f"{_ratio_cell(vs_a['calls_per_s']):>6}{_cell(row['p50_ms'], 2):>8}"
+              f"{_ratio_cell(vs_a['p50_ms']):>6}{_cell(row['p99_ms'], 2):>8}"
+              f"{_ratio_cell(vs_a['p99_ms']):>6}"
+              f"{_cell(row['deductions_per_s'] or math.nan, 0):>9}"
+              f"{_ratio_cell(row.get('vs_b', math.nan)):>6}{row['errors']:>7}"
               f"{_cell(row['server_cpu_us_per_call'], 0):>8}"
               f"{_cell(row['database_cpu_us_per_call'], 0):>7}"
               f"{_cell(row['client_cpu_us_per_call'], 0):>8}"
               f"{_cell(row['machine_busy_pct'], 0):>6}{_cell(row['server_peak_rss_mb'], 0):>7}")
         if row["errors"]:
-            print(f"{'':<15}errors: {row['error_codes']}")
+            print(f"{'':<17}errors: {row['error_codes']}")
 
 
 def find(rows: list[dict], scenario: str, callers: int) -> dict | None:
@@ -109,9 +118,10 @@ def targets(results: dict) -> list[dict]:
 
 def print_summary(results: dict) -> None:
     print()
-    print("Each scenario: its own warm-up, then the measured window. xA = this figure")
-    print("over baseline A's (health Check) at the same callers; CPU columns are")
-    print("microseconds per call of the server (srv), PostgreSQL (db) and this client (cli).")
+    print("Each scenario: its own warm-up, then the measured window. xA: this figure over")
+    print("baseline A's (health Check) at the same callers; xB: deductions/s over baseline B's")
+    print("(pgbench) tps. srv/db/cli us: CPU microseconds per call of the server, PostgreSQL")
+    print("and this client; busy%: all cores, whoever used them; rss MB: server peak.")
     b = results.get("baseline_b")
     if b:
         print()
@@ -122,9 +132,9 @@ def print_summary(results: dict) -> None:
             print(f"  warning: {b['transactions']} transactions wrote "
                   f"{b['attribution_rows']} attribution rows")
         top = max(row["callers"] for row in results["scenarios"])
-        for name in ("deduct_hot", "deduct_spread"):
+        for name in ("deduct_hot", "deduct_spread", "deduct_batch_hot"):
             row = find(results["scenarios"], name, top)
-            if row:
+            if row and "vs_b" in row:
                 print(f"  {name} @{top}: {row['deductions_per_s']:.0f}/s = "
                       f"{row['vs_b']:.2f}x baseline B")
     big = results.get("big_table")

@@ -1,0 +1,181 @@
+"""`make bench`: one run, one server, one database, every figure next to the
+baselines measured in the same run. See benchmarks/README.md.
+
+    python -m benchmarks.run            # full: 1, 16, 64 callers, 5 s each
+    python -m benchmarks.run --quick    # smoke: 1 and 16 callers, 1 s each
+"""
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from benchmarks import report
+from benchmarks.big_table import attribution_rows, fill_attribution, settle
+from benchmarks.environment import (
+    benchmark_database, benchmark_server, postmaster_process, stop_on_sigterm,
+)
+from benchmarks.load import Measurement, Probes, measure
+from benchmarks.pgbench import run_pgbench
+from benchmarks.scenarios import (
+    ALL_ORGS, BIG_TABLE_ORG, BIG_TABLE_SCENARIO, PGBENCH_ORG, SCENARIOS, USER_ID, Stubs,
+    create_orgs,
+)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The issue's 10 million rows take minutes to insert on a 2-core machine:
+# the default run adds 1 million, --big-table-rows 10000000 the full figure.
+FULL = {"duration_s": 5.0, "warmup_s": 1.0, "callers": [1, 16, 64], "big_table_rows": 1_000_000}
+QUICK = {"duration_s": 1.0, "warmup_s": 0.3, "callers": [1, 16], "big_table_rows": 0}
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 s per scenario, 1 and 16 callers")
+    parser.add_argument("--duration-s", type=float, help="measured seconds per scenario (5)")
+    parser.add_argument("--warmup-s", type=float, help="unmeasured seconds before each (1)")
+    parser.add_argument("--callers", type=lambda text: [int(n) for n in text.split(",")],
+                        help="concurrent callers, comma-separated (1,16,64)")
+    parser.add_argument("--pgbench-clients", type=int, default=64)
+    parser.add_argument("--pgbench-threads", type=int, default=2)
+    parser.add_argument("--big-table-rows", type=int,
+                        help="attribution rows to add before measuring deduct @1 again (0: skip;"
+                             " default 1000000, quick 0; the issue's figure is 10000000)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    arguments = parser.parse_args(argv)
+    for name, default in (QUICK if arguments.quick else FULL).items():
+        if getattr(arguments, name) is None:
+            setattr(arguments, name, default)
+    return arguments
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def measure_scenarios(stubs: Stubs, arguments, probes: Probes) -> list[dict]:
+    """Every scenario at each number of callers. Scenarios of one level run
+    back to back, so each is compared with a baseline A measured moments
+    before it, not minutes."""
+    rows = []
+    for callers in arguments.callers:
+        for scenario in SCENARIOS:
+            if scenario.max_callers is not None and callers > scenario.max_callers:
+                continue
+            result = await measure(scenario.make_call(stubs), callers, arguments.warmup_s,
+                                   arguments.duration_s, probes)
+            log(f"  {scenario.name} @{callers}: {result.calls_per_s:.0f} calls/s, "
+                f"p50 {result.p50_ms:.2f} ms, {result.errors} errors")
+            rows.append(report.scenario_row(scenario.name, scenario.description,
+                                            scenario.deductions_per_call, result))
+    return rows
+
+
+async def measure_big_table(stubs: Stubs, arguments, probes: Probes, database_url: str) -> dict:
+    """DeductCredits p50 at one caller on an org, before and after its
+    attribution table grows by big_table_rows rows. Runs last, so the big
+    table slows no other scenario."""
+
+    async def deduct_at_one_caller() -> Measurement:
+        return await measure(BIG_TABLE_SCENARIO.make_call(stubs), 1, arguments.warmup_s,
+                             arguments.duration_s, probes)
+
+    await asyncio.to_thread(settle, database_url)  # same footing as after the fill
+    rows_before = await asyncio.to_thread(attribution_rows, database_url)
+    before = await deduct_at_one_caller()
+    log(f"  filling {arguments.big_table_rows:,} attribution rows...")
+    fill_s = await asyncio.to_thread(fill_attribution, database_url, BIG_TABLE_ORG, USER_ID,
+                                     arguments.big_table_rows)
+    rows_after = await asyncio.to_thread(attribution_rows, database_url)
+    after = await deduct_at_one_caller()
+    log(f"  big table: p50 {before.p50_ms:.2f} -> {after.p50_ms:.2f} ms")
+    return {
+        "rows_added": arguments.big_table_rows,
+        "fill_s": fill_s,
+        "table_rows_before": rows_before,
+        "table_rows_after": rows_after,
+        "before": dataclasses.asdict(before),
+        "after": dataclasses.asdict(after),
+        "p50_ratio": report.ratio(after.p50_ms, before.p50_ms),
+    }
+
+
+async def measure_everything(address: str, database_url: str, arguments, probes: Probes) -> dict:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stubs = Stubs.over(channel)
+        log("measuring scenarios...")
+        rows = await measure_scenarios(stubs, arguments, probes)
+        log(f"baseline B: pgbench, {arguments.pgbench_clients} clients...")
+        # Right after the top level of callers, so it is compared with figures
+        # measured moments before.
+        baseline_b = await asyncio.to_thread(
+            run_pgbench, database_url, PGBENCH_ORG, USER_ID, arguments.pgbench_clients,
+            arguments.pgbench_threads, arguments.duration_s)
+        big_table = None
+        if arguments.big_table_rows > 0:
+            log("big table...")
+            big_table = await measure_big_table(stubs, arguments, probes, database_url)
+    return {"scenarios": rows, "baseline_b": dataclasses.asdict(baseline_b),
+            "big_table": big_table}
+
+
+def run(arguments) -> dict:
+    started_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    log("starting PostgreSQL and the server...")
+    with benchmark_database() as (database_url, postgres), \
+            benchmark_server(database_url) as server:
+        setup_started = time.monotonic()
+        log(f"creating {len(ALL_ORGS)} orgs through the API...")
+        create_orgs(server.address, ALL_ORGS)
+        setup_s = time.monotonic() - setup_started
+        with Probes(server.process.pid, postmaster_process(postgres)) as probes:
+            measured = asyncio.run(measure_everything(server.address, database_url,
+                                                      arguments, probes))
+            peak_rss_mb = probes.peak_rss_bytes / 2**20
+    results = {
+        "started_at": started_at,
+        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.run", *sys.argv[1:]]),
+        "arguments": {key: str(value) if isinstance(value, Path) else value
+                      for key, value in vars(arguments).items()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        # Server settings changed from their defaults through the environment.
+        "server_environment": {key: value for key, value in os.environ.items()
+                               if key.startswith("ORGBILLING_") and "URL" not in key
+                               and "TOKEN" not in key},
+        "authenticated": bool(os.environ.get("ORGBILLING_BENCH_TOKEN")),
+        "setup_s": setup_s,
+        "server_peak_rss_mb": peak_rss_mb,
+        **measured,
+    }
+    report.with_ratios_to_a(results["scenarios"])
+    report.with_ratios_to_b(results["scenarios"], results["baseline_b"])
+    results["targets"] = report.targets(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = parse_arguments(argv)
+    stop_on_sigterm()
+    try:
+        results = run(arguments)
+    except KeyboardInterrupt:
+        sys.exit("interrupted; everything started was stopped")
+    print()
+    report.print_table(results["scenarios"])
+    report.print_summary(results)
+    path = report.write_json(results, arguments.results_dir)
+    print(f"\nJSON: {path}")
+
+
+if __name__ == "__main__":
+    main()
