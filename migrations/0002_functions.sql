@@ -238,8 +238,31 @@ BEGIN
     RETURN NEXT;
 END $$;
 
--- Many deductions in one transaction, each with its own outcome, in the order
--- given: each is checked against the balances the ones before it left.
+-- Writes what a batch charged in one org: each allocation's new used, and the
+-- pool's used, once each. Does nothing when the batch charged nothing there.
+CREATE FUNCTION flush_batch_balances(p_org_id text, p_pool_used_delta bigint,
+                                     p_users text[], p_used bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_org_id IS NULL OR p_pool_used_delta = 0 THEN
+        RETURN;
+    END IF;
+    UPDATE user_credit_allocations AS a
+       SET used_millicredits = x.used, updated_at = now()
+      FROM unnest(p_users, p_used) AS x(user_id, used)
+     WHERE a.org_id = p_org_id AND a.user_id = x.user_id AND a.used_millicredits <> x.used;
+    UPDATE organization_credit_pools
+       SET used_millicredits = used_millicredits + p_pool_used_delta, updated_at = now()
+     WHERE org_id = p_org_id;
+END $$;
+
+-- Many deductions in one transaction, each with its own outcome, with the
+-- semantics of running them one at a time in the order given: each is checked
+-- against the balances the ones before it left, and a refusal fails only its
+-- own item. Each pool is locked once and updated once, however many items
+-- charge it, and pools are locked in org_id order, the same in every
+-- transaction, so batches from several replicas cannot deadlock. Returns one
+-- row per item (item is its 1-based position), in no particular order.
 CREATE FUNCTION deduct_credits_batch(
     p_org_ids text[], p_user_ids text[], p_amounts bigint[], p_service_types text[],
     p_service_names text[], p_idempotency_keys text[], p_request_hashes bytea[],
@@ -247,12 +270,115 @@ CREATE FUNCTION deduct_credits_batch(
 RETURNS TABLE (item integer, outcome text, deduction_id uuid, allocation_remaining bigint,
                pool_spendable bigint, replayed boolean)
 LANGUAGE plpgsql AS $$
+DECLARE
+    i integer;
+    org text;
+    current_org text;
+    p organization_credit_pools;
+    a user_credit_allocations;
+    prior credit_usage_attribution;
+    amount bigint;
+    pool_used_delta bigint := 0;
+    -- The allocations charged in this org so far: a[u] of each array is one
+    -- user. plpgsql has no map; array_position over a handful of users is fast.
+    users text[];
+    limits bigint[];
+    used bigint[];
+    reserved bigint[];
+    periods integer[];
+    u integer;
+    remaining bigint;
+    spendable bigint;
 BEGIN
-    FOR i IN 1 .. coalesce(array_length(p_org_ids, 1), 0) LOOP
-        RETURN QUERY SELECT i, d.* FROM deduct_credits(
-            p_org_ids[i], p_user_ids[i], p_amounts[i], p_service_types[i], p_service_names[i],
-            p_idempotency_keys[i], p_request_hashes[i], p_request_ids[i], p_metadata[i]) AS d;
+    FOR i, org IN
+        SELECT x.n, x.o FROM unnest(p_org_ids) WITH ORDINALITY AS x(o, n) ORDER BY x.o, x.n
+    LOOP
+        IF current_org IS DISTINCT FROM org THEN
+            PERFORM flush_batch_balances(current_org, pool_used_delta, users, used);
+            current_org := org;
+            pool_used_delta := 0;
+            users := '{}'; limits := '{}'; used := '{}'; reserved := '{}'; periods := '{}';
+            SELECT * INTO p FROM organization_credit_pools WHERE org_id = org FOR UPDATE;
+        END IF;
+
+        item := i;
+        outcome := 'OK';
+        deduction_id := NULL;
+        allocation_remaining := NULL;
+        pool_spendable := NULL;
+        replayed := false;
+        amount := p_amounts[i];
+
+        IF amount IS NULL OR amount < 1 OR amount > 1000000000000000 THEN
+            outcome := 'INVALID_AMOUNT'; RETURN NEXT; CONTINUE;
+        END IF;
+        IF p.org_id IS NULL THEN
+            outcome := 'ORG_NOT_FOUND'; RETURN NEXT; CONTINUE;
+        END IF;
+
+        SELECT * INTO prior FROM credit_usage_attribution
+         WHERE org_id = org AND idempotency_key = p_idempotency_keys[i];
+        IF FOUND THEN
+            IF prior.request_hash = p_request_hashes[i] THEN
+                deduction_id := prior.deduction_id;
+                allocation_remaining := prior.allocation_remaining_after;
+                pool_spendable := prior.pool_spendable_after;
+                replayed := true;
+            ELSE
+                outcome := 'IDEMPOTENCY_KEY_REUSED';
+            END IF;
+            RETURN NEXT; CONTINUE;
+        END IF;
+        PERFORM 1 FROM idempotency_records
+         WHERE org_id = org AND idempotency_key = p_idempotency_keys[i];
+        IF FOUND THEN
+            outcome := 'IDEMPOTENCY_KEY_REUSED'; RETURN NEXT; CONTINUE;
+        END IF;
+
+        u := array_position(users, p_user_ids[i]);
+        IF u IS NULL THEN
+            SELECT * INTO a FROM user_credit_allocations
+             WHERE org_id = org AND user_id = p_user_ids[i] FOR UPDATE;
+            IF NOT FOUND OR a.revoked_at IS NOT NULL THEN
+                outcome := 'ALLOCATION_NOT_FOUND'; RETURN NEXT; CONTINUE;
+            END IF;
+            IF a.next_reset_at <= now() THEN
+                a := reset_allocation_if_due(a);
+            END IF;
+            users := users || a.user_id;
+            limits := limits || a.limit_millicredits;
+            used := used || a.used_millicredits;
+            reserved := reserved || a.reserved_millicredits;
+            periods := periods || a.period_number;
+            u := cardinality(users);
+        END IF;
+
+        remaining := limits[u] - used[u] - reserved[u];
+        spendable := p.total_millicredits + p.overage_limit_millicredits
+                     - p.used_millicredits - pool_used_delta - p.reserved_millicredits;
+        IF amount > remaining OR amount > spendable THEN
+            outcome := 'INSUFFICIENT_CREDITS';
+            allocation_remaining := greatest(0, remaining);
+            pool_spendable := greatest(0, spendable);
+            RETURN NEXT; CONTINUE;
+        END IF;
+
+        used[u] := used[u] + amount;
+        pool_used_delta := pool_used_delta + amount;
+        allocation_remaining := remaining - amount;
+        pool_spendable := spendable - amount;
+        INSERT INTO credit_usage_attribution (
+            org_id, user_id, amount_millicredits, service_type, service_name, idempotency_key,
+            request_hash, request_id, metadata, allocation_period,
+            allocation_remaining_after, pool_spendable_after)
+        VALUES (
+            org, p_user_ids[i], amount, p_service_types[i], p_service_names[i],
+            p_idempotency_keys[i], p_request_hashes[i], p_request_ids[i], p_metadata[i],
+            periods[u], allocation_remaining, pool_spendable)
+        RETURNING credit_usage_attribution.deduction_id INTO deduction_id;
+        RETURN NEXT;
     END LOOP;
+    PERFORM flush_batch_balances(current_org, pool_used_delta, users, used);
 END $$;
 
 -- Adds credits to a pool (or, by ADJUSTMENT, removes them). Returns a jsonb

@@ -12,8 +12,13 @@ from grpc_reflection.v1alpha import reflection
 
 from orgbilling.v1 import credit_service_pb2, credit_service_pb2_grpc
 from orgbilling.v1 import org_billing_service_pb2, org_billing_service_pb2_grpc
+from server.auth.local_admin import ensure_local_admin_key, grpcurl_example
+from server.auth.security import Security
+from server.auth.tls import add_port
 from server.database import open_pool, resolve_database_url
 from server.health import DatabaseHealthMonitor
+from server.group_commit import GroupCommitter
+from server.interceptors.deadline import DeadlineInterceptor
 from server.interceptors.draining import DrainingInterceptor
 from server.interceptors.errors import ErrorInterceptor
 from server.interceptors.request_id import RequestIdInterceptor
@@ -56,7 +61,13 @@ class OrgBillingServer:
     def __init__(self, settings: Settings, database_url: str):
         self.settings = settings
         self.pool = open_pool(settings, database_url)
-        self.store = Store(self.pool)
+        self.store = Store(self.pool, settings.pool_wait_timeout_ms, settings.statement_timeout_ms)
+        self.committer = GroupCommitter(
+            self.store.deduct_batch,
+            lanes=settings.group_commit_lanes,
+            batch_size_max=settings.group_commit_batch_size_max,
+            queue_length_max=settings.group_commit_queue_length_max,
+        )
         self.health_servicer = health.HealthServicer(
             experimental_non_blocking=True,
             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
@@ -64,12 +75,13 @@ class OrgBillingServer:
         self.health = DatabaseHealthMonitor(
             self.store, self.health_servicer, SERVICE_NAMES, settings.health_check_interval_ms
         )
+        self.security = Security(settings, self.pool)
         self.draining = DrainingInterceptor()
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.worker_threads, thread_name_prefix="rpc"
             ),
-            interceptors=[RequestIdInterceptor(), self.draining, ErrorInterceptor()],
+            interceptors=[RequestIdInterceptor(), *self.security.interceptors, self.draining, DeadlineInterceptor(), ErrorInterceptor()],
             maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
             options=[
                 ("grpc.max_receive_message_length", settings.message_size_max_bytes),
@@ -81,7 +93,8 @@ class OrgBillingServer:
             ],
         )
         credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
-            CreditServicer(self.store), self.grpc_server
+            CreditServicer(self.store, self.committer, settings.deduct_batch_items_max),
+            self.grpc_server
         )
         org_billing_service_pb2_grpc.add_OrgBillingServiceServicer_to_server(
             OrgBillingServicer(self.store, settings), self.grpc_server
@@ -92,11 +105,12 @@ class OrgBillingServer:
              reflection.SERVICE_NAME],
             self.grpc_server,
         )
-        self.port = self.grpc_server.add_insecure_port(settings.listen_address)
+        self.port = add_port(self.grpc_server, settings)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.listen_address}")
 
     def start(self) -> None:
+        self.security.start()
         self.health.start()
         self.grpc_server.start()
 
@@ -109,6 +123,7 @@ class OrgBillingServer:
         self.draining.begin_draining()
         self.draining.wait_quiet(self.settings.shutdown_quiet_ms / 1000, grace_s)
         self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
+        self.security.stop()
         self.pool.close()
 
 
@@ -117,6 +132,10 @@ def serve(settings: Settings) -> None:
     url = resolve_database_url(settings)
     for name in migrate(url):
         log.info("migrated: %s", name)
+    # The embedded default is for trying things out: give its user a key.
+    admin_key_path = (
+        ensure_local_admin_key(url, settings.data_dir) if settings.uses_embedded_database else None
+    )
     server = OrgBillingServer(settings, url)
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -124,6 +143,10 @@ def serve(settings: Settings) -> None:
     server.start()
     host = settings.listen_address.rsplit(":", 1)[0]
     print(f"orgbilling listening on {host}:{server.port}", flush=True)
+    if admin_key_path is not None:
+        print(f"local admin key (every scope) saved in {admin_key_path}; try:", flush=True)
+        print("  " + grpcurl_example(f"{host}:{server.port}", admin_key_path, settings.tls_cert),
+              flush=True)
     while not stopping.wait(1.0):
         pass
     log.info("shutting down")

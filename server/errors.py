@@ -124,3 +124,16 @@ def refusal(outcome: str, **metadata) -> ServiceError:
     if code is grpc.StatusCode.INTERNAL:
         raise AssertionError(f"unknown ledger outcome {outcome!r}")
     return ServiceError(code, outcome, message, metadata=metadata)
+
+
+def deadline_exceeded() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
+        "the caller's deadline passed before the work was done",
+    )
+
+
+def server_busy(message: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_BUSY", message, retry_after_s=0.1
+    )

@@ -48,11 +48,69 @@ class Settings:
     shutdown_quiet_ms: int = 300
     # How often the health service asks PostgreSQL whether it answers.
     health_check_interval_ms: int = 1000
+    # Group commit of deductions: lanes committing at once (one pool always
+    # uses the same lane), deductions per transaction, and deductions that may
+    # wait in one lane before callers get RESOURCE_EXHAUSTED.
+    group_commit_lanes: int = 8
+    group_commit_batch_size_max: int = 256
+    group_commit_queue_length_max: int = 4096
+    # Deductions one DeductCreditsBatch call may carry.
+    deduct_batch_items_max: int = 1000
     # Page sizes of list RPCs.
     page_size_default: int = 100
     page_size_max: int = 1000
     # Python logging level name.
     log_level: str = "INFO"
+
+    # Security (see the README's "Security" section).
+    # Services anyone may call without credentials, comma separated; empty
+    # closes them too (then any authenticated caller may use them).
+    unauthenticated_services: str = (
+        "grpc.health.v1.Health,grpc.reflection.v1alpha.ServerReflection,"
+        "grpc.reflection.v1.ServerReflection"
+    )
+    # How often each server reloads the API keys, and how old its last good
+    # load may get (reloads failing) before keys are refused with UNAVAILABLE.
+    api_key_refresh_ms: int = 2000
+    api_key_snapshot_stale_ms: int = 30_000
+    # A key id not in the snapshot (a new key) reloads it at once, at most
+    # once per this interval.
+    api_key_unknown_refresh_interval_ms: int = 1000
+    # JWTs: the signing keys (a JWKS) from a URL or a file (at most one), the
+    # issuer and audience every token must carry, the accepted algorithms
+    # (asymmetric only, comma separated) and the clock skew tolerated.
+    jwks_url: str = ""
+    jwks_file: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_algorithms: str = "RS256"
+    jwt_leeway_ms: int = 10_000
+    # Claims giving scopes (space-separated string or list), roles (a dotted
+    # path to a list; roles named like scopes grant them) and the
+    # organizations a token is limited to (absent: every organization).
+    jwt_scope_claim: str = "scope"
+    jwt_roles_claim: str = "realm_access.roles"
+    jwt_orgs_claim: str = "org_ids"
+    # How often the JWKS is reloaded; an unknown kid reloads it at most once
+    # per interval; a fetch's time and size limits.
+    jwks_refresh_ms: int = 300_000
+    jwks_unknown_kid_refresh_interval_ms: int = 30_000
+    jwks_fetch_timeout_ms: int = 2000
+    jwks_size_max_bytes: int = 1_048_576
+    # TLS: the server's certificate chain and key (PEM files); with a client
+    # CA, callers must present a certificate it signed (mutual TLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Token buckets per authenticated caller, one for reads and one for
+    # writes: sustained calls per second and the burst allowed above it.
+    # A rate of 0 turns that limit off.
+    rate_limit_reads_per_s: int = 1000
+    rate_limit_read_burst: int = 2000
+    rate_limit_writes_per_s: int = 1000
+    rate_limit_write_burst: int = 2000
+    # Callers whose buckets are remembered before full (idle) ones are forgotten.
+    rate_limit_callers_max: int = 100_000
 
     @property
     def uses_embedded_database(self) -> bool:
@@ -91,8 +149,55 @@ class Settings:
             raise ValueError("need 1 <= pool_size_max and pool_size_min <= pool_size_max")
         if not 1 <= self.page_size_default <= self.page_size_max:
             raise ValueError("need 1 <= page_size_default <= page_size_max")
+        if min(self.group_commit_lanes, self.group_commit_batch_size_max,
+               self.group_commit_queue_length_max, self.deduct_batch_items_max) < 1:
+            raise ValueError("group commit and batch limits must be at least 1")
         if self.worker_threads < 1 or self.concurrent_rpcs_max < 1:
             raise ValueError("worker_threads and concurrent_rpcs_max must be at least 1")
+        self.validate_security()
+
+    def validate_security(self) -> None:
+        from server.auth.jwks import ASYMMETRIC_ALGORITHMS
+
+        if self.jwks_url and self.jwks_file:
+            raise ValueError("set jwks_url or jwks_file, not both")
+        if self.jwt_enabled:
+            if not self.jwt_issuer or not self.jwt_audience:
+                raise ValueError("JWTs need jwt_issuer and jwt_audience: tokens are checked against both")
+            refused = set(self.jwt_algorithm_list) - ASYMMETRIC_ALGORITHMS
+            if refused or not self.jwt_algorithm_list:
+                raise ValueError(
+                    f"jwt_algorithms must be asymmetric ones from {', '.join(sorted(ASYMMETRIC_ALGORITHMS))};"
+                    f" refused: {', '.join(sorted(refused)) or 'an empty list'}"
+                )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if min(self.api_key_refresh_ms, self.jwks_refresh_ms, self.jwks_fetch_timeout_ms) < 1:
+            raise ValueError("api_key_refresh_ms, jwks_refresh_ms and jwks_fetch_timeout_ms must be at least 1")
+        if self.api_key_snapshot_stale_ms <= self.api_key_refresh_ms:
+            raise ValueError("api_key_snapshot_stale_ms must be longer than api_key_refresh_ms")
+        for rate, burst in ((self.rate_limit_reads_per_s, self.rate_limit_read_burst),
+                            (self.rate_limit_writes_per_s, self.rate_limit_write_burst)):
+            if rate and burst < 1:
+                raise ValueError("a rate limit needs a burst of at least 1")
+
+    @property
+    def open_services(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.unauthenticated_services.split(",") if name.strip())
+
+    @property
+    def jwt_enabled(self) -> bool:
+        return bool(self.jwks_url or self.jwks_file)
+
+    @property
+    def jwt_algorithm_list(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.jwt_algorithms.split(",") if a.strip())
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert)
 
 
 def _parse(field: dataclasses.Field, raw: str):

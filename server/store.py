@@ -7,12 +7,15 @@ come back as psycopg exceptions, which the error interceptor maps to
 UNAVAILABLE.
 """
 
+import contextlib
 import dataclasses
 import json
 
 import psycopg
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
+
+from server.errors import deadline_exceeded
+from server.request_context import seconds_left
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,10 @@ class CheckResult:
     pool_spendable_millicredits: int
 
 
+_DEDUCT_BATCH = (
+    "SELECT * FROM deduct_credits_batch(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb[])"
+)
+
 _ALLOCATION_NOW = """
     allocation_json(a) || CASE WHEN a.next_reset_at <= now()
         THEN jsonb_build_object('used', 0, 'next_reset_at_us',
@@ -54,23 +61,52 @@ _ALLOCATION_NOW = """
 
 
 class Store:
-    def __init__(self, pool: ConnectionPool):
+    def __init__(self, pool: ConnectionPool, pool_wait_timeout_ms: int, statement_timeout_ms: int):
         self.pool = pool
+        self._pool_wait_timeout_s = pool_wait_timeout_ms / 1000
+        self._statement_timeout_s = statement_timeout_ms / 1000
 
-    def _one(self, sql: str, params: tuple):
-        """Runs one statement and returns its first row.
+    @contextlib.contextmanager
+    def _connection(self):
+        """A pooled connection, waited for and used no longer than the caller's
+        deadline allows: a caller that gave up leaves no work running."""
+        left = seconds_left()
+        if left is not None and left <= 0:
+            raise deadline_exceeded()
+        wait_s = self._pool_wait_timeout_s if left is None else min(self._pool_wait_timeout_s, left)
+        with self.pool.connection(timeout=wait_s) as conn:
+            left = seconds_left()
+            if left is None or left >= self._statement_timeout_s:
+                yield conn
+                return
+            if left <= 0:
+                raise deadline_exceeded()
+            # Rare (short deadlines only), so the extra round trips are paid rarely.
+            conn.execute(f"SET statement_timeout = {max(1, int(left * 1000))}")
+            try:
+                yield conn
+            finally:
+                if not conn.broken:
+                    conn.execute("RESET statement_timeout")
+
+    def _run(self, work):
+        """Runs work(conn) on a pooled connection and returns its result.
 
         A connection found dead on use (PostgreSQL restarted, a proxy dropped
         it) is retried once on a fresh one: every mutation is guarded by its
         idempotency key, so running it again is safe.
         """
         for attempt in (1, 2):
-            with self.pool.connection() as conn:
+            with self._connection() as conn:
                 try:
-                    return conn.execute(sql, params).fetchone()
+                    return work(conn)
                 except psycopg.OperationalError:
                     if attempt == 2 or not conn.broken:
                         raise
+
+    def _one(self, sql: str, params: tuple):
+        """Runs one statement and returns its first row."""
+        return self._run(lambda conn: conn.execute(sql, params).fetchone())
 
     def _json(self, sql: str, params: tuple) -> dict:
         return self._one(sql, params)[0]
@@ -84,25 +120,27 @@ class Store:
         )
         return CheckResult(row[0], bool(row[1]), row[2] or 0, row[3] or 0)
 
-    def deduct(self, d: Deduction) -> DeductionResult:
-        row = self._one(
-            "SELECT * FROM deduct_credits(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                d.org_id, d.user_id, d.amount_millicredits, d.service_type, d.service_name,
-                d.idempotency_key, d.request_hash, d.request_id, Jsonb(d.metadata),
-            ),
-        )
-        return _deduction_result(row)
+    def deduct_batch(self, items: list[Deduction], all_or_nothing: bool = False) -> list[DeductionResult]:
+        """Commits many deductions in one transaction, each with its own result,
+        as if run one at a time in the order given. With all_or_nothing, any
+        refusal rolls back the whole batch (the results still say which failed;
+        the others' outcome is then NOT_APPLIED)."""
+        columns = [list(c) for c in zip(*(dataclasses.astuple(d) for d in items))]
+        params = (*columns[:8], [json.dumps(m) for m in columns[8]])
 
-    def deduct_batch(self, items: list[Deduction]) -> list[DeductionResult]:
-        """Commits many deductions in one transaction, each with its own result."""
-        columns = list(zip(*(dataclasses.astuple(d) for d in items))) if items else [[]] * 9
-        with self.pool.connection() as conn:
-            rows = conn.execute(
-                "SELECT * FROM deduct_credits_batch(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb[])",
-                (*[list(c) for c in columns[:8]], [json.dumps(m) for m in columns[8]]),
-            ).fetchall()
-        return [_deduction_result(row[1:]) for row in sorted(rows)]
+        def work(conn):
+            if not all_or_nothing:
+                return conn.execute(_DEDUCT_BATCH, params).fetchall()
+            with conn.transaction() as transaction:
+                rows = conn.execute(_DEDUCT_BATCH, params).fetchall()
+                if any(row[1] != "OK" for row in rows):
+                    transaction.force_rollback = True  # nothing is applied
+                    rows = [row if row[1] != "OK" else (row[0], "NOT_APPLIED", None, None, None, False)
+                            for row in rows]
+                return rows
+
+        rows = self._run(work)
+        return [_deduction_result(row[1:]) for row in sorted(rows, key=lambda row: row[0])]
 
     # Administration: each returns the jsonb outcome of its SQL function.
 
@@ -175,13 +213,12 @@ class Store:
 
     def list_allocations(self, org_id: str, after_user_id: str, limit: int,
                          include_revoked: bool) -> list[dict]:
-        with self.pool.connection() as conn:
-            rows = conn.execute(
-                f"SELECT {_ALLOCATION_NOW} FROM user_credit_allocations a"
-                " WHERE org_id = %s AND user_id > %s AND (%s OR revoked_at IS NULL)"
-                " ORDER BY user_id LIMIT %s",
-                (org_id, after_user_id, include_revoked, limit),
-            ).fetchall()
+        rows = self._run(lambda conn: conn.execute(
+            f"SELECT {_ALLOCATION_NOW} FROM user_credit_allocations a"
+            " WHERE org_id = %s AND user_id > %s AND (%s OR revoked_at IS NULL)"
+            " ORDER BY user_id LIMIT %s",
+            (org_id, after_user_id, include_revoked, limit),
+        ).fetchall())
         return [row[0] for row in rows]
 
     def ping(self, timeout_s: float) -> None:

@@ -1,14 +1,19 @@
+import grpc
+
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import credit_service_pb2_grpc
-from server.errors import refusal
+from server.errors import ServiceError, refusal
+from server.group_commit import GroupCommitter
 from server.request_context import current_request_id, fingerprint
-from server.store import Deduction, Store
+from server.store import Deduction, DeductionResult, Store
 from server.validation import Checks
 
 
 class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, committer: GroupCommitter, batch_items_max: int):
         self._store = store
+        self._committer = committer
+        self._batch_items_max = batch_items_max
 
     def CheckCredits(self, request, context):
         checks = Checks()
@@ -27,23 +32,54 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
 
     def DeductCredits(self, request, context):
         checks = Checks()
-        checks.identifier("org_id", request.org_id)
-        checks.identifier("user_id", request.user_id)
-        checks.amount("amount_millicredits", request.amount_millicredits)
-        checks.service_type("service_type", request.service_type)
-        checks.service_name("service_name", request.service_name)
-        checks.idempotency_key(request.idempotency_key)
-        checks.metadata("metadata", request.metadata)
+        check_deduction(checks, request)
         checks.done()
-        result = self._store.deduct(deduction_from(request))
+        result = self._committer.deduct(deduction_from(request))
         if result.outcome != "OK":
-            raise _deduction_refusal(result, request.amount_millicredits)
-        return pb.DeductCreditsResponse(
-            deduction_id=result.deduction_id,
-            allocation_remaining_millicredits=result.allocation_remaining_millicredits,
-            pool_spendable_millicredits=result.pool_spendable_millicredits,
-            replayed=result.replayed,
+            raise deduction_refusal(result, request.amount_millicredits)
+        return deduction_response(result)
+
+    def DeductCreditsBatch(self, request, context):
+        checks = Checks()
+        count = len(request.deductions)
+        if not 1 <= count <= self._batch_items_max:
+            checks.fail("deductions", f"must hold 1 to {self._batch_items_max} deductions")
+        for index, item in enumerate(request.deductions[: self._batch_items_max]):
+            check_deduction(checks, item, prefix=f"deductions[{index}].")
+        checks.done()
+        results = self._store.deduct_batch(
+            [deduction_from(item) for item in request.deductions],
+            all_or_nothing=request.all_or_nothing,
         )
+        refused = [i for i, r in enumerate(results) if r.outcome not in ("OK", "NOT_APPLIED")]
+        if request.all_or_nothing and refused:
+            first = results[refused[0]]
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, "BATCH_NOT_APPLIED",
+                f"{len(refused)} of {count} deductions were refused, so none was charged",
+                metadata={
+                    "refused_items": ",".join(map(str, refused[:100])),
+                    "refused_count": len(refused),
+                    "first_refused_item": refused[0],
+                    "first_refused_reason": first.outcome,
+                },
+            )
+        return pb.DeductCreditsBatchResponse(
+            results=[
+                batch_result(result, item.amount_millicredits)
+                for result, item in zip(results, request.deductions)
+            ]
+        )
+
+
+def check_deduction(checks: Checks, request, prefix: str = "") -> None:
+    checks.identifier(prefix + "org_id", request.org_id)
+    checks.identifier(prefix + "user_id", request.user_id)
+    checks.amount(prefix + "amount_millicredits", request.amount_millicredits)
+    checks.service_type(prefix + "service_type", request.service_type)
+    checks.service_name(prefix + "service_name", request.service_name)
+    checks.idempotency_key(request.idempotency_key, field=prefix + "idempotency_key")
+    checks.metadata(prefix + "metadata", request.metadata)
 
 
 def deduction_from(request) -> Deduction:
@@ -60,7 +96,16 @@ def deduction_from(request) -> Deduction:
     )
 
 
-def _deduction_refusal(result, requested: int):
+def deduction_response(result: DeductionResult) -> pb.DeductCreditsResponse:
+    return pb.DeductCreditsResponse(
+        deduction_id=result.deduction_id,
+        allocation_remaining_millicredits=result.allocation_remaining_millicredits,
+        pool_spendable_millicredits=result.pool_spendable_millicredits,
+        replayed=result.replayed,
+    )
+
+
+def deduction_refusal(result: DeductionResult, requested: int) -> ServiceError:
     if result.outcome == "INSUFFICIENT_CREDITS":
         return refusal(
             result.outcome,
@@ -72,3 +117,15 @@ def _deduction_refusal(result, requested: int):
             pool_spendable_millicredits=result.pool_spendable_millicredits,
         )
     return refusal(result.outcome)
+
+
+def batch_result(result: DeductionResult, requested: int) -> pb.DeductCreditsBatchResult:
+    if result.outcome == "OK":
+        return pb.DeductCreditsBatchResult(deduction=deduction_response(result))
+    error = deduction_refusal(result, requested)
+    return pb.DeductCreditsBatchResult(
+        error=pb.DeductCreditsBatchError(
+            code=error.code.value[0], reason=error.reason, message=error.message,
+            metadata=error.metadata,
+        )
+    )

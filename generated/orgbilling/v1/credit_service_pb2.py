@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"orgbilling/v1/credit_service.proto\x12\rorgbilling.v1\"S\n\x13\x43heckCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\"z\n\x14\x43heckCreditsResponse\x12\x12\n\nsufficient\x18\x01 \x01(\x08\x12)\n!allocation_remaining_millicredits\x18\x02 \x01(\x03\x12#\n\x1bpool_spendable_millicredits\x18\x03 \x01(\x03\"\x8f\x02\n\x14\x44\x65\x64uctCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\x12\x14\n\x0cservice_type\x18\x04 \x01(\t\x12\x14\n\x0cservice_name\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x43\n\x08metadata\x18\x07 \x03(\x0b\x32\x31.orgbilling.v1.DeductCreditsRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x15\x44\x65\x64uctCreditsResponse\x12\x14\n\x0c\x64\x65\x64uction_id\x18\x01 \x01(\t\x12)\n!allocation_remaining_millicredits\x18\x02 \x01(\x03\x12#\n\x1bpool_spendable_millicredits\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x32\xc4\x01\n\rCreditService\x12W\n\x0c\x43heckCredits\x12\".orgbilling.v1.CheckCreditsRequest\x1a#.orgbilling.v1.CheckCreditsResponse\x12Z\n\rDeductCredits\x12#.orgbilling.v1.DeductCreditsRequest\x1a$.orgbilling.v1.DeductCreditsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"orgbilling/v1/credit_service.proto\x12\rorgbilling.v1\"S\n\x13\x43heckCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\"z\n\x14\x43heckCreditsResponse\x12\x12\n\nsufficient\x18\x01 \x01(\x08\x12)\n!allocation_remaining_millicredits\x18\x02 \x01(\x03\x12#\n\x1bpool_spendable_millicredits\x18\x03 \x01(\x03\"\x8f\x02\n\x14\x44\x65\x64uctCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\x12\x14\n\x0cservice_type\x18\x04 \x01(\t\x12\x14\n\x0cservice_name\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x43\n\x08metadata\x18\x07 \x03(\x0b\x32\x31.orgbilling.v1.DeductCreditsRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x15\x44\x65\x64uctCreditsResponse\x12\x14\n\x0c\x64\x65\x64uction_id\x18\x01 \x01(\t\x12)\n!allocation_remaining_millicredits\x18\x02 \x01(\x03\x12#\n\x1bpool_spendable_millicredits\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"l\n\x19\x44\x65\x64uctCreditsBatchRequest\x12\x37\n\ndeductions\x18\x01 \x03(\x0b\x32#.orgbilling.v1.DeductCreditsRequest\x12\x16\n\x0e\x61ll_or_nothing\x18\x02 \x01(\x08\"V\n\x1a\x44\x65\x64uctCreditsBatchResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\'.orgbilling.v1.DeductCreditsBatchResult\"\x98\x01\n\x18\x44\x65\x64uctCreditsBatchResult\x12\x39\n\tdeduction\x18\x01 \x01(\x0b\x32$.orgbilling.v1.DeductCreditsResponseH\x00\x12\x37\n\x05\x65rror\x18\x02 \x01(\x0b\x32&.orgbilling.v1.DeductCreditsBatchErrorH\x00\x42\x08\n\x06result\"\xc1\x01\n\x17\x44\x65\x64uctCreditsBatchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x46\n\x08metadata\x18\x04 \x03(\x0b\x32\x34.orgbilling.v1.DeductCreditsBatchError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xaf\x02\n\rCreditService\x12W\n\x0c\x43heckCredits\x12\".orgbilling.v1.CheckCreditsRequest\x1a#.orgbilling.v1.CheckCreditsResponse\x12Z\n\rDeductCredits\x12#.orgbilling.v1.DeductCreditsRequest\x1a$.orgbilling.v1.DeductCreditsResponse\x12i\n\x12\x44\x65\x64uctCreditsBatch\x12(.orgbilling.v1.DeductCreditsBatchRequest\x1a).orgbilling.v1.DeductCreditsBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEDUCTCREDITSREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_DEDUCTCREDITSREQUEST_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_DEDUCTCREDITSBATCHERROR_METADATAENTRY']._loaded_options = None
+  _globals['_DEDUCTCREDITSBATCHERROR_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_CHECKCREDITSREQUEST']._serialized_start=53
   _globals['_CHECKCREDITSREQUEST']._serialized_end=136
   _globals['_CHECKCREDITSRESPONSE']._serialized_start=138
@@ -43,6 +45,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEDUCTCREDITSREQUEST_METADATAENTRY']._serialized_end=534
   _globals['_DEDUCTCREDITSRESPONSE']._serialized_start=537
   _globals['_DEDUCTCREDITSRESPONSE']._serialized_end=680
-  _globals['_CREDITSERVICE']._serialized_start=683
-  _globals['_CREDITSERVICE']._serialized_end=879
+  _globals['_DEDUCTCREDITSBATCHREQUEST']._serialized_start=682
+  _globals['_DEDUCTCREDITSBATCHREQUEST']._serialized_end=790
+  _globals['_DEDUCTCREDITSBATCHRESPONSE']._serialized_start=792
+  _globals['_DEDUCTCREDITSBATCHRESPONSE']._serialized_end=878
+  _globals['_DEDUCTCREDITSBATCHRESULT']._serialized_start=881
+  _globals['_DEDUCTCREDITSBATCHRESULT']._serialized_end=1033
+  _globals['_DEDUCTCREDITSBATCHERROR']._serialized_start=1036
+  _globals['_DEDUCTCREDITSBATCHERROR']._serialized_end=1229
+  _globals['_DEDUCTCREDITSBATCHERROR_METADATAENTRY']._serialized_start=487
+  _globals['_DEDUCTCREDITSBATCHERROR_METADATAENTRY']._serialized_end=534
+  _globals['_CREDITSERVICE']._serialized_start=1232
+  _globals['_CREDITSERVICE']._serialized_end=1535
 # @@protoc_insertion_point(module_scope)

@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -62,3 +62,44 @@ class DeductCreditsResponse(_message.Message):
     pool_spendable_millicredits: int
     replayed: bool
     def __init__(self, deduction_id: _Optional[str] = ..., allocation_remaining_millicredits: _Optional[int] = ..., pool_spendable_millicredits: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class DeductCreditsBatchRequest(_message.Message):
+    __slots__ = ("deductions", "all_or_nothing")
+    DEDUCTIONS_FIELD_NUMBER: _ClassVar[int]
+    ALL_OR_NOTHING_FIELD_NUMBER: _ClassVar[int]
+    deductions: _containers.RepeatedCompositeFieldContainer[DeductCreditsRequest]
+    all_or_nothing: bool
+    def __init__(self, deductions: _Optional[_Iterable[_Union[DeductCreditsRequest, _Mapping]]] = ..., all_or_nothing: _Optional[bool] = ...) -> None: ...
+
+class DeductCreditsBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[DeductCreditsBatchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[DeductCreditsBatchResult, _Mapping]]] = ...) -> None: ...
+
+class DeductCreditsBatchResult(_message.Message):
+    __slots__ = ("deduction", "error")
+    DEDUCTION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    deduction: DeductCreditsResponse
+    error: DeductCreditsBatchError
+    def __init__(self, deduction: _Optional[_Union[DeductCreditsResponse, _Mapping]] = ..., error: _Optional[_Union[DeductCreditsBatchError, _Mapping]] = ...) -> None: ...
+
+class DeductCreditsBatchError(_message.Message):
+    __slots__ = ("code", "reason", "message", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    reason: str
+    message: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -46,6 +46,11 @@ class CreditServiceStub:
                 request_serializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsRequest.SerializeToString,
                 response_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsResponse.FromString,
                 _registered_method=True)
+        self.DeductCreditsBatch = channel.unary_unary(
+                '/orgbilling.v1.CreditService/DeductCreditsBatch',
+                request_serializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchRequest.SerializeToString,
+                response_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchResponse.FromString,
+                _registered_method=True)
 
 
 class CreditServiceServicer:
@@ -69,6 +74,14 @@ class CreditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeductCreditsBatch(self, request, context):
+        """Charges many deductions in one call and one transaction, each with its
+        own idempotency key and result, as if they ran one at a time in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CreditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +94,11 @@ def add_CreditServiceServicer_to_server(servicer, server):
                     servicer.DeductCredits,
                     request_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsRequest.FromString,
                     response_serializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsResponse.SerializeToString,
+            ),
+            'DeductCreditsBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeductCreditsBatch,
+                    request_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchRequest.FromString,
+                    response_serializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +157,33 @@ class CreditService:
             '/orgbilling.v1.CreditService/DeductCredits',
             orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsRequest.SerializeToString,
             orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeductCreditsBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orgbilling.v1.CreditService/DeductCreditsBatch',
+            orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchRequest.SerializeToString,
+            orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

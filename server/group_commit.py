@@ -1,0 +1,155 @@
+"""Group commit: deductions waiting at the same moment share one transaction.
+
+A transaction per deduction on a hot pool stops scaling at the pool row's
+lock. Here calls queue in a lane (chosen by org_id, so one pool always uses
+the same lane, on every replica); the first caller to find its lane idle
+becomes the lane's leader and commits everything queued, its own deduction
+first in line, as one batch (server.store.Store.deduct_batch). Whoever
+arrives while that transaction runs waits; when it ends, the leader hands the
+lane to the oldest waiter, who commits the next batch.
+
+There is no timer: a call that finds its lane idle is committed at once, so
+under light load nothing waits, and batches form only from calls that are
+already waiting. Each caller gets its answer only after its batch commits.
+"""
+
+import collections
+import dataclasses
+import logging
+import threading
+import zlib
+from typing import Callable
+
+import psycopg
+
+from server.errors import deadline_exceeded, server_busy
+from server.request_context import call_deadline_var, seconds_left
+from server.store import Deduction, DeductionResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class _Ticket:
+    """One caller's deduction, waiting in a lane."""
+
+    deduction: Deduction
+    woken: threading.Event = dataclasses.field(default_factory=threading.Event)
+    leads: bool = False
+    done: bool = False
+    result: DeductionResult | None = None
+    error: BaseException | None = None
+
+    def finish(self, result: DeductionResult | None = None, error: BaseException | None = None):
+        self.result, self.error, self.done = result, error, True
+        self.woken.set()
+
+    def outcome(self) -> DeductionResult:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _Lane:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.queue: collections.deque[_Ticket] = collections.deque()
+        self.leader_active = False
+
+
+class GroupCommitter:
+    def __init__(
+        self,
+        commit_batch: Callable[[list[Deduction]], list[DeductionResult]],
+        lanes: int,
+        batch_size_max: int,
+        queue_length_max: int,
+    ):
+        self._commit_batch = commit_batch
+        self._lanes = [_Lane() for _ in range(lanes)]
+        self._batch_size_max = batch_size_max
+        self._queue_length_max = queue_length_max
+
+    def _lane_of(self, org_id: str) -> _Lane:
+        # crc32, not hash(): the same org must map to the same lane in every
+        # process, so batches of several replicas lock pools in one order.
+        return self._lanes[zlib.crc32(org_id.encode()) % len(self._lanes)]
+
+    def deduct(self, deduction: Deduction) -> DeductionResult:
+        lane = self._lane_of(deduction.org_id)
+        ticket = _Ticket(deduction)
+        with lane.lock:
+            if len(lane.queue) >= self._queue_length_max:
+                raise server_busy("too many deductions are waiting for this pool")
+            lane.queue.append(ticket)
+            if not lane.leader_active:
+                lane.leader_active = ticket.leads = True
+        if not ticket.leads:
+            self._wait(lane, ticket)
+            if ticket.done:
+                return ticket.outcome()
+        self._lead(lane, ticket)
+        return ticket.outcome()
+
+    def _wait(self, lane: _Lane, ticket: _Ticket) -> None:
+        """Waits until the ticket is done or made leader, within the deadline."""
+        if ticket.woken.wait(seconds_left()):
+            return
+        with lane.lock:
+            if ticket.done:
+                return
+            if ticket in lane.queue:
+                # Not taken into a batch yet: withdraw it, so it is surely not applied.
+                lane.queue.remove(ticket)
+                if ticket.leads:
+                    self._hand_over(lane)
+                raise deadline_exceeded()
+        # In a batch that is committing now; the caller has gone, the result
+        # will be there for its retry under the same idempotency key.
+        raise deadline_exceeded()
+
+    def _lead(self, lane: _Lane, own: _Ticket) -> None:
+        while True:
+            with lane.lock:
+                batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._batch_size_max))]
+            self._commit(batch)
+            with lane.lock:
+                if own.done:
+                    self._hand_over(lane)
+                    return
+
+    @staticmethod
+    def _hand_over(lane: _Lane) -> None:
+        """Makes the oldest waiter the next leader, or marks the lane idle.
+        Call with lane.lock held."""
+        if lane.queue:
+            successor = lane.queue[0]
+            successor.leads = True
+            successor.woken.set()
+        else:
+            lane.leader_active = False
+
+    def _commit(self, batch: list[_Ticket]) -> None:
+        # The batch serves every caller in it, so it runs under the server's
+        # own timeouts, not the leader's deadline.
+        token = call_deadline_var.set(None)
+        try:
+            results = self._commit_batch([t.deduction for t in batch])
+        except psycopg.OperationalError as error:
+            # The database is unreachable or too slow: every caller hears so
+            # and may retry with its key.
+            for ticket in batch:
+                ticket.finish(error=error)
+            return
+        except Exception as error:  # noqa: BLE001: one bad item must not fail the others
+            if len(batch) == 1:
+                batch[0].finish(error=error)
+                return
+            log.exception("a batch of %d deductions failed; committing them one by one", len(batch))
+            for ticket in batch:
+                self._commit([ticket])
+            return
+        finally:
+            call_deadline_var.reset(token)
+        for ticket, result in zip(batch, results, strict=True):
+            ticket.finish(result=result)

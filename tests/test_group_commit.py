@@ -1,0 +1,239 @@
+"""Group commit and DeductCreditsBatch: many deductions in one transaction,
+with the semantics of running them one at a time in arrival order."""
+
+import concurrent.futures
+import threading
+import time
+
+import grpc
+import psycopg
+import pytest
+
+from orgbilling.v1 import credit_service_pb2 as pb
+from server.errors import ServiceError
+from server.group_commit import GroupCommitter
+from server.request_context import call_deadline_var
+from server.store import Deduction, DeductionResult
+from server.verify import violations
+from tests.support import field_violations, new_key, raises_rpc
+
+
+def item(amount, user="alice", org="acme", key=None, **extra):
+    return pb.DeductCreditsRequest(org_id=org, user_id=user, amount_millicredits=amount, service_type="llm",
+                                   service_name="batch", idempotency_key=key or new_key(), **extra)
+
+
+def batch(client, items, all_or_nothing=False):
+    return client.credits.DeductCreditsBatch(
+        pb.DeductCreditsBatchRequest(deductions=items, all_or_nothing=all_or_nothing)).results
+
+
+# Through the real server and database.
+
+def test_batch_runs_items_in_order_and_a_refusal_fails_alone(client, database_url):
+    """Each item is checked against what the ones before it left; one that
+    does not fit is refused alone, and later ones that fit still charge."""
+    client.funded_org("acme", 10_000, {"alice": 1_000})
+    results = batch(client, [item(600), item(500), item(400), item(1)])
+    assert [r.WhichOneof("result") for r in results] == ["deduction", "error", "deduction", "error"]
+    assert results[0].deduction.allocation_remaining_millicredits == 400
+    assert results[1].error.reason == "INSUFFICIENT_CREDITS"
+    assert results[1].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert results[1].error.metadata["available_millicredits"] == "400"
+    assert results[2].deduction.allocation_remaining_millicredits == 0
+    assert violations(database_url) == {}
+
+
+def test_batch_replays_and_refuses_reused_keys_per_item(client, database_url):
+    client.funded_org("acme", 10_000, {"alice": 1_000, "bob": 1_000})
+    first = batch(client, [item(100, key="a")])[0].deduction
+    results = batch(client, [item(100, key="a"), item(50, key="b"), item(51, key="b"), item(50, key="b"),
+                             item(10, user="nobody"), item(10, org="ghost")])
+    assert results[0].deduction.replayed and results[0].deduction.deduction_id == first.deduction_id
+    assert not results[1].deduction.replayed
+    assert results[2].error.reason == "IDEMPOTENCY_KEY_REUSED"
+    assert results[3].deduction.replayed
+    assert results[4].error.reason == "ALLOCATION_NOT_FOUND"
+    assert results[5].error.reason == "ORG_NOT_FOUND"
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*), sum(amount_millicredits) FROM credit_usage_attribution").fetchone() == (2, 150)
+
+
+def test_all_or_nothing_charges_all_or_none(client, database_url):
+    client.funded_org("acme", 10_000, {"alice": 1_000})
+    with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "BATCH_NOT_APPLIED") as refused:
+        batch(client, [item(300), item(800), item(100)], all_or_nothing=True)
+    assert refused["info"].metadata["refused_items"] == "1"
+    assert refused["info"].metadata["first_refused_reason"] == "INSUFFICIENT_CREDITS"
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM credit_usage_attribution").fetchone()[0] == 0
+    results = batch(client, [item(300), item(700)], all_or_nothing=True)
+    assert results[1].deduction.allocation_remaining_millicredits == 0
+    assert violations(database_url) == {}
+
+
+def test_batch_rejects_malformed_items_by_position(client, server):
+    client.funded_org("acme", 10_000, {"alice": 1_000})
+    with raises_rpc(grpc.StatusCode.INVALID_ARGUMENT) as refused:
+        batch(client, [])
+    assert "deductions" in field_violations(refused["error"])
+    with raises_rpc(grpc.StatusCode.INVALID_ARGUMENT) as refused:
+        batch(client, [item(1), item(0), item(1, user="")])
+    assert {"deductions[1].amount_millicredits", "deductions[2].user_id"} <= field_violations(refused["error"])
+    too_many = server.settings.deduct_batch_items_max + 1
+    with raises_rpc(grpc.StatusCode.INVALID_ARGUMENT) as refused:
+        batch(client, [item(1) for _ in range(too_many)])
+    assert "deductions" in field_violations(refused["error"])
+
+
+def test_concurrent_batches_over_many_orgs_do_not_deadlock(client, database_url):
+    """Batches naming the same orgs in opposite orders, at once: pools are
+    locked in org order, so every batch completes."""
+    orgs = [f"org-{i}" for i in range(6)]
+    for org in orgs:
+        client.funded_org(org, 100_000, {"u": 100_000})
+
+    def send(order):
+        for _ in range(15):
+            batch(client, [item(1, org=o, user="u") for o in order for _ in range(3)])
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(send, orgs if n % 2 else orgs[::-1]) for n in range(8)]
+        for future in futures:
+            future.result(timeout=120)
+    assert violations(database_url) == {}
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM credit_usage_attribution").fetchone()[0] == 8 * 15 * 18
+
+
+def test_hot_deductions_through_group_commit_spend_exactly_the_balance(client, database_url):
+    """64 threads on one allocation through DeductCredits (group commit on):
+    exactly the affordable number succeed and the ledger balances."""
+    client.funded_org("acme", 1_000_000, {"alice": 5_000})
+    barrier = threading.Barrier(64)
+
+    def spend():
+        barrier.wait()
+        ok = 0
+        for _ in range(40):  # 2,560 attempts for 1,666 affordable charges
+            try:
+                client.credits.DeductCredits(item(3))
+                ok += 1
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+        return ok
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        total_ok = sum(f.result() for f in [pool.submit(spend) for _ in range(64)])
+    assert total_ok == 5_000 // 3
+    assert violations(database_url) == {}
+
+
+# The committer alone, with a recording commit function instead of the database.
+
+def deduction(n, org="o"):
+    return Deduction(org, "u", n, "t", "s", f"k{n}", b"", "", {})
+
+
+def ok(d):
+    return DeductionResult("OK", f"id-{d.amount_millicredits}", 0, 0, False)
+
+
+class Recorder:
+    def __init__(self, delay_s=0.0, fail_amount=None):
+        self.batches, self.delay_s, self.fail_amount = [], delay_s, fail_amount
+        self.lock = threading.Lock()
+
+    def __call__(self, items):
+        with self.lock:
+            self.batches.append([d.amount_millicredits for d in items])
+        time.sleep(self.delay_s)
+        if self.fail_amount is not None and any(d.amount_millicredits == self.fail_amount for d in items):
+            raise ValueError("a bad item")
+        return [ok(d) for d in items]
+
+
+def test_a_lone_call_commits_at_once_in_a_batch_of_one():
+    recorder = Recorder()
+    committer = GroupCommitter(recorder, lanes=2, batch_size_max=10, queue_length_max=10)
+    assert committer.deduct(deduction(1)).deduction_id == "id-1"
+    assert committer.deduct(deduction(2)).deduction_id == "id-2"
+    assert recorder.batches == [[1], [2]]
+
+
+def test_waiting_calls_share_a_transaction_in_arrival_order():
+    recorder = Recorder(delay_s=0.05)
+    committer = GroupCommitter(recorder, lanes=1, batch_size_max=100, queue_length_max=100)
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda n: committer.deduct(deduction(n)), range(1, 41)))
+    assert [r.deduction_id for r in results] == [f"id-{n}" for n in range(1, 41)]
+    assert sorted(a for b in recorder.batches for a in b) == list(range(1, 41))
+    assert len(recorder.batches) < 40  # batches formed
+    assert max(len(b) for b in recorder.batches) > 1
+
+
+def test_batch_size_is_bounded():
+    recorder = Recorder(delay_s=0.02)
+    committer = GroupCommitter(recorder, lanes=1, batch_size_max=3, queue_length_max=100)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: committer.deduct(deduction(n)), range(1, 33)))
+    assert max(len(b) for b in recorder.batches) <= 3
+
+
+def test_one_failing_item_does_not_fail_the_others():
+    recorder = Recorder(delay_s=0.02, fail_amount=7)
+    committer = GroupCommitter(recorder, lanes=1, batch_size_max=100, queue_length_max=100)
+
+    def attempt(n):
+        try:
+            return committer.deduct(deduction(n)).deduction_id
+        except ValueError:
+            return "failed"
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(attempt, range(1, 17)))
+    assert results[6] == "failed"
+    assert [r for i, r in enumerate(results) if i != 6] == [f"id-{n}" for n in range(1, 17) if n != 7]
+
+
+def test_a_full_queue_refuses_with_resource_exhausted():
+    release = threading.Event()
+    committer = GroupCommitter(lambda items: release.wait() and [ok(d) for d in items],
+                               lanes=1, batch_size_max=100, queue_length_max=2)
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    running = [pool.submit(committer.deduct, deduction(n)) for n in range(1, 4)]
+    time.sleep(0.2)  # one committing, two waiting: the queue is full
+    with pytest.raises(ServiceError) as refused:
+        committer.deduct(deduction(4))
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    release.set()
+    assert [f.result().deduction_id for f in running] == ["id-1", "id-2", "id-3"]
+    pool.shutdown()
+
+
+def test_a_waiter_whose_deadline_passes_is_withdrawn_unapplied():
+    release = threading.Event()
+    recorder_batches = []
+
+    def commit(items):
+        recorder_batches.append([d.amount_millicredits for d in items])
+        release.wait(5)
+        return [ok(d) for d in items]
+
+    committer = GroupCommitter(commit, lanes=1, batch_size_max=100, queue_length_max=100)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        leader = pool.submit(committer.deduct, deduction(1))
+        time.sleep(0.1)
+
+        def with_deadline():
+            call_deadline_var.set(time.monotonic() + 0.2)
+            return committer.deduct(deduction(2))
+
+        waiter = pool.submit(with_deadline)
+        with pytest.raises(ServiceError) as expired:
+            waiter.result(timeout=5)
+        assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        release.set()
+        assert leader.result().deduction_id == "id-1"
+    assert recorder_batches == [[1]]  # the withdrawn deduction was never committed
+    assert committer.deduct(deduction(3)).deduction_id == "id-3"  # the lane is not stuck
