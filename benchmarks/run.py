@@ -83,20 +83,23 @@ async def measure_scenarios(stubs: Stubs, arguments, probes: Probes) -> list[dic
 async def measure_big_table(stubs: Stubs, arguments, probes: Probes, database_url: str) -> dict:
     """DeductCredits p50 at one caller on an org, before and after its
     attribution table grows by big_table_rows rows. Runs last, so the big
-    table slows no other scenario."""
+    table slows no other scenario. The fill takes a while, so baseline A is
+    measured next to each half too: if it moved, the machine did."""
 
-    async def deduct_at_one_caller() -> Measurement:
-        return await measure(BIG_TABLE_SCENARIO.make_call(stubs), 1, arguments.warmup_s,
+    async def at_one_caller(scenario) -> Measurement:
+        return await measure(scenario.make_call(stubs), 1, arguments.warmup_s,
                              arguments.duration_s, probes)
 
     await asyncio.to_thread(settle, database_url)  # same footing as after the fill
     rows_before = await asyncio.to_thread(attribution_rows, database_url)
-    before = await deduct_at_one_caller()
+    noop_before = await at_one_caller(SCENARIOS[0])
+    before = await at_one_caller(BIG_TABLE_SCENARIO)
     log(f"  filling {arguments.big_table_rows:,} attribution rows...")
     fill_s = await asyncio.to_thread(fill_attribution, database_url, BIG_TABLE_ORG, USER_ID,
                                      arguments.big_table_rows)
     rows_after = await asyncio.to_thread(attribution_rows, database_url)
-    after = await deduct_at_one_caller()
+    noop_after = await at_one_caller(SCENARIOS[0])
+    after = await at_one_caller(BIG_TABLE_SCENARIO)
     log(f"  big table: p50 {before.p50_ms:.2f} -> {after.p50_ms:.2f} ms")
     return {
         "rows_added": arguments.big_table_rows,
@@ -106,6 +109,9 @@ async def measure_big_table(stubs: Stubs, arguments, probes: Probes, database_ur
         "before": dataclasses.asdict(before),
         "after": dataclasses.asdict(after),
         "p50_ratio": report.ratio(after.p50_ms, before.p50_ms),
+        "noop_before": dataclasses.asdict(noop_before),
+        "noop_after": dataclasses.asdict(noop_after),
+        "noop_p50_ratio": report.ratio(noop_after.p50_ms, noop_before.p50_ms),
     }
 
 
