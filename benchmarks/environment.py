@@ -5,14 +5,18 @@ happens (error, Ctrl-C, SIGTERM).
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
 import psycopg
 
-from tests.support import PostgresForTests, ServerProcess
+from server.database import embedded_database_url, stop_embedded_database
+from server.migrate import migrate
+from tests.support import ServerProcess
 
 
 def stop_on_sigterm() -> None:
@@ -27,28 +31,60 @@ def stop_on_sigterm() -> None:
 
 @contextlib.contextmanager
 def benchmark_database():
-    """Yields (url, postgres): a fresh migrated database of its own.
+    """Yields (url, data_dir): a fresh, migrated database of the benchmark's own.
 
-    Uses ORGBILLING_DATABASE_URL when set (the database is dropped at the
-    end), otherwise an embedded PostgreSQL in a temporary directory that is
-    stopped and deleted at the end.
+    With ORGBILLING_DATABASE_URL set, a new database on that server (its user
+    must be allowed to create databases), dropped at the end; data_dir is
+    None. Otherwise an embedded PostgreSQL in a temporary directory, stopped
+    and deleted at the end, even if interrupted while it starts.
     """
-    postgres = PostgresForTests()
-    url = None
+    server_url = os.environ.get("ORGBILLING_DATABASE_URL")
+    data_dir = None if server_url else Path(tempfile.mkdtemp(prefix="orgbilling-bench-"))
+    database = f"orgbilling_bench_{os.getpid()}"
+    created = False
     try:
-        url = postgres.new_database()
-        yield url, postgres
+        if data_dir is not None:
+            server_url = embedded_database_url(data_dir)
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {database}")
+            created = True
+        url = with_database(server_url, database)
+        migrate(url)
+        yield url, data_dir
     finally:
-        with _report_cleanup_failure("dropping the benchmark database"):
-            if url is not None and getattr(postgres, "data_dir", None) is None:
-                _drop_database(postgres.admin_url, psycopg.conninfo.conninfo_to_dict(url)["dbname"])
-        with _report_cleanup_failure("stopping PostgreSQL"):
-            postgres.close()
+        if created and data_dir is None:
+            with _report_cleanup_failure("dropping the benchmark database"):
+                with psycopg.connect(server_url, autocommit=True) as conn:
+                    conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        if data_dir is not None:
+            with _report_cleanup_failure("stopping PostgreSQL"):
+                stop_embedded_database(data_dir)
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def with_database(url: str, database: str) -> str:
+    """The same server URL, pointing at another database."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = database
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+RATE_LIMITS = ("ORGBILLING_RATE_LIMIT_READS_PER_S", "ORGBILLING_RATE_LIMIT_WRITES_PER_S")
+
+
+def bench_token(database_url: str) -> str | None:
+    """The bearer token of the benchmark's calls: ORGBILLING_BENCH_TOKEN if
+    set, otherwise, on a server that has API keys, a new key with every
+    scope made in the benchmark's own database; None without authentication."""
+    token = os.environ.get("ORGBILLING_BENCH_TOKEN")
+    if token:
+        return token
+    try:
+        from server.auth.api_keys import create_api_key
+        from server.auth.scopes import ALL_SCOPES
+    except ImportError:  # a server from before authentication
+        return None
+    return create_api_key(database_url, "bench", sorted(ALL_SCOPES))
 
 
 @contextlib.contextmanager
@@ -58,12 +94,17 @@ def benchmark_server(database_url: str):
     Every other ORGBILLING_* variable of our environment reaches the server,
     so its settings (worker threads, pool size...) can be tried from outside.
     """
-    server = ServerProcess({"ORGBILLING_DATABASE_URL": database_url})
+    server = ServerProcess({
+        # The per-caller rate limit would cap our one caller at its budget:
+        # off, unless asked for. Servers without the setting ignore it.
+        **{name: "0" for name in RATE_LIMITS if name not in os.environ},
+        "ORGBILLING_DATABASE_URL": database_url,
+    })
     failed = False
     try:
         server.start()
         yield server
-    except BaseException:
+    except Exception:  # an error, not Ctrl-C: its log may tell why
         failed = True
         raise
     finally:
@@ -84,13 +125,12 @@ def _report_cleanup_failure(what: str):
         print(f"warning: {what} failed: {error!r}", file=sys.stderr)
 
 
-def postmaster_process(postgres: PostgresForTests) -> psutil.Process | None:
+def postmaster_process(data_dir: Path | None) -> psutil.Process | None:
     """The embedded PostgreSQL's postmaster, to count the database's CPU
     time; None for an external database, whose processes we cannot see."""
-    data_dir = getattr(postgres, "data_dir", None)
     if data_dir is None:
         return None
-    pid_file = Path(data_dir) / "postmaster.pid"
+    pid_file = data_dir / "postgres" / "postmaster.pid"
     try:
         return psutil.Process(int(pid_file.read_text().split()[0]))
     except (OSError, ValueError, psutil.Error):

@@ -11,22 +11,23 @@ import dataclasses
 import datetime
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import grpc
 
-from benchmarks import report
+from benchmarks import report, scenarios
 from benchmarks.big_table import attribution_rows, fill_attribution, settle
 from benchmarks.environment import (
-    benchmark_database, benchmark_server, postmaster_process, stop_on_sigterm,
+    bench_token, benchmark_database, benchmark_server, postmaster_process, stop_on_sigterm,
 )
 from benchmarks.load import Measurement, Probes, measure
 from benchmarks.pgbench import run_pgbench
 from benchmarks.scenarios import (
     ALL_ORGS, BIG_TABLE_ORG, BIG_TABLE_SCENARIO, PGBENCH_ORG, SCENARIOS, USER_ID, Stubs,
-    create_orgs,
+    create_orgs, use_token,
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -134,31 +135,45 @@ async def measure_everything(address: str, database_url: str, arguments, probes:
             "big_table": big_table}
 
 
+def code_version() -> dict:
+    """The commit measured, and whether the tree had changes on top of it."""
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}  # not a git checkout
+
+
 def run(arguments) -> dict:
     started_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     log("starting PostgreSQL and the server...")
-    with benchmark_database() as (database_url, postgres), \
+    with benchmark_database() as (database_url, data_dir), \
             benchmark_server(database_url) as server:
         setup_started = time.monotonic()
+        use_token(bench_token(database_url))
         log(f"creating {len(ALL_ORGS)} orgs through the API...")
         create_orgs(server.address, ALL_ORGS)
         setup_s = time.monotonic() - setup_started
-        with Probes(server.process.pid, postmaster_process(postgres)) as probes:
+        with Probes(server.process.pid, postmaster_process(data_dir)) as probes:
             measured = asyncio.run(measure_everything(server.address, database_url,
                                                       arguments, probes))
             peak_rss_mb = probes.peak_rss_bytes / 2**20
+        # The server's settings that differ from its defaults.
+        server_environment = {key: value for key, value in server.env.items()
+                              if key.startswith("ORGBILLING_") and "URL" not in key
+                              and "TOKEN" not in key}
     results = {
         "started_at": started_at,
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.run", *sys.argv[1:]]),
         "arguments": {key: str(value) if isinstance(value, Path) else value
                       for key, value in vars(arguments).items()},
+        "code": code_version(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        # Server settings changed from their defaults through the environment.
-        "server_environment": {key: value for key, value in os.environ.items()
-                               if key.startswith("ORGBILLING_") and "URL" not in key
-                               and "TOKEN" not in key},
-        "authenticated": bool(os.environ.get("ORGBILLING_BENCH_TOKEN")),
+        "server_environment": server_environment,
+        "authenticated": bool(scenarios.CALL_METADATA),
         "setup_s": setup_s,
         "server_peak_rss_mb": peak_rss_mb,
         **measured,

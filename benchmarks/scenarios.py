@@ -19,14 +19,17 @@ from orgbilling.v1 import credit_service_pb2_grpc
 from tests.support import Client
 
 
-def call_metadata() -> tuple[tuple[str, str], ...]:
-    """The metadata every authenticated call carries: the one place to wire
-    credentials. Set ORGBILLING_BENCH_TOKEN to send a bearer token."""
-    token = os.environ.get("ORGBILLING_BENCH_TOKEN")
-    return (("authorization", f"Bearer {token}"),) if token else ()
+# The metadata every authenticated call carries: the one place credentials
+# are wired (use_token). Health checks never carry it.
+CALL_METADATA: tuple[tuple[str, str], ...] = ()
 
 
-CALL_METADATA = call_metadata()
+def use_token(token: str | None) -> None:
+    """Sends `authorization: Bearer <token>` on every call but health checks."""
+    global CALL_METADATA
+    CALL_METADATA = (("authorization", f"Bearer {token}"),) if token else ()
+
+
 # No call should take this long; a stuck one counts as an error, not a hang.
 CALL_TIMEOUT_S = 10.0
 
