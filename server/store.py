@@ -103,6 +103,9 @@ class Store:
                 except psycopg.OperationalError:
                     if attempt == 2 or not conn.broken:
                         raise
+            # One dead connection means its idle siblings are likely dead too
+            # (PostgreSQL restarted): find them now, not one failed call each.
+            self.pool.check()
 
     def _one(self, sql: str, params: tuple):
         """Runs one statement and returns its first row."""
