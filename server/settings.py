@@ -91,6 +91,9 @@ class Settings:
     jwt_scope_claim: str = "scope"
     jwt_roles_claim: str = "realm_access.roles"
     jwt_orgs_claim: str = "org_ids"
+    # Verified tokens remembered until they expire (a signature check costs
+    # ~300 µs); 0 checks every call's signature.
+    jwt_cache_entries_max: int = 10_000
     # How often the JWKS is reloaded; an unknown kid reloads it at most once
     # per interval; a fetch's time and size limits.
     jwks_refresh_ms: int = 300_000

@@ -1,0 +1,137 @@
+"""Verifies JWTs from an OpenID Connect provider (Keycloak client-credentials
+tokens, for instance) and says who the caller is.
+
+Every PyJWT option is passed explicitly. The accepted algorithms come from
+settings (jwt_algorithms, asymmetric only) and from the signing key, never
+from the token: a token saying `alg: none`, or HS256 "signed" with the
+public key, is refused. Issuer, audience, expiry and subject are required.
+
+Checking an RS256 signature costs about 300 µs, more than the rest of a
+call, and a service sends the same token for minutes: so a verified token
+is remembered (up to jwt_cache_entries_max tokens) until it expires or the
+signing keys change, and its next calls cost a dictionary lookup.
+"""
+
+import time
+
+import jwt
+
+from server.auth.caller import Caller, credentials_unverifiable, unauthenticated
+from server.auth.jwks import JwksCache
+from server.auth.scopes import ALL_SCOPES
+
+_DECODE_OPTIONS = {
+    "verify_signature": True,
+    "verify_exp": True,
+    "verify_nbf": True,
+    "verify_iat": True,
+    "verify_aud": True,
+    "verify_iss": True,
+    "verify_sub": True,
+    "verify_jti": True,
+    "strict_aud": False,  # aud may be a list that contains ours (Keycloak's usual form)
+    "require": ["exp", "iss", "aud", "sub"],
+    "enforce_minimum_key_length": True,  # no RSA keys under 2048 bits
+}
+
+
+class JwtVerifier:
+    def __init__(self, keys: JwksCache, issuer: str, audience: str, leeway_ms: int,
+                 scope_claim: str, roles_claim: str, orgs_claim: str, cache_entries_max: int):
+        self._keys = keys
+        self._cache_entries_max = cache_entries_max
+        # token -> (caller, its exp, the JWKS generation that verified it);
+        # replaced whole when full, so reads need no lock.
+        self._verified: dict[str, tuple[Caller, float, int]] = {}
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway_s = leeway_ms / 1000
+        self._scope_claim = scope_claim
+        self._roles_claim = roles_claim
+        self._orgs_claim = orgs_claim
+
+    def verify(self, token: str) -> Caller:
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            caller, expires_at, generation = remembered
+            if time.time() < expires_at and generation == self._keys.generation:
+                return caller
+        generation = self._keys.generation
+        caller, expires_at = self._verify(token)
+        if self._cache_entries_max:
+            if len(self._verified) >= self._cache_entries_max:
+                self._verified = {}
+            self._verified[token] = (caller, expires_at, generation)
+        return caller
+
+    def _verify(self, token: str) -> tuple[Caller, float]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as error:
+            raise unauthenticated("malformed", f"malformed token: {error}") from None
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise unauthenticated("invalid", "the token names no signing key (kid)")
+        key = self._keys.key(kid)
+        if key is None:
+            self._keys.reload_for_unknown_kid()
+            key = self._keys.key(kid)
+        if key is None:
+            if not self._keys.loaded:
+                raise credentials_unverifiable("the identity provider's keys are not loaded yet")
+            raise unauthenticated("invalid", f"the token's signing key {kid!r} is unknown")
+        try:
+            claims = jwt.decode(
+                token,
+                key=key.public_key,
+                algorithms=list(key.algorithms),
+                options=_DECODE_OPTIONS,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway_s,
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthenticated("expired", "the token has expired") from None
+        except jwt.PyJWTError as error:
+            raise unauthenticated("invalid", f"invalid token: {error}") from None
+        return self._caller(claims), float(claims["exp"])
+
+    def _caller(self, claims: dict) -> Caller:
+        granted = set(_words(claims.get(self._scope_claim)))
+        granted |= set(_words(_claim_at(claims, self._roles_claim)))
+        orgs = _claim_at(claims, self._orgs_claim)
+        if orgs is None:
+            org_ids = None
+        else:
+            org_ids = frozenset(_words(orgs))
+            if not org_ids and orgs not in ([], ""):
+                raise unauthenticated("invalid", f"the token's {self._orgs_claim} claim is not a list of ids")
+        subject = claims["sub"]
+        name = claims.get("azp") or claims.get("client_id") or subject
+        return Caller(
+            principal=f"jwt:{claims['iss']}#{subject}",
+            display_name=str(name),
+            scopes=frozenset(granted) & ALL_SCOPES,
+            org_ids=org_ids,
+        )
+
+
+def _claim_at(claims: dict, path: str):
+    """The claim at a dotted path, such as realm_access.roles; None if absent."""
+    if not path:
+        return None
+    value = claims
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _words(value) -> list[str]:
+    """A space-separated string or a list of strings as a list; anything else as nothing."""
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, str)]
+    return []
