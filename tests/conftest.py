@@ -2,7 +2,7 @@ import pytest
 
 from server.app import OrgBillingServer
 from server.settings import Settings
-from tests.support import Client, PostgresForTests
+from tests.support import Client, PostgresForTests, admin_token
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +37,20 @@ def server(database_url):
 
 
 @pytest.fixture
-def client(server):
-    client = Client(f"127.0.0.1:{server.port}")
+def token(database_url):
+    """An API key with every scope on every organization, for this test's database."""
+    return admin_token(database_url)
+
+
+@pytest.fixture
+def client(server, token):
+    """A client of `server` whose every call carries the all-scopes `token`."""
+    client = Client(f"127.0.0.1:{server.port}", token=token)
     yield client
     client.close()
+
+
+def pytest_addoption(parser):
+    # `make fuzz` runs tests/test_fuzz.py long; `make test` uses its short default.
+    parser.addoption("--fuzz-examples", type=int, default=None,
+                     help="hypothesis examples per RPC and kind in tests/test_fuzz.py")

@@ -1,6 +1,7 @@
 """What the tests share: a real PostgreSQL, fresh databases cut from a
 migrated template, real servers on free ports, and error decoding."""
 
+import collections
 import contextlib
 import itertools
 import os
@@ -21,6 +22,8 @@ from grpc_status import rpc_status
 from orgbilling.v1 import credit_service_pb2_grpc, org_billing_service_pb2_grpc
 from orgbilling.v1 import types_pb2
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
+from server.auth.api_keys import create_api_key
+from server.auth.scopes import ALL_SCOPES
 from server.migrate import migrate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,18 +80,63 @@ class PostgresForTests:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-class Client:
-    """Stubs of every service over one channel to a server."""
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a channel."""
 
-    def __init__(self, address: str, metadata=()):
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        return _CallDetails(
+            details.method, details.timeout, [*(details.metadata or ()), self._header],
+            details.credentials, details.wait_for_ready, details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._with_token(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._with_token(client_call_details), request_iterator)
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class Client:
+    """Stubs of every service over one channel to a server. With a token,
+    every call carries it as `authorization: Bearer <token>`; with
+    channel_credentials, the channel is TLS."""
+
+    def __init__(self, address: str, metadata=(), token: str | None = None,
+                 channel_credentials: grpc.ChannelCredentials | None = None, options=()):
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.token = token
+        if channel_credentials is None:
+            self._raw_channel = grpc.insecure_channel(address, options=list(options))
+        else:
+            self._raw_channel = grpc.secure_channel(address, channel_credentials, options=list(options))
+        self.channel = (
+            grpc.intercept_channel(self._raw_channel, BearerToken(token)) if token else self._raw_channel
+        )
         self.metadata = tuple(metadata)
         self.credits = credit_service_pb2_grpc.CreditServiceStub(self.channel)
         self.billing = org_billing_service_pb2_grpc.OrgBillingServiceStub(self.channel)
 
     def close(self):
-        self.channel.close()
+        self._raw_channel.close()
 
     # Setting up an organization in one line, for tests about something else.
 
@@ -132,6 +180,17 @@ def new_key() -> str:
     return uuid.uuid4().hex
 
 
+def admin_token(database_url: str, name: str | None = None) -> str:
+    """A new API key with every scope on every organization, in the database
+    at database_url (a running server accepts it on its first call)."""
+    return create_api_key(database_url, name or f"test-admin-{uuid.uuid4().hex[:12]}", sorted(ALL_SCOPES))
+
+
+def api_key(database_url: str, scopes, org_ids=None, name: str | None = None) -> str:
+    """A new API key with these scopes (and, if given, only these organizations)."""
+    return create_api_key(database_url, name or f"test-{uuid.uuid4().hex[:12]}", scopes, org_ids)
+
+
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
     """The one ErrorInfo every failure carries (asserting it is exactly one)."""
     status = rpc_status.from_call(error)
@@ -172,9 +231,15 @@ def raises_rpc(code: grpc.StatusCode, reason: str | None = None):
 
 
 class ServerProcess:
-    """`orgbilling serve` as a separate process, for lifecycle tests."""
+    """`orgbilling serve` as a separate process, for lifecycle tests.
 
-    def __init__(self, env_overrides: dict[str, str], port: int | None = None):
+    `token` is an all-scopes key for it: the one given, else (on first use)
+    the local admin key the server saved in its data directory with the
+    embedded default, or a new key in the configured database."""
+
+    def __init__(self, env_overrides: dict[str, str], port: int | None = None,
+                 token: str | None = None):
+        self._token = token
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {
@@ -194,6 +259,23 @@ class ServerProcess:
         )
         wait_serving(self.address, ready_timeout_s, process=self.process, log_path=self.log_path)
         return self
+
+    @property
+    def token(self) -> str:
+        if self._token is None:
+            database_url = self.env.get("ORGBILLING_DATABASE_URL", "")
+            if database_url:
+                self._token = admin_token(database_url)
+            else:
+                from server.auth.local_admin import ADMIN_KEY_FILE_NAME
+
+                data_dir = REPO / self.env.get("ORGBILLING_DATA_DIR", ".orgbilling")
+                self._token = (data_dir / ADMIN_KEY_FILE_NAME).read_text().strip()
+        return self._token
+
+    def client(self, **options) -> "Client":
+        """A Client of this server that sends its token."""
+        return Client(self.address, token=self.token, **options)
 
     def stop(self, timeout_s: float = 30.0) -> int:
         if self.process is None:

@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
-from tests.support import Client, ServerProcess, new_key
+from tests.support import ServerProcess, new_key
 
 
 def embedded_env(data_dir) -> dict[str, str]:
@@ -21,7 +21,7 @@ def test_embedded_default_keeps_data_across_restarts(tmp_path):
     """With no database URL the server starts its own PostgreSQL in the data
     directory; stop it, start it again, and nothing is lost."""
     first = ServerProcess(embedded_env(tmp_path)).start(ready_timeout_s=60)
-    client = Client(first.address)
+    client = first.client()
     try:
         client.funded_org("acme", 10_000, {"alice": 1_000})
         charged = client.credits.DeductCredits(pb.DeductCreditsRequest(
@@ -32,7 +32,7 @@ def test_embedded_default_keeps_data_across_restarts(tmp_path):
         assert first.stop() == 0, first.log()
 
     second = ServerProcess(embedded_env(tmp_path), port=first.port).start(ready_timeout_s=60)
-    client = Client(second.address)
+    client = second.client()
     try:
         pool = client.billing.GetCreditPool(billing_pb.GetCreditPoolRequest(org_id="acme")).pool
         assert (pool.total_millicredits, pool.used_millicredits) == (10_000, 300)
@@ -49,7 +49,7 @@ def test_sigterm_finishes_in_flight_calls_and_exits_zero(database_url):
     """On SIGTERM health turns NOT_SERVING, calls in flight complete, nothing is
     half written, and the process exits 0."""
     server = ServerProcess({"ORGBILLING_DATABASE_URL": database_url}).start()
-    client = Client(server.address)
+    client = server.client()
     client.funded_org("acme", 10**9, {"alice": 10**9})
     futures = []
     for _ in range(200):

@@ -1,0 +1,63 @@
+"""The scope table covers every RPC, and org restrictions see every org_id a
+request names. No server needed: these read the generated descriptors."""
+
+import importlib
+import pkgutil
+
+import orgbilling.v1
+from orgbilling.v1 import credit_service_pb2 as pb
+from server.auth.orgs import org_ids_in
+from server.auth.scopes import ALL_SCOPES, METHOD_SCOPES, is_read, required_scope
+
+
+def every_rpc_in_the_generated_code() -> set[str]:
+    """'/package.Service/Method' of every RPC of every generated service, so a
+    new RPC or service is covered without editing this test."""
+    methods = set()
+    for module_info in pkgutil.iter_modules(orgbilling.v1.__path__):
+        if not module_info.name.endswith("_pb2"):
+            continue
+        module = importlib.import_module(f"orgbilling.v1.{module_info.name}")
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                methods.add(f"/{service.full_name}/{method.name}")
+    return methods
+
+
+def test_every_rpc_of_every_service_declares_a_known_scope():
+    """Fails when someone adds an RPC without saying which scope it needs."""
+    rpcs = every_rpc_in_the_generated_code()
+    assert len(rpcs) >= 12
+    missing = sorted(rpc for rpc in rpcs if rpc not in METHOD_SCOPES)
+    assert not missing, f"add these to METHOD_SCOPES in server/auth/scopes.py: {missing}"
+    assert set(METHOD_SCOPES.values()) <= ALL_SCOPES
+
+
+def test_the_scope_table_names_only_rpcs_that_exist():
+    """A typo in the table would leave the real RPC without a scope."""
+    assert set(METHOD_SCOPES) - every_rpc_in_the_generated_code() == set()
+
+
+def test_scopes_follow_the_issue():
+    assert required_scope("/orgbilling.v1.CreditService/CheckCredits") == "credits.read"
+    assert required_scope("/orgbilling.v1.CreditService/DeductCredits") == "credits.deduct"
+    assert required_scope("/orgbilling.v1.CreditService/DeductCreditsBatch") == "credits.deduct"
+    assert required_scope("/orgbilling.v1.OrgBillingService/AddCredits") == "credits.grant"
+    assert required_scope("/orgbilling.v1.OrgBillingService/AllocateCredits") == "credits.manage"
+    assert required_scope("/orgbilling.v1.OrgBillingService/ListAllocations") == "credits.read"
+    assert required_scope("/grpc.health.v1.Health/Check") == ""
+    assert required_scope("/orgbilling.v1.CreditService/NoSuchMethod") is None
+    assert is_read("/orgbilling.v1.OrgBillingService/GetCreditPool")
+    assert not is_read("/orgbilling.v1.CreditService/DeductCredits")
+
+
+def test_org_ids_are_found_at_any_depth():
+    """A batch names one org per deduction; a restricted credential must be
+    allowed on all of them."""
+    batch = pb.DeductCreditsBatchRequest(deductions=[
+        pb.DeductCreditsRequest(org_id="acme"), pb.DeductCreditsRequest(org_id="globex"),
+        pb.DeductCreditsRequest(),
+    ])
+    assert org_ids_in(batch) == {"acme", "globex"}
+    assert org_ids_in(pb.CheckCreditsRequest(org_id="acme")) == {"acme"}
+    assert org_ids_in(pb.CheckCreditsRequest()) == set()
