@@ -10,6 +10,7 @@ import time
 
 import grpc
 import psutil
+import psycopg
 
 from benchmarks.scenarios import OneCall
 
@@ -38,12 +39,31 @@ def cpu_seconds(process: psutil.Process | None, with_children: bool = False) -> 
 
 
 @dataclasses.dataclass(frozen=True)
-class CpuSample:
+class Sample:
     server_s: float
     database_s: float
     client_s: float
     machine_busy_s: float
     machine_total_s: float
+    # Sequential scans so far of each hot-path table.
+    seq_scans: dict[str, int]
+
+
+# The tables a deduction reads by key. A sequential scan of one of them per
+# call means a plan went wrong (see seq_scans_per_call).
+HOT_PATH_TABLES = ("credit_usage_attribution", "organization_credit_pools",
+                   "user_credit_allocations", "idempotency_records")
+
+
+def seq_scans(conn: psycopg.Connection | None) -> dict[str, int]:
+    if conn is None:
+        return {}
+    # Each autocommit statement takes a fresh statistics snapshot.
+    rows = conn.execute(
+        "SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname = ANY(%s)",
+        (list(HOT_PATH_TABLES),),
+    ).fetchall()
+    return dict(rows)
 
 
 class Probes:
@@ -51,9 +71,10 @@ class Probes:
     see) and of this client, and samples the server's RSS in a thread."""
 
     def __init__(self, server_pid: int, postmaster: psutil.Process | None,
-                 rss_interval_s: float = 0.05):
+                 database_url: str | None = None, rss_interval_s: float = 0.05):
         self.server = psutil.Process(server_pid)
         self.postmaster = postmaster
+        self.database = psycopg.connect(database_url, autocommit=True) if database_url else None
         self.client = psutil.Process()
         self._rss_interval_s = rss_interval_s
         self._lock = threading.Lock()
@@ -69,6 +90,8 @@ class Probes:
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         self._thread.join()
+        if self.database is not None:
+            self.database.close()
 
     def _sample_rss(self) -> None:
         while not self._stop.wait(self._rss_interval_s):
@@ -84,16 +107,17 @@ class Probes:
         with self._lock:
             self.window_peak_rss_bytes = 0
 
-    def cpu(self) -> CpuSample:
+    def sample(self) -> Sample:
         machine = psutil.cpu_times()
         idle = machine.idle + getattr(machine, "iowait", 0.0)
         total = sum(machine)
-        return CpuSample(
+        return Sample(
             server_s=cpu_seconds(self.server),
             database_s=cpu_seconds(self.postmaster, with_children=True),
             client_s=cpu_seconds(self.client),
             machine_busy_s=total - idle,
             machine_total_s=total,
+            seq_scans=seq_scans(self.database),
         )
 
 
@@ -114,6 +138,11 @@ class Measurement:
     # Share of all cores busy during the window, whoever used them.
     machine_busy_pct: float
     server_peak_rss_mb: float
+    # Sequential scans of the hot-path tables per call, each and in all.
+    # PostgreSQL publishes these counts about once a second, so they are
+    # approximate; well above 0 means a deduction scans a table.
+    seq_scans_per_call: float
+    seq_scans_per_call_by_table: dict[str, float]
 
 
 async def measure(call: OneCall, callers: int, warmup_s: float, duration_s: float,
@@ -145,9 +174,9 @@ async def measure(call: OneCall, callers: int, warmup_s: float, duration_s: floa
     try:
         await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
         probes.reset_window_peak()
-        before = probes.cpu()
+        before = probes.sample()
         await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
-        after = probes.cpu()
+        after = probes.sample()
         # Calls still running finish before the next scenario starts, so it
         # finds the server idle.
         await asyncio.gather(*tasks)
@@ -158,7 +187,7 @@ async def measure(call: OneCall, callers: int, warmup_s: float, duration_s: floa
                     probes.window_peak_rss_bytes)
 
 
-def _summary(callers, duration_s, latencies, error_codes, before: CpuSample, after: CpuSample,
+def _summary(callers, duration_s, latencies, error_codes, before: Sample, after: Sample,
              peak_rss_bytes: int) -> Measurement:
     latencies.sort()
     calls = len(latencies)
@@ -167,6 +196,8 @@ def _summary(callers, duration_s, latencies, error_codes, before: CpuSample, aft
         return seconds / calls * 1e6 if calls else math.nan
 
     machine_total = after.machine_total_s - before.machine_total_s
+    scans = {table: (after.seq_scans[table] - count) / calls if calls else math.nan
+             for table, count in before.seq_scans.items() if table in after.seq_scans}
     return Measurement(
         callers=callers,
         seconds=duration_s,
@@ -182,4 +213,6 @@ def _summary(callers, duration_s, latencies, error_codes, before: CpuSample, aft
         machine_busy_pct=100 * (after.machine_busy_s - before.machine_busy_s) / machine_total
         if machine_total > 0 else math.nan,
         server_peak_rss_mb=peak_rss_bytes / 2**20,
+        seq_scans_per_call=sum(scans.values()) if scans else math.nan,
+        seq_scans_per_call_by_table=scans,
     )

@@ -58,8 +58,8 @@ def _ratio_cell(value: float) -> str:
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'scenario':<17}{'callers':>8}{'calls/s':>9}{'xA':>6}{'p50 ms':>8}{'xA':>6}"
-              f"{'p99 ms':>8}{'xA':>6}{'deduct/s':>9}{'xB':>6}{'errors':>7}{'srv us':>8}{'db us':>7}{'cli us':>8}"
-              f"{'busy%':>6}{'rss MB':>7}")
+              f"{'p99 ms':>8}{'xA':>6}{'deduct/s':>9}{'xB':>6}{'errors':>7}"
+              f"{'srv us':>9}{'db us':>9}{'cli us':>8}{'busy%':>6}{'rss MB':>7}{'seq/call':>9}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -70,10 +70,11 @@ def print_table(rows: list[dict]) -> None:
               f"{_ratio_cell(vs_a['p99_ms']):>6}"
               f"{_cell(row['deductions_per_s'] or math.nan, 0):>9}"
               f"{_ratio_cell(row.get('vs_b', math.nan)):>6}{row['errors']:>7}"
-              f"{_cell(row['server_cpu_us_per_call'], 0):>8}"
-              f"{_cell(row['database_cpu_us_per_call'], 0):>7}"
+              f"{_cell(row['server_cpu_us_per_call'], 0):>9}"
+              f"{_cell(row['database_cpu_us_per_call'], 0):>9}"
               f"{_cell(row['client_cpu_us_per_call'], 0):>8}"
-              f"{_cell(row['machine_busy_pct'], 0):>6}{_cell(row['server_peak_rss_mb'], 0):>7}")
+              f"{_cell(row['machine_busy_pct'], 0):>6}{_cell(row['server_peak_rss_mb'], 0):>7}"
+              f"{_cell(row['seq_scans_per_call'], 2):>9}")
         if row["errors"]:
             print(f"{'':<17}errors: {row['error_codes']}")
 
@@ -121,7 +122,14 @@ def print_summary(results: dict) -> None:
     print("Each scenario: its own warm-up, then the measured window. xA: this figure over")
     print("baseline A's (health Check) at the same callers; xB: deductions/s over baseline B's")
     print("(pgbench) tps. srv/db/cli us: CPU microseconds per call of the server, PostgreSQL")
-    print("and this client; busy%: all cores, whoever used them; rss MB: server peak.")
+    print("and this client; busy%: all cores, whoever used them; rss MB: server peak;")
+    print("seq/call: sequential scans of the hot-path tables per call (should be ~0).")
+    scanning = [f"{row['scenario']} @{row['callers']}" for row in results["scenarios"]
+                if row["seq_scans_per_call"] is not None and row["seq_scans_per_call"] >= 0.1]
+    if scanning:
+        print()
+        print(f"warning: sequential scans of hot-path tables in {', '.join(scanning)}: a")
+        print("  plan cached while a table was tiny, kept as it grew (see benchmarks/README.md).")
     b = results.get("baseline_b")
     if b:
         print()

@@ -156,7 +156,7 @@ def run(arguments) -> dict:
         log(f"creating {len(ALL_ORGS)} orgs through the API...")
         create_orgs(server.address, ALL_ORGS)
         setup_s = time.monotonic() - setup_started
-        with Probes(server.process.pid, postmaster_process(data_dir)) as probes:
+        with Probes(server.process.pid, postmaster_process(data_dir), database_url) as probes:
             measured = asyncio.run(measure_everything(server.address, database_url,
                                                       arguments, probes))
             peak_rss_mb = probes.peak_rss_bytes / 2**20
