@@ -1,0 +1,199 @@
+"""The checker: compares what callers were told with what the database holds.
+
+Every operation's idempotency key must map to exactly the effects its
+outcome allows: an acknowledged one to its effect, once, with its amount; a
+refused one to nothing; an indeterminate one to all of its effect or none
+of it. The database may hold no effect of a key nobody sent. At the end,
+when every operation has resolved, the balances must equal the sums of
+what was acknowledged, and the server's own invariant checks must pass.
+"""
+
+import collections
+import dataclasses
+import json
+
+import psycopg
+
+from server.verify import violations as server_invariant_violations
+from tests.bank.history import History, Operation, Outcome
+from tests.bank.postgres import HARNESS_APPLICATION_NAME
+
+# The rows each kind of mutation writes, in the table that carries its key.
+EXPECTED_HISTORY_EVENT = {
+    "AddCredits": "CREDITS_ADDED",
+    "AllocateCredits": "ALLOCATION_CHANGED",
+    "RevokeAllocation": "ALLOCATION_REVOKED",
+    "CreateSubscription": "SUBSCRIPTION_CREATED",
+}
+
+
+@dataclasses.dataclass
+class LedgerSnapshot:
+    """The rows the checker needs, read in one consistent snapshot."""
+
+    attributions: dict[str, list[tuple]]  # key -> [(org, user, amount, deduction_id)]
+    history: dict[str, list[tuple]]  # key -> [(org, event_type, user, delta, event_id, details)]
+    records: dict[str, list[tuple]]  # key -> [(org, operation)]
+    pools: dict[str, tuple[int, int]]  # org -> (total, used)
+    allocations: dict[tuple[str, str], int]  # (org, user) -> used
+
+
+def read_snapshot(database_url: str) -> LedgerSnapshot:
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=10,
+                         application_name=HARNESS_APPLICATION_NAME) as conn:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return LedgerSnapshot(
+                attributions=_by_key(conn.execute(
+                    "SELECT idempotency_key, org_id, user_id, amount_millicredits, deduction_id::text"
+                    " FROM credit_usage_attribution")),
+                history=_by_key(conn.execute(
+                    "SELECT idempotency_key, org_id, event_type, user_id, credits_delta_millicredits,"
+                    " event_id::text, details FROM org_billing_history WHERE idempotency_key IS NOT NULL")),
+                records=_by_key(conn.execute(
+                    "SELECT idempotency_key, org_id, operation FROM idempotency_records")),
+                pools={org: (total, used) for org, total, used in conn.execute(
+                    "SELECT org_id, total_millicredits, used_millicredits FROM organization_credit_pools")},
+                allocations={(org, user): used for org, user, used in conn.execute(
+                    "SELECT org_id, user_id, used_millicredits FROM user_credit_allocations")},
+            )
+
+
+def _by_key(cursor) -> dict[str, list[tuple]]:
+    grouped = collections.defaultdict(list)
+    for key, *rest in cursor:
+        grouped[key].append(tuple(rest))
+    return grouped
+
+
+def check(history: History, database_url: str, final: bool) -> list[str]:
+    """Every violation found, as a sentence. final: all operations have
+    resolved and nothing runs any more."""
+    # Outcomes read before the database, keys read after: an acknowledgement
+    # the checker holds is already committed, and any effect it finds was
+    # sent by an operation it knows.
+    decided = history.snapshot()
+    ledger = read_snapshot(database_url)
+    known = {operation.idempotency_key: operation for operation in history.snapshot()}
+    outcomes = {operation.idempotency_key: operation for operation in decided}
+    found = list(history.client_violations)
+    found += phantom_effects(ledger, known)
+    for key, operation in known.items():
+        # One begun after the first look had no outcome yet when the ledger was read.
+        as_read = outcomes.get(key) or dataclasses.replace(operation, outcome=Outcome.INDETERMINATE)
+        found += [f"{operation.method} {key} ({as_read.outcome.value}): {problem};"
+                  f" attempts: {operation.describe_trail()}"
+                  for problem in effect_problems(as_read, ledger)]
+    found += [f"server invariant violated: {name}: {rows[:5]}"
+              for name, rows in server_invariant_violations(database_url).items()]
+    if final:
+        found += unresolved(known.values())
+        found += balance_problems(known.values(), ledger)
+    return found
+
+
+def phantom_effects(ledger: LedgerSnapshot, known: dict[str, Operation]) -> list[str]:
+    keys = set(ledger.attributions) | set(ledger.history) | set(ledger.records)
+    return [f"an effect of key {key!r}, which no caller sent" for key in sorted(keys - set(known))]
+
+
+def effect_problems(operation: Operation, ledger: LedgerSnapshot) -> list[str]:
+    """What is wrong with the effects of one operation's key."""
+    key = operation.idempotency_key
+    attributions = ledger.attributions.get(key, [])
+    history = ledger.history.get(key, [])
+    records = ledger.records.get(key, [])
+    if operation.method == "CheckCredits":
+        return ["a check left an effect"] if attributions or history or records else []
+    applied = bool(attributions or history or records)
+    if operation.outcome is Outcome.REFUSED:
+        return [f"refused, but applied: {attributions or history or records}"] if applied else []
+    if operation.outcome is Outcome.INDETERMINATE and not applied:
+        return []  # it may yet happen, or never
+    if not applied:
+        return ["acknowledged, but not applied"]
+    if operation.method == "DeductCredits":
+        return deduction_problems(operation, attributions, history, records)
+    return administrative_problems(operation, attributions, history, records)
+
+
+def deduction_problems(operation: Operation, attributions, history, records) -> list[str]:
+    problems = []
+    if len(attributions) != 1:
+        problems.append(f"charged {len(attributions)} times")
+    if history or records:
+        problems.append(f"also left history {history} or records {records}")
+    for org, user, amount, deduction_id in attributions:
+        if (org, user, amount) != (operation.org_id, operation.user_id, operation.amount_millicredits):
+            problems.append(f"charged {amount} to {org}/{user}, asked {operation.amount_millicredits}"
+                            f" of {operation.org_id}/{operation.user_id}")
+        if operation.outcome is Outcome.ACKNOWLEDGED and deduction_id != operation.response.deduction_id:
+            problems.append(f"deduction {deduction_id}, acknowledged as {operation.response.deduction_id}")
+    return problems
+
+
+def administrative_problems(operation: Operation, attributions, history, records) -> list[str]:
+    """An administrative mutation writes one history event and one
+    idempotency record, both or neither."""
+    problems = []
+    if attributions:
+        problems.append(f"left a charge: {attributions}")
+    if len(history) != 1 or len(records) != 1:
+        problems.append(f"{len(history)} history events and {len(records)} records, not 1 and 1")
+    for org, event_type, user, delta, event_id, details in history:
+        if org != operation.org_id or event_type != EXPECTED_HISTORY_EVENT[operation.method]:
+            problems.append(f"event {event_type} in {org}")
+        if operation.method == "AddCredits":
+            if delta != operation.amount_millicredits:
+                problems.append(f"added {delta}, asked {operation.amount_millicredits}")
+            if operation.outcome is Outcome.ACKNOWLEDGED and event_id != operation.response.event_id:
+                problems.append(f"event {event_id}, acknowledged as {operation.response.event_id}")
+        elif operation.method in ("AllocateCredits", "RevokeAllocation"):
+            if user != operation.user_id:
+                problems.append(f"changed {user}'s allocation, asked {operation.user_id}'s")
+            new_limit = _details(details).get("new_limit")
+            if operation.method == "AllocateCredits" and new_limit != operation.amount_millicredits:
+                problems.append(f"set limit {new_limit}, asked {operation.amount_millicredits}")
+    for org, recorded_operation in records:
+        if (org, recorded_operation) != (operation.org_id, operation.method):
+            problems.append(f"record of {recorded_operation} in {org}")
+    return problems
+
+
+def _details(details) -> dict:
+    return details if isinstance(details, dict) else json.loads(details)
+
+
+def unresolved(operations) -> list[str]:
+    return [f"{operation.method} {operation.idempotency_key} never resolved after"
+            f" {operation.attempts} attempts"
+            for operation in operations
+            if operation.outcome is Outcome.INDETERMINATE and operation.method != "CheckCredits"]
+
+
+def balance_problems(operations, ledger: LedgerSnapshot) -> list[str]:
+    """Each pool's total is what was acknowledged added, its used what was
+    acknowledged charged; each allocation's used likewise (no resets: the
+    workload's allocations never reset)."""
+    added = collections.Counter()
+    charged_pool = collections.Counter()
+    charged_user = collections.Counter()
+    for operation in operations:
+        if operation.outcome is not Outcome.ACKNOWLEDGED:
+            continue
+        if operation.method == "AddCredits":
+            added[operation.org_id] += operation.amount_millicredits
+        elif operation.method == "DeductCredits":
+            charged_pool[operation.org_id] += operation.amount_millicredits
+            charged_user[(operation.org_id, operation.user_id)] += operation.amount_millicredits
+    problems = []
+    for org, (total, used) in sorted(ledger.pools.items()):
+        if total != added[org]:
+            problems.append(f"pool {org}: total {total}, acknowledged additions {added[org]}")
+        if used != charged_pool[org]:
+            problems.append(f"pool {org}: used {used}, acknowledged charges {charged_pool[org]}")
+    for (org, user), used in sorted(ledger.allocations.items()):
+        if used != charged_user[(org, user)]:
+            problems.append(f"allocation {org}/{user}: used {used},"
+                            f" acknowledged charges {charged_user[(org, user)]}")
+    return problems
