@@ -74,8 +74,8 @@ class Settings:
     api_key_refresh_ms: int = 2000
     api_key_snapshot_stale_ms: int = 30_000
     # A key id not in the snapshot (a new key) reloads it at once, at most
-    # once per this interval.
-    api_key_unknown_refresh_interval_ms: int = 1000
+    # once per this interval (a flood of guessed ids costs no more).
+    api_key_unknown_refresh_interval_ms: int = 200
     # JWTs: the signing keys (a JWKS) from a URL or a file (at most one), the
     # issuer and audience every token must carry, the accepted algorithms
     # (asymmetric only, comma separated) and the clock skew tolerated.

@@ -29,8 +29,9 @@ def start_server(database_url: str, **overrides) -> OrgBillingServer:
 
 
 @pytest.fixture
-def server(database_url):
-    """A real server, in this process, on a free port, over its own database."""
+def server(database_url, token):
+    """A real server, in this process, on a free port, over its own database
+    (whose all-scopes `token` exists before the server starts)."""
     running = start_server(database_url)
     yield running
     running.stop()
