@@ -1,5 +1,7 @@
 """The standard health service, SERVING only while the database answers."""
 
+import concurrent.futures
+import contextlib
 import logging
 import threading
 
@@ -23,6 +25,11 @@ class DatabaseHealthMonitor:
         self._stopping = threading.Event()
         self._healthy: bool | None = None
         self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
+        # The database work runs here, not in the monitor: a stalled link
+        # neither answers nor fails, and would freeze the monitor at SERVING.
+        self._database_worker = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="health-ping")
+        self._ping: concurrent.futures.Future | None = None
 
     def start(self) -> None:
         self._set(False)
@@ -32,15 +39,26 @@ class DatabaseHealthMonitor:
         """Reports NOT_SERVING for good: the server is shutting down."""
         self._stopping.set()
         self._servicer.enter_graceful_shutdown()
+        self._database_worker.shutdown(wait=False, cancel_futures=True)
 
     def check_once(self) -> bool:
+        """Whether the database answered a ping within the timeout. A ping
+        still hanging from an earlier check is waited for, not sent again."""
+        timeout_s = max(self._interval_s, 0.5)
         try:
-            self._store.ping(timeout_s=max(self._interval_s, 0.5))
+            if self._ping is None or self._ping.done():
+                self._ping = self._database_worker.submit(self._store.ping, timeout_s=timeout_s)
+            self._ping.result(timeout=timeout_s)
             return True
-        except Exception as error:  # noqa: BLE001: any failure means not serving
-            if self._healthy is not False:
-                log.warning("database does not answer: %s", error)
+        except RuntimeError:  # the worker is shut down: the server is stopping
             return False
+        except concurrent.futures.TimeoutError:
+            error = f"no answer within {timeout_s} s"
+        except Exception as failure:  # noqa: BLE001: any failure means not serving
+            error = failure
+        if self._healthy is not False:
+            log.warning("database does not answer: %s", error)
+        return False
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -48,7 +66,8 @@ class DatabaseHealthMonitor:
             if healthy and self._healthy is False:
                 # Connections opened before an outage are dead: replace them now
                 # rather than fail one call on each.
-                self._store.pool.check()
+                with contextlib.suppress(RuntimeError):  # stopping
+                    self._database_worker.submit(self._store.pool.check)
                 log.info("database answers again")
             self._set(healthy)
             self._stopping.wait(self._interval_s)
