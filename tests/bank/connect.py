@@ -2,12 +2,12 @@
 credentials (or any other per-call metadata) is a change of one function."""
 
 import dataclasses
-import uuid
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from orgbilling.v1 import credit_service_pb2_grpc, org_billing_service_pb2_grpc
+from tests.support import admin_token
 
 # Reconnect quickly after a replica restarts: gRPC's default backoff grows to
 # two minutes, which would keep a healthy replica idle for most of a test.
@@ -38,25 +38,14 @@ class Connection:
 
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """What every call carries: the bearer key the server checks."""
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def admin_token_for(database_url: str) -> str | None:
-    """An all-scopes key for a server that checks credentials; None for one
-    that does not. Make it before starting servers: they load keys
-    periodically."""
-    try:
-        from tests.support import admin_token
-    except ImportError:
-        pass
-    else:
-        return admin_token(database_url)
-    try:  # until tests.support has admin_token
-        from server.auth.api_keys import create_api_key
-        from server.auth.scopes import ALL_SCOPES
-    except ImportError:
-        return None
-    return create_api_key(database_url, f"reliability-tests-{uuid.uuid4().hex[:12]}", sorted(ALL_SCOPES))
+def admin_token_for(database_url: str) -> str:
+    """An all-scopes key. Make it before starting servers that should know
+    it at once."""
+    return admin_token(database_url)
 
 
 def connect(address: str, token: str | None = None) -> Connection:
