@@ -271,13 +271,14 @@ RETURNS TABLE (item integer, outcome text, deduction_id uuid, allocation_remaini
                pool_spendable bigint, replayed boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
-    i integer;
-    org text;
+    -- One item per row. Items are read through unnest, never as p_x[i]:
+    -- subscripting a flat array of variable-width elements walks it from the
+    -- start, which would make a batch quadratic in its size.
+    d record;
     current_org text;
     p organization_credit_pools;
     a user_credit_allocations;
     prior credit_usage_attribution;
-    amount bigint;
     pool_used_delta bigint := 0;
     -- The allocations charged in this org so far: a[u] of each array is one
     -- user. plpgsql has no map; array_position over a handful of users is fast.
@@ -290,36 +291,39 @@ DECLARE
     remaining bigint;
     spendable bigint;
 BEGIN
-    FOR i, org IN
-        SELECT x.n, x.o FROM unnest(p_org_ids) WITH ORDINALITY AS x(o, n) ORDER BY x.o, x.n
+    FOR d IN
+        SELECT * FROM unnest(p_org_ids, p_user_ids, p_amounts, p_service_types, p_service_names,
+                             p_idempotency_keys, p_request_hashes, p_request_ids, p_metadata)
+                      WITH ORDINALITY AS x(org_id, user_id, amount, service_type, service_name,
+                                           idempotency_key, request_hash, request_id, metadata, n)
+         ORDER BY x.org_id, x.n
     LOOP
-        IF current_org IS DISTINCT FROM org THEN
+        IF current_org IS DISTINCT FROM d.org_id THEN
             PERFORM flush_batch_balances(current_org, pool_used_delta, users, used);
-            current_org := org;
+            current_org := d.org_id;
             pool_used_delta := 0;
             users := '{}'; limits := '{}'; used := '{}'; reserved := '{}'; periods := '{}';
-            SELECT * INTO p FROM organization_credit_pools WHERE org_id = org FOR UPDATE;
+            SELECT * INTO p FROM organization_credit_pools WHERE org_id = d.org_id FOR UPDATE;
         END IF;
 
-        item := i;
+        item := d.n;
         outcome := 'OK';
         deduction_id := NULL;
         allocation_remaining := NULL;
         pool_spendable := NULL;
         replayed := false;
-        amount := p_amounts[i];
 
-        IF amount IS NULL OR amount < 1 OR amount > 1000000000000000 THEN
+        IF d.amount IS NULL OR d.amount < 1 OR d.amount > 1000000000000000 THEN
             outcome := 'INVALID_AMOUNT'; RETURN NEXT; CONTINUE;
         END IF;
         IF p.org_id IS NULL THEN
             outcome := 'ORG_NOT_FOUND'; RETURN NEXT; CONTINUE;
         END IF;
 
-        SELECT * INTO prior FROM credit_usage_attribution
-         WHERE org_id = org AND idempotency_key = p_idempotency_keys[i];
+        SELECT * INTO prior FROM credit_usage_attribution AS c
+         WHERE c.org_id = d.org_id AND c.idempotency_key = d.idempotency_key;
         IF FOUND THEN
-            IF prior.request_hash = p_request_hashes[i] THEN
+            IF prior.request_hash = d.request_hash THEN
                 deduction_id := prior.deduction_id;
                 allocation_remaining := prior.allocation_remaining_after;
                 pool_spendable := prior.pool_spendable_after;
@@ -329,16 +333,16 @@ BEGIN
             END IF;
             RETURN NEXT; CONTINUE;
         END IF;
-        PERFORM 1 FROM idempotency_records
-         WHERE org_id = org AND idempotency_key = p_idempotency_keys[i];
+        PERFORM 1 FROM idempotency_records AS r
+         WHERE r.org_id = d.org_id AND r.idempotency_key = d.idempotency_key;
         IF FOUND THEN
             outcome := 'IDEMPOTENCY_KEY_REUSED'; RETURN NEXT; CONTINUE;
         END IF;
 
-        u := array_position(users, p_user_ids[i]);
+        u := array_position(users, d.user_id);
         IF u IS NULL THEN
-            SELECT * INTO a FROM user_credit_allocations
-             WHERE org_id = org AND user_id = p_user_ids[i] FOR UPDATE;
+            SELECT * INTO a FROM user_credit_allocations AS x
+             WHERE x.org_id = d.org_id AND x.user_id = d.user_id FOR UPDATE;
             IF NOT FOUND OR a.revoked_at IS NOT NULL THEN
                 outcome := 'ALLOCATION_NOT_FOUND'; RETURN NEXT; CONTINUE;
             END IF;
@@ -356,25 +360,25 @@ BEGIN
         remaining := limits[u] - used[u] - reserved[u];
         spendable := p.total_millicredits + p.overage_limit_millicredits
                      - p.used_millicredits - pool_used_delta - p.reserved_millicredits;
-        IF amount > remaining OR amount > spendable THEN
+        IF d.amount > remaining OR d.amount > spendable THEN
             outcome := 'INSUFFICIENT_CREDITS';
             allocation_remaining := greatest(0, remaining);
             pool_spendable := greatest(0, spendable);
             RETURN NEXT; CONTINUE;
         END IF;
 
-        used[u] := used[u] + amount;
-        pool_used_delta := pool_used_delta + amount;
-        allocation_remaining := remaining - amount;
-        pool_spendable := spendable - amount;
+        used[u] := used[u] + d.amount;
+        pool_used_delta := pool_used_delta + d.amount;
+        allocation_remaining := remaining - d.amount;
+        pool_spendable := spendable - d.amount;
         INSERT INTO credit_usage_attribution (
             org_id, user_id, amount_millicredits, service_type, service_name, idempotency_key,
             request_hash, request_id, metadata, allocation_period,
             allocation_remaining_after, pool_spendable_after)
         VALUES (
-            org, p_user_ids[i], amount, p_service_types[i], p_service_names[i],
-            p_idempotency_keys[i], p_request_hashes[i], p_request_ids[i], p_metadata[i],
-            periods[u], allocation_remaining, pool_spendable)
+            d.org_id, d.user_id, d.amount, d.service_type, d.service_name, d.idempotency_key,
+            d.request_hash, d.request_id, d.metadata, periods[u],
+            allocation_remaining, pool_spendable)
         RETURNING credit_usage_attribution.deduction_id INTO deduction_id;
         RETURN NEXT;
     END LOOP;
