@@ -127,8 +127,8 @@ def deduction_problems(operation: Operation, attributions, history, records) -> 
         if (org, user, amount) != (operation.org_id, operation.user_id, operation.amount_millicredits):
             problems.append(f"charged {amount} to {org}/{user}, asked {operation.amount_millicredits}"
                             f" of {operation.org_id}/{operation.user_id}")
-        if operation.outcome is Outcome.ACKNOWLEDGED and deduction_id != operation.response.deduction_id:
-            problems.append(f"deduction {deduction_id}, acknowledged as {operation.response.deduction_id}")
+        if operation.outcome is Outcome.ACKNOWLEDGED and deduction_id != operation.effect_id:
+            problems.append(f"deduction {deduction_id}, acknowledged as {operation.effect_id}")
     return problems
 
 
@@ -146,8 +146,8 @@ def administrative_problems(operation: Operation, attributions, history, records
         if operation.method == "AddCredits":
             if delta != operation.amount_millicredits:
                 problems.append(f"added {delta}, asked {operation.amount_millicredits}")
-            if operation.outcome is Outcome.ACKNOWLEDGED and event_id != operation.response.event_id:
-                problems.append(f"event {event_id}, acknowledged as {operation.response.event_id}")
+            if operation.outcome is Outcome.ACKNOWLEDGED and event_id != operation.effect_id:
+                problems.append(f"event {event_id}, acknowledged as {operation.effect_id}")
         elif operation.method in ("AllocateCredits", "RevokeAllocation"):
             if user != operation.user_id:
                 problems.append(f"changed {user}'s allocation, asked {operation.user_id}'s")

@@ -62,7 +62,7 @@ class Operation:
     indeterminate_attempts: int = 0
     outcome: Outcome = Outcome.INDETERMINATE
     reason: str = ""  # of a refusal
-    response: object = None  # of the acknowledgement
+    effect_id: str = ""  # the deduction_id or event_id the acknowledgement named
     # (replica, deadline s, sent at, answered at, code, reason) of each
     # attempt, times as time.time(): to explain a violation, next to the
     # servers' logs and the uuidv7 ids of the rows.
@@ -100,11 +100,14 @@ class History:
             self.client_violations.append(description)
 
     def resolve(self, operation: Operation, outcome: Outcome, reason: str = "",
-                response=None) -> None:
+                effect_id: str = "") -> None:
         with self._lock:
             operation.reason = reason
-            operation.response = response
+            operation.effect_id = effect_id
             operation.outcome = outcome
+            # Never sent again: keeping only what the checker reads bounds
+            # the memory of a long soak.
+            operation.request = None
 
     def snapshot(self) -> list[Operation]:
         """Copies of the operations so far, each as it stood at one moment."""

@@ -63,13 +63,16 @@ class PostgresCluster:
     def socket_path(self) -> Path:
         return self.socket_dir / f".s.PGSQL.{self.port}"
 
-    def create_database(self, name: str) -> str:
+    def create_database(self, name: str, migrations_dir: Path | None = None) -> str:
         """A new, migrated database; returns its URL."""
         with self.admin_connection() as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name}")
             conn.execute(f"CREATE DATABASE {name}")
         url = with_database(self.admin_url, name)
-        migrate(url)
+        if migrations_dir is None:
+            migrate(url)
+        else:
+            migrate(url, migrations_dir)
         return url
 
     def admin_connection(self, url: str | None = None, connect_timeout_s: int = 5) -> psycopg.Connection:

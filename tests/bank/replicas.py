@@ -1,10 +1,27 @@
 """Server replicas as separate processes, which the nemesis kills with
-SIGKILL and starts again on the same port."""
+SIGKILL and starts again on the same port, all from one snapshot of the code."""
 
+import shutil
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-from tests.support import ServerProcess
+from tests.support import REPO, ServerProcess, wait_serving
+
+
+def snapshot_code(into: Path) -> Path:
+    """Copies the server's code and migrations as they are now: a long run
+    restarts replicas for minutes, and must test one version of the code
+    even while the working tree changes under it."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "server", into / "server", ignore=ignore)
+    shutil.copytree(REPO / "migrations", into / "migrations", ignore=ignore)
+    # Found before the editable install's mapping: the current directory
+    # comes first on sys.path under `python -m`.
+    shutil.copytree(REPO / "generated" / "orgbilling", into / "orgbilling", ignore=ignore)
+    return into
 
 
 def replica_environment(database_url: str) -> dict[str, str]:
@@ -17,13 +34,31 @@ def replica_environment(database_url: str) -> dict[str, str]:
     }
 
 
+class _ServerProcessFrom(ServerProcess):
+    """ServerProcess, run from a snapshot of the code instead of the tree."""
+
+    def __init__(self, code_dir: Path, environment: dict[str, str], port: int | None):
+        super().__init__(environment, port=port)
+        self._code_dir = code_dir
+
+    def start(self, ready_timeout_s: float = 30.0) -> "ServerProcess":
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve"], env=self.env, cwd=self._code_dir,
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        wait_serving(self.address, ready_timeout_s, process=self.process, log_path=self.log_path)
+        return self
+
+
 class Replica:
     """One `orgbilling serve` process; keeps its port across restarts so that
     clients reconnect to it."""
 
-    def __init__(self, name: str, database_url: str):
+    def __init__(self, name: str, database_url: str, code_dir: Path):
         self.name = name
         self.environment = replica_environment(database_url)
+        self.code_dir = code_dir
         self.process: ServerProcess | None = None
         self.port: int | None = None
         self.log_paths = []
@@ -33,21 +68,22 @@ class Replica:
         return f"127.0.0.1:{self.port}"
 
     def start(self, ready_timeout_s: float = 60.0) -> None:
-        """Starts the process and waits until it is SERVING; retries while
+        """Starts the process and waits until it is SERVING; tries again while
         PostgreSQL is restarting (the server migrates, so needs it to start)."""
         deadline = time.monotonic() + ready_timeout_s
         while True:
-            process = ServerProcess(self.environment, port=self.port)
+            process = _ServerProcessFrom(self.code_dir, self.environment, self.port)
             self.port = process.port
             self.log_paths.append(process.log_path)
             try:
                 process.start(ready_timeout_s=max(1.0, deadline - time.monotonic()))
                 self.process = process
                 return
-            except (RuntimeError, TimeoutError):
+            except (RuntimeError, TimeoutError) as error:
                 process.stop(timeout_s=5)
                 if time.monotonic() > deadline:
-                    raise
+                    raise RuntimeError(f"{self.name} not serving after {ready_timeout_s} s;"
+                                       f" its last log:\n{process.log()[-3000:]}") from error
                 time.sleep(0.5)
 
     def kill(self) -> None:

@@ -19,7 +19,7 @@ from tests.bank.history import History, Operation, Outcome
 from tests.bank.nemesis import Nemesis
 from tests.bank.postgres import PostgresCluster
 from tests.bank.proxy import TcpProxy
-from tests.bank.replicas import Replica
+from tests.bank.replicas import Replica, snapshot_code
 from tests.bank.workload import Caller, Settler, UsageHints, WorkloadShape
 from tests.support import wait_serving
 
@@ -101,11 +101,12 @@ class BankRun:
         with contextlib.ExitStack() as cleanup:
             postgres = PostgresCluster()
             cleanup.callback(postgres.close)
-            database_url = postgres.create_database("bank")
+            code_dir = snapshot_code(postgres.root / "code")
+            database_url = postgres.create_database("bank", code_dir / "migrations")
             token = admin_token_for(database_url)
             proxy = TcpProxy(postgres.socket_path)
             cleanup.callback(proxy.close)
-            replicas = self._start_replicas(postgres, database_url, proxy, cleanup)
+            replicas = self._start_replicas(postgres, database_url, proxy, code_dir, cleanup)
             connections = [connect(replica.address, token) for replica in replicas]
             for connection in connections:
                 cleanup.callback(connection.close)
@@ -128,14 +129,14 @@ class BankRun:
         return Report(self.options.seed, time.monotonic() - started, self._counters(),
                       nemesis.injected, self.checkpoints, _unique(self.violations))
 
-    def _start_replicas(self, postgres, database_url, proxy, cleanup) -> list[Replica]:
+    def _start_replicas(self, postgres, database_url, proxy, code_dir, cleanup) -> list[Replica]:
         """All replicas on one database; the last reaches it through the
         proxy, so that stalls and drops hit one replica and not the others."""
         replicas = []
         for number in range(self.options.replicas):
             behind_proxy = number == self.options.replicas - 1
             url = proxied_url(postgres, database_url, proxy) if behind_proxy else database_url
-            replica = Replica(f"replica-{number}" + (" (via proxy)" if behind_proxy else ""), url)
+            replica = Replica(f"replica-{number}" + (" (via proxy)" if behind_proxy else ""), url, code_dir)
             cleanup.callback(replica.stop)
             replica.start()
             replicas.append(replica)
@@ -205,7 +206,10 @@ class BankRun:
         self.checkpoints += 1
         self.say(f"  checkpoint {self.checkpoints}: {len(self.history.snapshot())} operations,"
                  f" {len(found)} violations")
-        self.violations += found
+        new = [violation for violation in found if violation not in self.violations]
+        for violation in new[:10]:  # now, in case the run does not reach its report
+            self.say(f"    VIOLATION: {violation}")
+        self.violations += new
 
     def _resolve(self, settler: Settler, unresolved: list[Operation]) -> None:
         """With every fault healed, retries each indeterminate operation,

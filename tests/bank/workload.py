@@ -237,7 +237,8 @@ class Settler:
             # (charged once), so counted, not a violation.
             self._history.count("acknowledged as a replay" if operation.indeterminate_attempts
                                 else "replayed on the first attempt")
-        self._history.resolve(operation, Outcome.ACKNOWLEDGED, response=response)
+        self._history.resolve(operation, Outcome.ACKNOWLEDGED,
+                              effect_id=getattr(response, "deduction_id", "") or getattr(response, "event_id", ""))
         if operation.method == "DeductCredits" and not response.replayed:
             self._hints.charged(operation.org_id, operation.user_id, operation.amount_millicredits)
         elif operation.method == "AllocateCredits":
