@@ -18,6 +18,7 @@ from server.auth.tls import add_port
 from server.database import open_pool, resolve_database_url
 from server.health import DatabaseHealthMonitor
 from server.group_commit import GroupCommitter
+from server.interceptors import InterceptorChain
 from server.interceptors.deadline import DeadlineInterceptor
 from server.interceptors.draining import DrainingInterceptor
 from server.interceptors.errors import ErrorInterceptor
@@ -81,7 +82,10 @@ class OrgBillingServer:
             futures.ThreadPoolExecutor(
                 max_workers=settings.worker_threads, thread_name_prefix="rpc"
             ),
-            interceptors=[RequestIdInterceptor(), *self.security.interceptors, self.draining, DeadlineInterceptor(), ErrorInterceptor()],
+            interceptors=[InterceptorChain([
+                RequestIdInterceptor(), *self.security.interceptors, self.draining,
+                DeadlineInterceptor(), ErrorInterceptor(),
+            ])],
             maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
             options=[
                 ("grpc.max_receive_message_length", settings.message_size_max_bytes),
