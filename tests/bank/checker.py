@@ -2,8 +2,8 @@
 
 Every operation's idempotency key must map to exactly the effects its
 outcome allows: an acknowledged one to its effect, once, with its amount; a
-refused one to nothing; an indeterminate one to all of its effect or none
-of it. The database may hold no effect of a key nobody sent. At the end,
+refused one to nothing (but perhaps the refusal itself, remembered); an
+indeterminate one to all of its effect or none of it. The database may hold no effect of a key nobody sent. At the end,
 when every operation has resolved, the balances must equal the sums of
 what was acknowledged, and the server's own invariant checks must pass.
 """
@@ -33,7 +33,7 @@ class LedgerSnapshot:
 
     attributions: dict[str, list[tuple]]  # key -> [(org, user, amount, deduction_id)]
     history: dict[str, list[tuple]]  # key -> [(org, event_type, user, delta, event_id, details)]
-    records: dict[str, list[tuple]]  # key -> [(org, operation)]
+    records: dict[str, list[tuple]]  # key -> [(org, operation, outcome)]
     pools: dict[str, tuple[int, int]]  # org -> (total, used)
     allocations: dict[tuple[str, str], int]  # (org, user) -> used
 
@@ -51,7 +51,8 @@ def read_snapshot(database_url: str) -> LedgerSnapshot:
                     "SELECT idempotency_key, org_id, event_type, user_id, credits_delta_millicredits,"
                     " event_id::text, details FROM org_billing_history WHERE idempotency_key IS NOT NULL")),
                 records=_by_key(conn.execute(
-                    "SELECT idempotency_key, org_id, operation FROM idempotency_records")),
+                    "SELECT idempotency_key, org_id, operation, result ->> 'outcome'"
+                    " FROM idempotency_records")),
                 pools={org: (total, used) for org, total, used in conn.execute(
                     "SELECT org_id, total_millicredits, used_millicredits FROM organization_credit_pools")},
                 allocations={(org, user): used for org, user, used in conn.execute(
@@ -98,23 +99,45 @@ def phantom_effects(ledger: LedgerSnapshot, known: dict[str, Operation]) -> list
 
 
 def effect_problems(operation: Operation, ledger: LedgerSnapshot) -> list[str]:
-    """What is wrong with the effects of one operation's key."""
+    """What is wrong with the effects of one operation's key. A refusal may
+    be remembered under its key (an idempotency record of the refusal):
+    that is an answer, not an effect."""
     key = operation.idempotency_key
     attributions = ledger.attributions.get(key, [])
     history = ledger.history.get(key, [])
-    records = ledger.records.get(key, [])
+    records = [r for r in ledger.records.get(key, []) if r[2] == "OK"]
+    refusals = [r for r in ledger.records.get(key, []) if r[2] != "OK"]
     if operation.method == "CheckCredits":
-        return ["a check left an effect"] if attributions or history or records else []
+        return ["a check left an effect"] if attributions or history or records or refusals else []
     applied = bool(attributions or history or records)
+    problems = remembered_refusal_problems(operation, refusals, applied)
     if operation.outcome is Outcome.REFUSED:
-        return [f"refused, but applied: {attributions or history or records}"] if applied else []
+        return problems + ([f"refused, but applied: {attributions or history or records}"] if applied else [])
     if operation.outcome is Outcome.INDETERMINATE and not applied:
-        return []  # it may yet happen, or never
+        return problems  # it may yet happen, or never
     if not applied:
-        return ["acknowledged, but not applied"]
+        return problems + ["acknowledged, but not applied"]
     if operation.method == "DeductCredits":
-        return deduction_problems(operation, attributions, history, records)
-    return administrative_problems(operation, attributions, history, records)
+        return problems + deduction_problems(operation, attributions, history, records)
+    return problems + administrative_problems(operation, attributions, history, records)
+
+
+def remembered_refusal_problems(operation: Operation, refusals: list[tuple], applied: bool) -> list[str]:
+    """A remembered refusal must be the only answer under its key, of this
+    operation, and the refusal the caller heard (if it heard one)."""
+    problems = []
+    if len(refusals) > 1:
+        problems.append(f"{len(refusals)} refusals remembered")
+    if refusals and applied:
+        problems.append(f"both applied and a refusal remembered: {refusals}")
+    if refusals and operation.outcome is Outcome.ACKNOWLEDGED:
+        problems.append(f"acknowledged, but a refusal is remembered: {refusals}")
+    for org, recorded_operation, outcome in refusals:
+        if (org, recorded_operation) != (operation.org_id, operation.method):
+            problems.append(f"refusal of {recorded_operation} in {org} remembered")
+        if operation.outcome is Outcome.REFUSED and outcome != operation.reason:
+            problems.append(f"refusal {outcome} remembered, {operation.reason} heard")
+    return problems
 
 
 def deduction_problems(operation: Operation, attributions, history, records) -> list[str]:
@@ -154,7 +177,7 @@ def administrative_problems(operation: Operation, attributions, history, records
             new_limit = _details(details).get("new_limit")
             if operation.method == "AllocateCredits" and new_limit != operation.amount_millicredits:
                 problems.append(f"set limit {new_limit}, asked {operation.amount_millicredits}")
-    for org, recorded_operation in records:
+    for org, recorded_operation, _outcome in records:
         if (org, recorded_operation) != (operation.org_id, operation.method):
             problems.append(f"record of {recorded_operation} in {org}")
     return problems

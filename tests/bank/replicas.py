@@ -79,8 +79,11 @@ class Replica:
                 process.start(ready_timeout_s=max(1.0, deadline - time.monotonic()))
                 self.process = process
                 return
-            except (RuntimeError, TimeoutError) as error:
+            except BaseException as error:
+                # Also on Ctrl-C while it starts: no process outlives the run.
                 process.stop(timeout_s=5)
+                if not isinstance(error, (RuntimeError, TimeoutError)):
+                    raise
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.name} not serving after {ready_timeout_s} s;"
                                        f" its last log:\n{process.log()[-3000:]}") from error

@@ -107,6 +107,7 @@ class BankRun:
             proxy = TcpProxy(postgres.socket_path)
             cleanup.callback(proxy.close)
             replicas = self._start_replicas(postgres, database_url, proxy, code_dir, cleanup)
+            cleanup.callback(proxy.resume)  # before replicas stop: a stalled one would not
             connections = [connect(replica.address, token) for replica in replicas]
             for connection in connections:
                 cleanup.callback(connection.close)
