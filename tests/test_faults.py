@@ -284,11 +284,6 @@ LATE_FIRST_ATTEMPTS = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: a refusal is not recorded under its idempotency key, so an earlier attempt"
-    " that reaches the database late (a group-commit batch runs past its caller's deadline;"
-    " a statement delayed on the network starts its timeout on arrival) is applied after a"
-    " retry with the same key was refused"))
 @pytest.mark.parametrize("mutation", LATE_FIRST_ATTEMPTS, ids=lambda m: m.name)
 def test_a_refused_retry_stays_refused_when_an_earlier_attempt_reaches_the_database_late(
         cluster, cluster_url, mutation):

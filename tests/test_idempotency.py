@@ -109,3 +109,32 @@ def test_concurrent_admin_retries_apply_once(client, database_url):
     assert sum(not r.replayed for r in responses) == 1
     pool_now = client.billing.GetCreditPool(billing_pb.GetCreditPoolRequest(org_id="acme")).pool
     assert pool_now.total_millicredits == 777
+
+
+def test_a_refusal_is_replayed_for_its_key_even_after_a_top_up(client, database_url):
+    """A refused deduction's key keeps its refusal: retrying it after the
+    balance grew gives the same answer, so an attempt held up on its way to
+    the database can never be applied after its caller was told no. A new
+    attempt takes a new key."""
+    client.funded_org("acme", 10_000, {"alice": 100})
+    with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_CREDITS") as first:
+        deduct(client, "too-big", amount=500)
+    client.allocate("acme", "alice", 1_000)
+    with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_CREDITS") as again:
+        deduct(client, "too-big", amount=500)
+    assert again["info"].metadata == first["info"].metadata
+    with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "IDEMPOTENCY_KEY_REUSED"):
+        deduct(client, "too-big", amount=50)
+    assert deduct(client, "new-key", amount=500).allocation_remaining_millicredits == 500
+    assert attribution_count(database_url) == 1
+
+
+def test_an_admin_refusal_is_replayed_for_its_key(client):
+    client.funded_org("acme", 1_000, {})
+    allocate = billing_pb.AllocateCreditsRequest(org_id="acme", user_id="alice", limit_millicredits=5_000,
+                                                 reset_period=t.RESET_PERIOD_NEVER, idempotency_key="big")
+    with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_UNALLOCATED_CREDITS"):
+        client.billing.AllocateCredits(allocate)
+    client.grant("acme", 10_000)
+    with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_UNALLOCATED_CREDITS"):
+        client.billing.AllocateCredits(allocate)
