@@ -79,6 +79,25 @@ def _join(counter, prefix: str) -> str:
                      if key.startswith(prefix)) or "none"
 
 
+def account_setup_steps(shape: WorkloadShape, org_id: str) -> list[tuple]:
+    """(method, request, user_id, amount) of each call that sets an org up."""
+    steps = [
+        ("CreateSubscription", billing_pb.CreateSubscriptionRequest(
+            org_id=org_id, plan=types_pb2.PLAN_PLATFORM, billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY,
+            idempotency_key=f"setup-{org_id}"), "", 0),
+        ("AddCredits", billing_pb.AddCreditsRequest(
+            org_id=org_id, source=types_pb2.CREDIT_SOURCE_GRANT, reason="bank setup",
+            amount_millicredits=shape.initial_pool_millicredits,
+            idempotency_key=f"setup-{org_id}-grant"), "", shape.initial_pool_millicredits),
+    ]
+    for user_id in shape.user_ids():
+        steps.append(("AllocateCredits", billing_pb.AllocateCreditsRequest(
+            org_id=org_id, user_id=user_id, limit_millicredits=shape.initial_limit_millicredits,
+            reset_period=types_pb2.RESET_PERIOD_NEVER, idempotency_key=f"setup-{org_id}-{user_id}"),
+            user_id, shape.initial_limit_millicredits))
+    return steps
+
+
 def proxied_url(postgres: PostgresCluster, database_url: str, proxy: TcpProxy) -> str:
     info = psycopg.conninfo.conninfo_to_dict(database_url)
     info.update(host="127.0.0.1", port=str(proxy.port))
@@ -121,12 +140,7 @@ class BankRun:
             self._resolve(settler, unresolved)
             self.violations += check(self.history, database_url, final=True)
             self.violations += self._stop_replicas(replicas)
-            if self.violations:
-                self.say("server logs: " + " ".join(str(p) for r in replicas for p in r.log_paths))
-            else:
-                for replica in replicas:
-                    for path in replica.log_paths:
-                        path.unlink(missing_ok=True)
+            self._keep_logs_if_violated(replicas)
         return Report(self.options.seed, time.monotonic() - started, self._counters(),
                       nemesis.injected, self.checkpoints, _unique(self.violations))
 
@@ -146,23 +160,10 @@ class BankRun:
     def _set_up_accounts(self, settler: Settler) -> None:
         """Subscribes each org, funds its pool and gives each user a limit,
         before any fault; these are operations like the others, checked alike."""
-        shape = self.options.shape
         rng = random.Random(f"{self.options.seed}:setup")
-        for org_id in shape.org_ids():
-            steps = [("CreateSubscription", billing_pb.CreateSubscriptionRequest(
-                org_id=org_id, plan=types_pb2.PLAN_PLATFORM,
-                billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY, idempotency_key=f"setup-{org_id}"),
-                "", 0)]
-            steps.append(("AddCredits", billing_pb.AddCreditsRequest(
-                org_id=org_id, source=types_pb2.CREDIT_SOURCE_GRANT, reason="bank setup",
-                amount_millicredits=shape.initial_pool_millicredits,
-                idempotency_key=f"setup-{org_id}-grant"), "", shape.initial_pool_millicredits))
-            for user_id in shape.user_ids():
-                steps.append(("AllocateCredits", billing_pb.AllocateCreditsRequest(
-                    org_id=org_id, user_id=user_id, limit_millicredits=shape.initial_limit_millicredits,
-                    reset_period=types_pb2.RESET_PERIOD_NEVER,
-                    idempotency_key=f"setup-{org_id}-{user_id}"), user_id, shape.initial_limit_millicredits))
-            for number, (method, request, user_id, amount) in enumerate(steps):
+        for org_id in self.options.shape.org_ids():
+            for number, (method, request, user_id, amount) in enumerate(
+                    account_setup_steps(self.options.shape, org_id)):
                 operation = Operation(number, "setup", method, request, org_id, user_id, amount,
                                       request.idempotency_key)
                 self.history.begin(operation)
@@ -222,6 +223,14 @@ class BankRun:
             list(pool.map(lambda op: settler.settle(
                 op, random.Random(rng.random()), lambda: time.monotonic() > give_up_at, timeout_s=5),
                 unresolved))
+
+    def _keep_logs_if_violated(self, replicas: list[Replica]) -> None:
+        if self.violations:
+            self.say("server logs: " + " ".join(str(p) for r in replicas for p in r.log_paths))
+            return
+        for replica in replicas:
+            for path in replica.log_paths:
+                path.unlink(missing_ok=True)
 
     def _stop_replicas(self, replicas: list[Replica]) -> list[str]:
         """SIGTERM each replica; a graceful stop exits 0."""
