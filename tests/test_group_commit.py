@@ -237,3 +237,17 @@ def test_a_waiter_whose_deadline_passes_is_withdrawn_unapplied():
         assert leader.result().deduction_id == "id-1"
     assert recorder_batches == [[1]]  # the withdrawn deduction was never committed
     assert committer.deduct(deduction(3)).deduction_id == "id-3"  # the lane is not stuck
+
+
+def test_a_key_refused_earlier_in_a_batch_replays_its_refusal(client, database_url):
+    client.funded_org("acme", 10_000, {"alice": 100})
+    results = batch(client, [item(500, key="x"), item(50, key="y"), item(500, key="x"), item(60, key="z")])
+    assert results[0].error.reason == "INSUFFICIENT_CREDITS"
+    assert results[2].error.reason == "INSUFFICIENT_CREDITS"
+    assert results[2].error.metadata == results[0].error.metadata
+    assert results[1].deduction.allocation_remaining_millicredits == 50
+    assert results[3].error.reason == "INSUFFICIENT_CREDITS"
+    # Stored: the same refusal comes back in a later batch, even with room now.
+    client.allocate("acme", "alice", 5_000)
+    assert batch(client, [item(500, key="x")])[0].error.reason == "INSUFFICIENT_CREDITS"
+    assert violations(database_url) == {}
