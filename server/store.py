@@ -126,6 +126,12 @@ class Store:
         as if run one at a time in the order given. With all_or_nothing, any
         refusal rolls back the whole batch (the results still say which failed;
         the others' outcome is then NOT_APPLIED)."""
+        if len(items) == 1 and not all_or_nothing:
+            # Same rules, a fraction of the fixed cost: a batch of one through
+            # deduct_credits_batch cost 1.3 ms of database CPU, through
+            # deduct_credits 0.5 ms (measured). Group commit under light load
+            # and most spread-out traffic come here.
+            return [self.deduct(items[0])]
         # One array per column, sent in binary: formatting arrays as text cost
         # 40 us per item, binary 1 us (measured on batches of 1,000).
         params = (
@@ -149,6 +155,15 @@ class Store:
 
         rows = self._run(work)
         return [_deduction_result(row[1:]) for row in sorted(rows, key=lambda row: row[0])]
+
+    def deduct(self, d: Deduction) -> DeductionResult:
+        """One deduction in its own transaction (deduct_credits)."""
+        row = self._one(
+            "SELECT * FROM deduct_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b)",
+            (d.org_id, d.user_id, d.amount_millicredits, d.service_type, d.service_name,
+             d.idempotency_key, d.request_hash, d.request_id, Jsonb(d.metadata)),
+        )
+        return _deduction_result(row)
 
     # Administration: each returns the jsonb outcome of its SQL function.
 
