@@ -68,7 +68,7 @@ class DatabaseHealthMonitor:
                 # rather than fail one call on each.
                 with contextlib.suppress(RuntimeError):  # stopping
                     self._database_worker.submit(self._store.pool.check)
-                log.info("database answers again")
+                log.info("database answers: SERVING")
             self._set(healthy)
             self._stopping.wait(self._interval_s)
 
