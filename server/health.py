@@ -42,18 +42,24 @@ class DatabaseHealthMonitor:
         self._database_worker.shutdown(wait=False, cancel_futures=True)
 
     def check_once(self) -> bool:
-        """Whether the database answered a ping within the timeout. A ping
-        still hanging from an earlier check is waited for, not sent again."""
-        timeout_s = max(self._interval_s, 0.5)
+        """Whether the database answered a ping in time. A ping still
+        hanging from an earlier check is waited for, not sent again.
+
+        An error (refused, pool exhausted) counts at once. Silence counts only
+        after a few intervals: on a busy machine a ping may wait its turn for
+        a CPU, and a replica that flaps to NOT_SERVING under load sheds the
+        load onto the others."""
+        pool_wait_s = max(self._interval_s, 0.5)
+        answer_wait_s = max(2.0, 3 * self._interval_s)
         try:
             if self._ping is None or self._ping.done():
-                self._ping = self._database_worker.submit(self._store.ping, timeout_s=timeout_s)
-            self._ping.result(timeout=timeout_s)
+                self._ping = self._database_worker.submit(self._store.ping, timeout_s=pool_wait_s)
+            self._ping.result(timeout=answer_wait_s)
             return True
         except RuntimeError:  # the worker is shut down: the server is stopping
             return False
         except concurrent.futures.TimeoutError:
-            error = f"no answer within {timeout_s} s"
+            error = f"no answer within {answer_wait_s} s"
         except Exception as failure:  # noqa: BLE001: any failure means not serving
             error = failure
         if self._healthy is not False:
