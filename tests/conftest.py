@@ -55,3 +55,22 @@ def pytest_addoption(parser):
     # `make fuzz` runs tests/test_fuzz.py long; `make test` uses its short default.
     parser.addoption("--fuzz-examples", type=int, default=None,
                      help="hypothesis examples per RPC and kind in tests/test_fuzz.py")
+
+
+@pytest.fixture
+def embedded_data_dir():
+    """A data directory for a server's own embedded PostgreSQL, outside
+    pytest's tmp_path: pytest resets its root to mode 0700 whenever a pytest
+    session starts, and the embedded server's own system user must reach it."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from server.database import stop_embedded_database
+
+    path = Path(tempfile.mkdtemp(prefix="orgbilling-embedded-"))
+    yield path
+    try:
+        stop_embedded_database(path)  # normally stopped already, with its server
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

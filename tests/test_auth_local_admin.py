@@ -26,7 +26,8 @@ def run_in_shell(command: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)
 
 
-def test_first_start_makes_a_private_admin_key_and_a_working_command(tmp_path):
+def test_first_start_makes_a_private_admin_key_and_a_working_command(embedded_data_dir):
+    tmp_path = embedded_data_dir
     environment = {"ORGBILLING_DATABASE_URL": "", "ORGBILLING_DATA_DIR": str(tmp_path)}
     key_file = tmp_path / "admin-key"
 

@@ -17,10 +17,10 @@ def embedded_env(data_dir) -> dict[str, str]:
     return {"ORGBILLING_DATABASE_URL": "", "ORGBILLING_DATA_DIR": str(data_dir)}
 
 
-def test_embedded_default_keeps_data_across_restarts(tmp_path):
+def test_embedded_default_keeps_data_across_restarts(embedded_data_dir):
     """With no database URL the server starts its own PostgreSQL in the data
     directory; stop it, start it again, and nothing is lost."""
-    first = ServerProcess(embedded_env(tmp_path)).start(ready_timeout_s=60)
+    first = ServerProcess(embedded_env(embedded_data_dir)).start(ready_timeout_s=60)
     client = first.client()
     try:
         client.funded_org("acme", 10_000, {"alice": 1_000})
@@ -31,7 +31,7 @@ def test_embedded_default_keeps_data_across_restarts(tmp_path):
         client.close()
         assert first.stop() == 0, first.log()
 
-    second = ServerProcess(embedded_env(tmp_path), port=first.port).start(ready_timeout_s=60)
+    second = ServerProcess(embedded_env(embedded_data_dir), port=first.port).start(ready_timeout_s=60)
     client = second.client()
     try:
         pool = client.billing.GetCreditPool(billing_pb.GetCreditPoolRequest(org_id="acme")).pool
