@@ -1,22 +1,154 @@
-"""The standard health service, SERVING only while the database answers."""
+"""The standard health service, SERVING only while the database answers.
+
+`HealthServicer` replaces grpc_health's servicer, which deadlocked (it held its
+lock while sending the first Watch reply, and gRPC's event thread waited for
+that lock to close a cancelled stream) and kept an entry for every service
+name ever watched. Here the set of names is fixed when the server is built; a
+Watch keeps nothing in the servicer, never holds a lock while it sends, notices
+within a short, bounded time that its call has ended, and ends by itself after
+a set lifetime, so no Watch holds a worker thread for ever."""
 
 import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
+from collections.abc import Callable, Iterator
 
-from grpc_health.v1 import health, health_pb2
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.store import Store
 
 log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+# The longest a Watch sleeps before it asks gRPC again whether its call is
+# still open. The end-of-call callback normally wakes it at once; this bounds
+# the time a cancelled Watch can hold its worker thread if that wake-up is missed.
+WATCH_POLL_INTERVAL_S = 0.25
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1.Health over a fixed set of names: "" (the server as a
+    whole) and each service name, every one NOT_SERVING until set.
+
+    All state is one dict of statuses (its keys never change), a version
+    counter bumped on every change, and one Condition that every Watch waits
+    on. The lock is held only to read or write those, never while calling into
+    gRPC, so no thread of gRPC's can ever wait on a thread that waits on it."""
+
+    def __init__(self, *, service_names: list[str], watch_lifetime_ms: int,
+                 clock: Callable[[], float] = time.monotonic,
+                 poll_interval_s: float = WATCH_POLL_INTERVAL_S):
+        if watch_lifetime_ms <= 0:
+            raise ValueError(f"watch_lifetime_ms must be > 0, not {watch_lifetime_ms}")
+        if poll_interval_s <= 0:
+            raise ValueError(f"poll_interval_s must be > 0, not {poll_interval_s}")
+        self._statuses: dict[str, int] = dict.fromkeys(["", *service_names], NOT_SERVING)
+        self._watch_lifetime_s = watch_lifetime_ms / 1000
+        self._clock = clock
+        self._poll_interval_s = poll_interval_s
+        self._condition = threading.Condition()
+        self._version = 0
+        self._shutting_down = False
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The names this servicer answers for ("" is the whole server)."""
+        return frozenset(self._statuses)
+
+    def status(self, service: str) -> int | None:
+        """The status of a known name; None for a name not in the set."""
+        with self._condition:
+            return self._statuses.get(service)
+
+    def set(self, service: str, status: int) -> None:
+        """Sets one name's status. A name not in the set is a programming
+        error (KeyError); after enter_graceful_shutdown() this does nothing."""
+        if service not in self._statuses:
+            raise KeyError(f"unknown health service name {service!r}")
+        self._update({service: status})
+
+    def set_all(self, status: int) -> None:
+        """Sets every name's status at once; does nothing once shutting down."""
+        self._update(dict.fromkeys(self._statuses, status))
+
+    def enter_graceful_shutdown(self) -> None:
+        """Sets every name NOT_SERVING for good: later set() and set_all()
+        calls are ignored. Watchers are sent NOT_SERVING."""
+        with self._condition:
+            self._shutting_down = True
+            self._apply_locked(dict.fromkeys(self._statuses, NOT_SERVING))
+
+    def _update(self, statuses: dict[str, int]) -> None:
+        for status in statuses.values():
+            if status not in (SERVING, NOT_SERVING):
+                raise ValueError(f"a health status is SERVING or NOT_SERVING, not {status!r}")
+        with self._condition:
+            if not self._shutting_down:
+                self._apply_locked(statuses)
+
+    def _apply_locked(self, statuses: dict[str, int]) -> None:
+        changed = False
+        for service, status in statuses.items():
+            if self._statuses[service] != status:
+                self._statuses[service] = status
+                changed = True
+        if changed:
+            self._version += 1
+            self._condition.notify_all()
+
+    def _wake_watchers(self) -> None:
+        # Called by gRPC when a Watch's call ends (on its event thread): the
+        # lock is only ever held for a few instructions, never across gRPC.
+        with self._condition:
+            self._condition.notify_all()
+
+    def Check(self, request, context):
+        with self._condition:
+            status = self._statuses.get(request.service)
+        if status is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    def Watch(self, request, context) -> Iterator[health_pb2.HealthCheckResponse]:
+        """The name's status now (SERVICE_UNKNOWN for a name not in the set,
+        which never changes), then each change, until the call ends or the
+        Watch has lived watch_lifetime_ms; then it returns OK, and the client
+        watches again. Nothing about the Watch is stored in the servicer."""
+        service = request.service
+        deadline = self._clock() + self._watch_lifetime_s
+        if not context.add_callback(self._wake_watchers):
+            return  # the call has already ended
+        with self._condition:
+            version = self._version
+            sent = self._statuses.get(service, SERVICE_UNKNOWN)
+        yield health_pb2.HealthCheckResponse(status=sent)
+        while True:
+            with self._condition:
+                if self._version == version:
+                    remaining = deadline - self._clock()
+                    if remaining > 0:
+                        self._condition.wait(min(self._poll_interval_s, remaining))
+                version = self._version
+                status = self._statuses.get(service, SERVICE_UNKNOWN)
+            # No lock held from here on: gRPC takes its own locks.
+            if self._clock() >= deadline or not context.is_active():
+                return
+            if status != sent:
+                sent = status
+                yield health_pb2.HealthCheckResponse(status=status)
 
 
 class DatabaseHealthMonitor:
     """Asks the database every interval whether it answers and sets every
     service's health to match. Runs in its own thread, off the request path."""
 
-    def __init__(self, store: Store, servicer: health.HealthServicer, service_names: list[str],
+    def __init__(self, store: Store, servicer: HealthServicer, service_names: list[str],
                  interval_ms: int):
         self._store = store
         self._servicer = servicer
@@ -82,9 +214,6 @@ class DatabaseHealthMonitor:
         if self._stopping.is_set():
             return
         self._healthy = healthy
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if healthy
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = SERVING if healthy else NOT_SERVING
         for name in self._names:
             self._servicer.set(name, status)
