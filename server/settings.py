@@ -87,10 +87,13 @@ class Settings:
     jwt_leeway_ms: int = 10_000
     # Claims giving scopes (space-separated string or list), roles (a dotted
     # path to a list; roles named like scopes grant them) and the
-    # organizations a token is limited to (absent: every organization).
+    # organizations a token is limited to (a list of ids; [] is none).
     jwt_scope_claim: str = "scope"
     jwt_roles_claim: str = "realm_access.roles"
     jwt_orgs_claim: str = "org_ids"
+    # Whether a token without the organizations claim is let in, on every
+    # organization; off, such a token is refused (fail closed).
+    jwt_orgs_claim_optional: bool = False
     # Verified tokens remembered until they expire (a signature check costs
     # ~300 µs); 0 checks every call's signature.
     jwt_cache_entries_max: int = 10_000
@@ -122,11 +125,14 @@ class Settings:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for field in dataclasses.fields(cls):
+            # A bare boolean flag means true; it also takes a value (--x false).
+            boolean = {"nargs": "?", "const": "true"} if field.type is bool else {}
             parser.add_argument(
                 "--" + field.name.replace("_", "-"),
                 dest=field.name,
                 default=None,
                 help=f"env ORGBILLING_{field.name.upper()}, default {field.default!s}",
+                **boolean,
             )
 
     @classmethod
@@ -203,7 +209,15 @@ class Settings:
         return bool(self.tls_cert)
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _parse(field: dataclasses.Field, raw: str):
+    if field.type is bool:
+        try:
+            return _BOOLEANS[raw.strip().lower()]
+        except KeyError:
+            raise ValueError(f"{field.name} must be true, false, 1, 0, yes or no, got {raw!r}") from None
     if field.type is int:
         try:
             return int(raw)

@@ -18,6 +18,9 @@ from cryptography.x509.oid import NameOID
 
 ISSUER = "https://idp.test/realms/orgbilling"
 AUDIENCE = "orgbilling"
+# The organizations a token acts on unless a test says otherwise: the server
+# refuses tokens without the claim by default, as a provider should send it.
+ORG_IDS = ("acme",)
 
 
 def _b64(data: bytes) -> str:
@@ -59,15 +62,19 @@ class IdentityProvider:
         claims = {
             "iss": self.issuer, "aud": [self.audience, "account"], "sub": subject,
             "azp": "chat-api", "iat": now, "exp": now + expires_in_s, "scope": " ".join(scopes),
+            "org_ids": list(ORG_IDS),
         }
         claims.update(extra)
         return {k: v for k, v in claims.items() if v is not None}
 
     def token(self, scopes=(), kid: str | None = None, **claims) -> str:
         """A properly signed RS256 token; claims override the defaults (None removes one)."""
+        return self.sign(self.claims(scopes, **claims), kid)
+
+    def sign(self, claims: dict, kid: str | None = None) -> str:
+        """These exact claims (nulls included), properly signed with RS256."""
         kid = kid or self.kid
-        return jwt.encode(self.claims(scopes, **claims), self.keys[kid], algorithm="RS256",
-                          headers={"kid": kid})
+        return jwt.encode(claims, self.keys[kid], algorithm="RS256", headers={"kid": kid})
 
     def unsigned_token(self, scopes=(), **claims) -> str:
         """`alg: none`: no signature at all."""

@@ -6,6 +6,11 @@ settings (jwt_algorithms, asymmetric only) and from the signing key, never
 from the token: a token saying `alg: none`, or HS256 "signed" with the
 public key, is refused. Issuer, audience, expiry and subject are required.
 
+Claims that limit the caller fail closed: a blank subject, or an organization
+claim that is null or not a list of organization ids, refuses the token; a
+token without the organization claim is refused too unless the server allows
+that (jwt_orgs_claim_optional), since it would act on every organization.
+
 Checking an RS256 signature costs about 300 µs, more than the rest of a
 call, and a service sends the same token for minutes: so a verified token
 is remembered (up to jwt_cache_entries_max tokens) until it expires or the
@@ -19,6 +24,7 @@ import jwt
 from server.auth.caller import Caller, credentials_unverifiable, unauthenticated
 from server.auth.jwks import JwksCache
 from server.auth.scopes import ALL_SCOPES
+from server.validation import IDENTIFIER
 
 _DECODE_OPTIONS = {
     "verify_signature": True,
@@ -34,10 +40,14 @@ _DECODE_OPTIONS = {
     "enforce_minimum_key_length": True,  # no RSA keys under 2048 bits
 }
 
+# A claim the token does not carry, told apart from one it carries as null.
+_ABSENT = object()
+
 
 class JwtVerifier:
     def __init__(self, keys: JwksCache, issuer: str, audience: str, leeway_ms: int,
-                 scope_claim: str, roles_claim: str, orgs_claim: str, cache_entries_max: int):
+                 scope_claim: str, roles_claim: str, orgs_claim: str, cache_entries_max: int,
+                 *, orgs_claim_optional: bool = False):
         self._keys = keys
         self._cache_entries_max = cache_entries_max
         # token -> (caller, its exp, the JWKS generation that verified it);
@@ -49,6 +59,7 @@ class JwtVerifier:
         self._scope_claim = scope_claim
         self._roles_claim = roles_claim
         self._orgs_claim = orgs_claim
+        self._orgs_claim_optional = orgs_claim_optional
 
     def verify(self, token: str) -> Caller:
         remembered = self._verified.get(token)
@@ -92,6 +103,8 @@ class JwtVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise unauthenticated("expired", "the token has expired") from None
+        except jwt.exceptions.InvalidSubjectError:
+            raise unauthenticated("malformed", "the token's sub claim is not a string") from None
         except jwt.PyJWTError as error:
             raise unauthenticated("invalid", f"invalid token: {error}") from None
         return self._caller(claims), float(claims["exp"])
@@ -99,31 +112,48 @@ class JwtVerifier:
     def _caller(self, claims: dict) -> Caller:
         granted = set(_words(claims.get(self._scope_claim)))
         granted |= set(_words(_claim_at(claims, self._roles_claim)))
-        orgs = _claim_at(claims, self._orgs_claim)
-        if orgs is None:
-            org_ids = None
-        else:
-            org_ids = frozenset(_words(orgs))
-            if not org_ids and orgs not in ([], ""):
-                raise unauthenticated("invalid", f"the token's {self._orgs_claim} claim is not a list of ids")
         subject = claims["sub"]
+        # The subject names the caller and keys its rate-limit bucket: blank
+        # subjects would all be one caller.
+        if not isinstance(subject, str) or not subject.strip():
+            raise unauthenticated("malformed", "the token's sub claim is empty")
         name = claims.get("azp") or claims.get("client_id") or subject
         return Caller(
             principal=f"jwt:{claims['iss']}#{subject}",
             display_name=str(name),
             scopes=frozenset(granted) & ALL_SCOPES,
-            org_ids=org_ids,
+            org_ids=self._org_ids(claims),
         )
 
+    def _org_ids(self, claims: dict) -> frozenset[str] | None:
+        """The organizations the token may act on; None for every one, which
+        only a server that allows tokens without the claim grants."""
+        orgs = _claim_at(claims, self._orgs_claim, absent=_ABSENT)
+        if orgs is _ABSENT:
+            if self._orgs_claim_optional:
+                return None
+            raise unauthenticated(
+                "malformed",
+                f"the token has no {self._orgs_claim} claim: it must list the organizations it may act on",
+            )
+        # An empty list is no organization; null or any other shape is refused,
+        # never read as "every organization".
+        if not isinstance(orgs, list) or not all(isinstance(org, str) and IDENTIFIER.fullmatch(org)
+                                                 for org in orgs):
+            raise unauthenticated(
+                "malformed", f"the token's {self._orgs_claim} claim is not a list of organization ids"
+            )
+        return frozenset(orgs)
 
-def _claim_at(claims: dict, path: str):
-    """The claim at a dotted path, such as realm_access.roles; None if absent."""
+
+def _claim_at(claims: dict, path: str, absent=None):
+    """The claim at a dotted path, such as realm_access.roles; `absent` if absent."""
     if not path:
-        return None
+        return absent
     value = claims
     for part in path.split("."):
         if not isinstance(value, dict) or part not in value:
-            return None
+            return absent
         value = value[part]
     return value
 

@@ -33,6 +33,7 @@ class Security:
                 self.jwks, settings.jwt_issuer, settings.jwt_audience, settings.jwt_leeway_ms,
                 settings.jwt_scope_claim, settings.jwt_roles_claim, settings.jwt_orgs_claim,
                 settings.jwt_cache_entries_max,
+                orgs_claim_optional=settings.jwt_orgs_claim_optional,
             )
         self.authenticator = Authenticator(self.key_ring, verifier)
         self.read_limits = _buckets(settings.rate_limit_reads_per_s, settings.rate_limit_read_burst,
