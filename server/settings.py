@@ -56,6 +56,14 @@ class Settings:
     group_commit_queue_length_max: int = 4096
     # Deductions one DeductCreditsBatch call may carry.
     deduct_batch_items_max: int = 1000
+    # How long the idempotency record of a refusal or an administrative change
+    # answers retries of its key (a successful deduction's key: forever). A
+    # retry after it is applied anew, so it must outlast any client's retries.
+    # Then the sweeper deletes expired records every interval, in batches of
+    # at most this many rows per statement.
+    idempotency_retention_ms: int = 7 * 24 * 3_600_000
+    sweeper_interval_ms: int = 60_000
+    sweeper_batch_size_max: int = 1000
     # Page sizes of list RPCs.
     page_size_default: int = 100
     page_size_max: int = 1000
@@ -163,6 +171,11 @@ class Settings:
             raise ValueError("group commit and batch limits must be at least 1")
         if self.worker_threads < 1 or self.concurrent_rpcs_max < 1:
             raise ValueError("worker_threads and concurrent_rpcs_max must be at least 1")
+        if self.idempotency_retention_ms < 3_600_000:
+            # Shorter is a unit mistake, not a choice: retries would be applied twice.
+            raise ValueError("idempotency_retention_ms must be at least an hour (3600000)")
+        if min(self.sweeper_interval_ms, self.sweeper_batch_size_max) < 1:
+            raise ValueError("sweeper_interval_ms and sweeper_batch_size_max must be at least 1")
         self.validate_security()
 
     def validate_security(self) -> None:

@@ -9,6 +9,7 @@ UNAVAILABLE.
 
 import contextlib
 import dataclasses
+import datetime
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -49,6 +50,21 @@ class CheckResult:
 
 
 _DEDUCT_BATCH = "SELECT * FROM deduct_credits_batch(%b, %b, %b, %b, %b, %b, %b, %b, %b)"
+
+# The oldest expired idempotency records, one batch. Deleted by primary key,
+# found through idempotency_records_by_age (created_at).
+_DELETE_EXPIRED_RECORDS = """
+    DELETE FROM idempotency_records AS r
+     USING (SELECT org_id, family, idempotency_key FROM idempotency_records
+             WHERE created_at < now() - %s
+             ORDER BY created_at
+             LIMIT %s) AS expired
+     WHERE (r.org_id, r.family, r.idempotency_key)
+           = (expired.org_id, expired.family, expired.idempotency_key)
+"""
+# Any constant works; it only has to be the same in every replica (and differ
+# from server.migrate's).
+SWEEP_LOCK_KEY = 0x6F726773776565  # "orgswee"
 
 _ALLOCATION_NOW = """
     allocation_json(a) || CASE WHEN a.next_reset_at <= now()
@@ -243,6 +259,27 @@ class Store:
             (org_id, after_user_id, include_revoked, limit),
         ).fetchall())
         return [row[0] for row in rows]
+
+    # Housekeeping.
+
+    def delete_expired_idempotency_records(self, *, retention_ms: int, batch_size_max: int) -> int:
+        """Deletes up to batch_size_max idempotency records older than
+        retention_ms (by the database's clock), oldest first, in one short
+        transaction; returns how many. Returns 0 without deleting when another
+        replica is sweeping: deleting is idempotent, so two sweepers would be
+        correct, but the second would only repeat the first one's work."""
+        retention = datetime.timedelta(milliseconds=retention_ms)
+
+        def work(conn):
+            with conn.transaction():
+                # A transaction-level lock: it cannot outlive the batch, and it
+                # works through PgBouncer in transaction mode.
+                if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)",
+                                    (SWEEP_LOCK_KEY,)).fetchone()[0]:
+                    return 0
+                return conn.execute(_DELETE_EXPIRED_RECORDS, (retention, batch_size_max)).rowcount
+
+        return self._run(work)
 
     def ping(self, timeout_s: float) -> None:
         with self.pool.connection(timeout=timeout_s) as conn:

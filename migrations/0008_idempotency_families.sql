@@ -1,0 +1,431 @@
+-- Idempotency keys are scoped per organization and operation family, and the
+-- records of refusals and administrative changes are kept for a retention
+-- window (server/sweeper.py deletes them after it), not forever.
+--
+-- Before, one key was shared by every operation of an organization: a key a
+-- deduction was refused under could no longer be used for a purchase by
+-- another caller, who had never seen it (IDEMPOTENCY_KEY_REUSED). Callers of
+-- different operations are different services with their own key schemes, so
+-- a key now names a request only within its family:
+--   deductions     DeductCredits, DeductCreditsBatch items (later: holds)
+--   credits        AddCredits
+--   allocations    AllocateCredits, RevokeAllocation
+--   subscriptions  CreateSubscription, ChangePlan, CancelSubscription
+-- Within a family nothing changes: the same key and request replay the first
+-- answer, the same key with another request (or another operation of the
+-- family) is IDEMPOTENCY_KEY_REUSED.
+--
+-- A successful deduction's key stays where it was, in its attribution row
+-- (the deductions family by construction), kept forever and never swept.
+--
+-- The signatures of the ledger functions do not change, so replicas still
+-- running the previous code call the new definitions unchanged. The
+-- administrative functions name their operation when they call
+-- idempotency_lookup / idempotency_remember, which derive the family from it,
+-- so they are not redefined here (and keep their settings).
+
+-- This runs in one transaction that locks idempotency_records, which every
+-- deduction reads: rather than queue behind a long transaction and stall the
+-- hot path while waiting, give up (the replica's start fails and is retried).
+SET LOCAL lock_timeout = '5s';
+
+-- The family of an operation. An operation not listed is a bug: fail loudly
+-- rather than file its key in no family.
+CREATE FUNCTION idempotency_family(p_operation text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    CASE p_operation
+        WHEN 'DeductCredits' THEN RETURN 'deductions';
+        WHEN 'AddCredits' THEN RETURN 'credits';
+        WHEN 'AllocateCredits', 'RevokeAllocation' THEN RETURN 'allocations';
+        WHEN 'CreateSubscription', 'ChangePlan', 'CancelSubscription' THEN RETURN 'subscriptions';
+        ELSE RAISE EXCEPTION 'operation % has no idempotency family', p_operation;
+    END CASE;
+END $$;
+
+-- Added without a default (no table rewrite), filled, then made the key. One
+-- transaction: no moment exists where records are unkeyed or keyed twice.
+ALTER TABLE idempotency_records ADD COLUMN family text;
+UPDATE idempotency_records SET family = idempotency_family(operation);
+ALTER TABLE idempotency_records
+    ALTER COLUMN family SET NOT NULL,
+    ADD CHECK (family IN ('deductions', 'credits', 'allocations', 'subscriptions')),
+    DROP CONSTRAINT idempotency_records_pkey,
+    ADD PRIMARY KEY (org_id, family, idempotency_key);
+
+-- For the sweeper, which deletes the oldest records first. It does not lead
+-- with org_id on purpose: the key lookups have exactly one index to choose
+-- (see 0004_hot_path_plans.sql), and a distributed table (Citus) may carry a
+-- non-unique index that does not lead with the distribution column.
+CREATE INDEX idempotency_records_by_age ON idempotency_records (created_at);
+
+-- Returns NULL when the key is new in the operation's family, the stored
+-- result (flagged as replayed) when it was used for this same request, or
+-- IDEMPOTENCY_KEY_REUSED when it was used for anything else in the family.
+-- Call it with the organization's pool locked. Deductions' keys are another
+-- family: they are no longer looked at here.
+CREATE OR REPLACE FUNCTION idempotency_lookup(p_org_id text, p_key text, p_operation text,
+                                              p_request_hash bytea)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    key_family text := idempotency_family(p_operation);
+    prior idempotency_records;
+BEGIN
+    SELECT * INTO prior FROM idempotency_records AS r
+     WHERE r.org_id = p_org_id AND r.family = key_family AND r.idempotency_key = p_key;
+    IF FOUND THEN
+        IF prior.operation = p_operation AND prior.request_hash = p_request_hash THEN
+            RETURN prior.result || '{"replayed": true}';
+        END IF;
+        RETURN '{"outcome": "IDEMPOTENCY_KEY_REUSED"}';
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION idempotency_remember(p_org_id text, p_key text, p_operation text,
+                                                p_request_hash bytea, p_result jsonb)
+RETURNS jsonb LANGUAGE sql AS $$
+    INSERT INTO idempotency_records (org_id, family, idempotency_key, operation, request_hash, result)
+    VALUES (p_org_id, idempotency_family(p_operation), p_key, p_operation, p_request_hash, p_result)
+    RETURNING result || '{"replayed": false}'
+$$;
+
+-- Stores a deduction's refusal under its key; the result a replay returns.
+CREATE OR REPLACE FUNCTION remember_deduction_refusal(
+    p_org_id text, p_key text, p_request_hash bytea, p_outcome text,
+    p_allocation_remaining bigint, p_pool_spendable bigint)
+RETURNS void LANGUAGE sql AS $$
+    INSERT INTO idempotency_records (org_id, family, idempotency_key, operation, request_hash, result)
+    VALUES (p_org_id, 'deductions', p_key, 'DeductCredits', p_request_hash,
+            jsonb_build_object('outcome', p_outcome,
+                               'allocation_remaining', p_allocation_remaining,
+                               'pool_spendable', p_pool_spendable))
+$$;
+
+-- The deductions read idempotency_records themselves: their refusals, in
+-- their own family only. Redefined from 0005 (deduct_credits) and 0006
+-- (deduct_credits_batch) with the settings 0005-0007 gave them, since
+-- CREATE OR REPLACE resets a function's settings.
+
+CREATE OR REPLACE FUNCTION deduct_credits(
+    p_org_id text, p_user_id text, p_amount bigint, p_service_type text, p_service_name text,
+    p_idempotency_key text, p_request_hash bytea, p_request_id text, p_metadata jsonb)
+RETURNS TABLE (outcome text, deduction_id uuid, allocation_remaining bigint,
+               pool_spendable bigint, replayed boolean)
+LANGUAGE plpgsql SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    p organization_credit_pools;
+    a user_credit_allocations;
+    prior credit_usage_attribution;
+    prior_refusal idempotency_records;
+    remaining bigint;
+    spendable bigint;
+BEGIN
+    replayed := false;
+    IF p_amount IS NULL OR p_amount < 1 OR p_amount > 1000000000000000 THEN
+        outcome := 'INVALID_AMOUNT'; RETURN NEXT; RETURN;
+    END IF;
+
+    SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
+    IF NOT FOUND THEN
+        outcome := 'ORG_NOT_FOUND'; RETURN NEXT; RETURN;
+    END IF;
+
+    SELECT * INTO prior FROM credit_usage_attribution
+     WHERE org_id = p_org_id AND idempotency_key = p_idempotency_key;
+    IF FOUND THEN
+        IF prior.request_hash = p_request_hash THEN
+            outcome := 'OK';
+            deduction_id := prior.deduction_id;
+            allocation_remaining := prior.allocation_remaining_after;
+            pool_spendable := prior.pool_spendable_after;
+            replayed := true;
+        ELSE
+            outcome := 'IDEMPOTENCY_KEY_REUSED';
+        END IF;
+        RETURN NEXT; RETURN;
+    END IF;
+    SELECT * INTO prior_refusal FROM idempotency_records
+     WHERE org_id = p_org_id AND family = 'deductions' AND idempotency_key = p_idempotency_key;
+    IF FOUND THEN
+        IF prior_refusal.operation = 'DeductCredits' AND prior_refusal.request_hash = p_request_hash THEN
+            outcome := prior_refusal.result ->> 'outcome';
+            allocation_remaining := (prior_refusal.result ->> 'allocation_remaining')::bigint;
+            pool_spendable := (prior_refusal.result ->> 'pool_spendable')::bigint;
+            replayed := true;
+        ELSE
+            outcome := 'IDEMPOTENCY_KEY_REUSED';
+        END IF;
+        RETURN NEXT; RETURN;
+    END IF;
+
+    SELECT * INTO a FROM user_credit_allocations
+     WHERE org_id = p_org_id AND user_id = p_user_id FOR UPDATE;
+    IF NOT FOUND OR a.revoked_at IS NOT NULL THEN
+        outcome := 'ALLOCATION_NOT_FOUND';
+        PERFORM remember_deduction_refusal(p_org_id, p_idempotency_key, p_request_hash,
+                                           outcome, NULL, NULL);
+        RETURN NEXT; RETURN;
+    END IF;
+    IF a.next_reset_at <= now() THEN
+        a := reset_allocation_if_due(a);
+    END IF;
+
+    remaining := a.limit_millicredits - a.used_millicredits - a.reserved_millicredits;
+    spendable := p.total_millicredits + p.overage_limit_millicredits
+                 - p.used_millicredits - p.reserved_millicredits;
+    IF p_amount > remaining OR p_amount > spendable THEN
+        outcome := 'INSUFFICIENT_CREDITS';
+        allocation_remaining := greatest(0, remaining);
+        pool_spendable := greatest(0, spendable);
+        PERFORM remember_deduction_refusal(p_org_id, p_idempotency_key, p_request_hash,
+                                           outcome, allocation_remaining, pool_spendable);
+        RETURN NEXT; RETURN;
+    END IF;
+
+    UPDATE user_credit_allocations
+       SET used_millicredits = used_millicredits + p_amount, updated_at = now()
+     WHERE org_id = p_org_id AND user_id = p_user_id;
+    UPDATE organization_credit_pools
+       SET used_millicredits = used_millicredits + p_amount, updated_at = now()
+     WHERE org_id = p_org_id;
+    allocation_remaining := remaining - p_amount;
+    pool_spendable := spendable - p_amount;
+    INSERT INTO credit_usage_attribution (
+        org_id, user_id, amount_millicredits, service_type, service_name, idempotency_key,
+        request_hash, request_id, metadata, allocation_period,
+        allocation_remaining_after, pool_spendable_after)
+    VALUES (
+        p_org_id, p_user_id, p_amount, p_service_type, p_service_name, p_idempotency_key,
+        p_request_hash, p_request_id, p_metadata, a.period_number,
+        allocation_remaining, pool_spendable)
+    RETURNING credit_usage_attribution.deduction_id INTO deduction_id;
+    outcome := 'OK';
+    RETURN NEXT;
+END $$;
+
+CREATE OR REPLACE FUNCTION deduct_credits_batch(
+    p_org_ids text[], p_user_ids text[], p_amounts bigint[], p_service_types text[],
+    p_service_names text[], p_idempotency_keys text[], p_request_hashes bytea[],
+    p_request_ids text[], p_metadata jsonb[])
+RETURNS TABLE (item integer, outcome text, deduction_id uuid, allocation_remaining bigint,
+               pool_spendable bigint, replayed boolean)
+LANGUAGE plpgsql SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    item_count integer := coalesce(cardinality(p_org_ids), 0);
+    d record;
+    -- Each item's answer, by position (1-based).
+    r_outcome text[] := array_fill(NULL::text, ARRAY[item_count]);
+    r_id uuid[] := array_fill(NULL::uuid, ARRAY[item_count]);
+    r_remaining bigint[] := array_fill(NULL::bigint, ARRAY[item_count]);
+    r_spendable bigint[] := array_fill(NULL::bigint, ARRAY[item_count]);
+    r_replayed boolean[] := array_fill(false, ARRAY[item_count]);
+    -- The rows to write, gathered as columns.
+    w_n integer[] := '{}';
+    w_id uuid[] := '{}';
+    w_period integer[] := '{}';
+    w_remaining bigint[] := '{}';
+    w_spendable bigint[] := '{}';
+    refused_n integer[] := '{}';
+    refused_result jsonb[] := '{}';
+    -- Balances as the items so far left them: the current org's pool, and
+    -- its users charged so far (plpgsql has no map; an org's users are few).
+    current_org text;
+    pool_used bigint;
+    users text[];
+    limits bigint[];
+    used bigint[];
+    reserved bigint[];
+    periods integer[];
+    u integer;
+    remaining bigint;
+    spendable bigint;
+    -- What to write back: each org's pool used, each allocation's used.
+    f_org text[] := '{}';
+    f_pool_used bigint[] := '{}';
+    f_alloc_org text[] := '{}';
+    f_alloc_user text[] := '{}';
+    f_alloc_used bigint[] := '{}';
+BEGIN
+    IF item_count = 0 THEN
+        RETURN;
+    END IF;
+
+    PERFORM 1 FROM organization_credit_pools
+     WHERE org_id = ANY (p_org_ids) ORDER BY org_id FOR UPDATE;
+    PERFORM 1 FROM user_credit_allocations
+     WHERE (org_id, user_id) IN (SELECT * FROM unnest(p_org_ids, p_user_ids))
+     ORDER BY org_id, user_id FOR UPDATE;
+    -- Periods due for a reset start again before anything is charged to them.
+    PERFORM reset_allocation_if_due(a) FROM user_credit_allocations AS a
+     WHERE (a.org_id, a.user_id) IN (SELECT * FROM unnest(p_org_ids, p_user_ids))
+       AND a.next_reset_at <= now();
+
+    FOR d IN
+        WITH items AS (
+            SELECT * FROM unnest(p_org_ids, p_user_ids, p_amounts, p_idempotency_keys, p_request_hashes)
+                   WITH ORDINALITY AS x(org_id, user_id, amount, idempotency_key, request_hash, n))
+        SELECT i.n, i.org_id, i.user_id, i.amount, i.request_hash,
+               first_value(i.n) OVER same_key AS first_n,
+               first_value(i.request_hash) OVER same_key AS first_hash,
+               p.org_id IS NOT NULL AS pool_found,
+               p.total_millicredits + p.overage_limit_millicredits - p.reserved_millicredits AS pool_capacity,
+               p.used_millicredits AS pool_used,
+               a.user_id IS NOT NULL AND a.revoked_at IS NULL AS allocation_found,
+               a.limit_millicredits, a.used_millicredits, a.reserved_millicredits, a.period_number,
+               c.deduction_id AS prior_id, c.request_hash AS prior_hash,
+               c.allocation_remaining_after AS prior_remaining, c.pool_spendable_after AS prior_spendable,
+               r.operation AS record_operation, r.request_hash AS record_hash, r.result AS record_result
+          FROM items AS i
+          LEFT JOIN organization_credit_pools AS p ON p.org_id = i.org_id
+          LEFT JOIN user_credit_allocations AS a ON a.org_id = i.org_id AND a.user_id = i.user_id
+          LEFT JOIN credit_usage_attribution AS c
+                 ON c.org_id = i.org_id AND c.idempotency_key = i.idempotency_key
+          LEFT JOIN idempotency_records AS r
+                 ON r.org_id = i.org_id AND r.family = 'deductions'
+                AND r.idempotency_key = i.idempotency_key
+        WINDOW same_key AS (PARTITION BY i.org_id, i.idempotency_key ORDER BY i.n)
+         ORDER BY i.org_id, i.n
+    LOOP
+        IF current_org IS DISTINCT FROM d.org_id THEN
+            IF current_org IS NOT NULL THEN
+                f_org := f_org || current_org;
+                f_pool_used := f_pool_used || pool_used;
+                f_alloc_org := f_alloc_org || array_fill(current_org, ARRAY[cardinality(users)]);
+                f_alloc_user := f_alloc_user || users;
+                f_alloc_used := f_alloc_used || used;
+            END IF;
+            current_org := d.org_id;
+            pool_used := d.pool_used;
+            users := '{}'; limits := '{}'; used := '{}'; reserved := '{}'; periods := '{}';
+        END IF;
+
+        IF d.amount IS NULL OR d.amount < 1 OR d.amount > 1000000000000000 THEN
+            r_outcome[d.n] := 'INVALID_AMOUNT'; CONTINUE;
+        END IF;
+        IF NOT d.pool_found THEN
+            r_outcome[d.n] := 'ORG_NOT_FOUND'; CONTINUE;
+        END IF;
+        -- The key was used before this batch, by a deduction: charged, or refused.
+        IF d.prior_id IS NOT NULL THEN
+            IF d.prior_hash = d.request_hash THEN
+                r_outcome[d.n] := 'OK';
+                r_id[d.n] := d.prior_id;
+                r_remaining[d.n] := d.prior_remaining;
+                r_spendable[d.n] := d.prior_spendable;
+                r_replayed[d.n] := true;
+            ELSE
+                r_outcome[d.n] := 'IDEMPOTENCY_KEY_REUSED';
+            END IF;
+            CONTINUE;
+        END IF;
+        IF d.record_operation IS NOT NULL THEN
+            IF d.record_operation = 'DeductCredits' AND d.record_hash = d.request_hash THEN
+                r_outcome[d.n] := d.record_result ->> 'outcome';
+                r_remaining[d.n] := (d.record_result ->> 'allocation_remaining')::bigint;
+                r_spendable[d.n] := (d.record_result ->> 'pool_spendable')::bigint;
+                r_replayed[d.n] := true;
+            ELSE
+                r_outcome[d.n] := 'IDEMPOTENCY_KEY_REUSED';
+            END IF;
+            CONTINUE;
+        END IF;
+        -- The key was used earlier in this batch: the first use's answer.
+        IF d.first_n < d.n THEN
+            IF d.first_hash = d.request_hash AND r_outcome[d.first_n] <> 'INVALID_AMOUNT' THEN
+                r_outcome[d.n] := r_outcome[d.first_n];
+                r_id[d.n] := r_id[d.first_n];
+                r_remaining[d.n] := r_remaining[d.first_n];
+                r_spendable[d.n] := r_spendable[d.first_n];
+                r_replayed[d.n] := true;
+            ELSE
+                r_outcome[d.n] := 'IDEMPOTENCY_KEY_REUSED';
+            END IF;
+            CONTINUE;
+        END IF;
+
+        IF NOT d.allocation_found THEN
+            r_outcome[d.n] := 'ALLOCATION_NOT_FOUND';
+            refused_n := refused_n || d.n::integer;
+            refused_result := refused_result || '{"outcome": "ALLOCATION_NOT_FOUND"}'::jsonb;
+            CONTINUE;
+        END IF;
+        u := array_position(users, d.user_id);
+        IF u IS NULL THEN
+            users := users || d.user_id;
+            limits := limits || d.limit_millicredits;
+            used := used || d.used_millicredits;
+            reserved := reserved || d.reserved_millicredits;
+            periods := periods || d.period_number;
+            u := cardinality(users);
+        END IF;
+
+        remaining := limits[u] - used[u] - reserved[u];
+        spendable := d.pool_capacity - pool_used;
+        IF d.amount > remaining OR d.amount > spendable THEN
+            r_outcome[d.n] := 'INSUFFICIENT_CREDITS';
+            r_remaining[d.n] := greatest(0, remaining);
+            r_spendable[d.n] := greatest(0, spendable);
+            refused_n := refused_n || d.n::integer;
+            refused_result := refused_result || jsonb_build_object(
+                'outcome', 'INSUFFICIENT_CREDITS', 'allocation_remaining', r_remaining[d.n],
+                'pool_spendable', r_spendable[d.n]);
+            CONTINUE;
+        END IF;
+
+        used[u] := used[u] + d.amount;
+        pool_used := pool_used + d.amount;
+        r_outcome[d.n] := 'OK';
+        r_id[d.n] := uuidv7();
+        r_remaining[d.n] := remaining - d.amount;
+        r_spendable[d.n] := spendable - d.amount;
+        w_n := w_n || d.n::integer;
+        w_id := w_id || r_id[d.n];
+        w_period := w_period || periods[u];
+        w_remaining := w_remaining || r_remaining[d.n];
+        w_spendable := w_spendable || r_spendable[d.n];
+    END LOOP;
+    IF current_org IS NOT NULL THEN
+        f_org := f_org || current_org;
+        f_pool_used := f_pool_used || pool_used;
+        f_alloc_org := f_alloc_org || array_fill(current_org, ARRAY[cardinality(users)]);
+        f_alloc_user := f_alloc_user || users;
+        f_alloc_used := f_alloc_used || used;
+    END IF;
+
+    -- The items' own columns are joined back by position from one unnest,
+    -- never read as p_x[i] (subscripting a flat array walks it from the start).
+    INSERT INTO credit_usage_attribution (
+        org_id, deduction_id, user_id, amount_millicredits, service_type, service_name,
+        idempotency_key, request_hash, request_id, metadata, allocation_period,
+        allocation_remaining_after, pool_spendable_after)
+    SELECT i.org_id, w.id, i.user_id, i.amount, i.service_type, i.service_name,
+           i.idempotency_key, i.request_hash, i.request_id, i.metadata, w.period,
+           w.remaining, w.spendable
+      FROM unnest(p_org_ids, p_user_ids, p_amounts, p_service_types, p_service_names,
+                  p_idempotency_keys, p_request_hashes, p_request_ids, p_metadata)
+           WITH ORDINALITY AS i(org_id, user_id, amount, service_type, service_name,
+                                idempotency_key, request_hash, request_id, metadata, n)
+      JOIN unnest(w_n, w_id, w_period, w_remaining, w_spendable)
+           AS w(n, id, period, remaining, spendable) ON w.n = i.n;
+
+    INSERT INTO idempotency_records (org_id, family, idempotency_key, operation, request_hash, result)
+    SELECT i.org_id, 'deductions', i.idempotency_key, 'DeductCredits', i.request_hash, f.result
+      FROM unnest(p_org_ids, p_idempotency_keys, p_request_hashes)
+           WITH ORDINALITY AS i(org_id, idempotency_key, request_hash, n)
+      JOIN unnest(refused_n, refused_result) AS f(n, result) ON f.n = i.n;
+
+    UPDATE user_credit_allocations AS a
+       SET used_millicredits = f.used, updated_at = now()
+      FROM unnest(f_alloc_org, f_alloc_user, f_alloc_used) AS f(org_id, user_id, used)
+     WHERE a.org_id = f.org_id AND a.user_id = f.user_id AND a.used_millicredits <> f.used;
+    UPDATE organization_credit_pools AS p
+       SET used_millicredits = f.used, updated_at = now()
+      FROM unnest(f_org, f_pool_used) AS f(org_id, used)
+     WHERE p.org_id = f.org_id AND p.used_millicredits <> f.used;
+
+    RETURN QUERY
+        SELECT x.n::integer, x.outcome, x.deduction_id, x.remaining, x.spendable, x.replayed
+          FROM unnest(r_outcome, r_id, r_remaining, r_spendable, r_replayed)
+               WITH ORDINALITY AS x(outcome, deduction_id, remaining, spendable, replayed, n);
+END $$;
