@@ -7,7 +7,7 @@ import time
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orgbilling.v1 import credit_service_pb2, credit_service_pb2_grpc
@@ -16,18 +16,22 @@ from server.auth.local_admin import ensure_local_admin_key, grpcurl_example
 from server.auth.security import Security
 from server.auth.tls import add_port
 from server.database import open_pool, resolve_database_url
-from server.health import DatabaseHealthMonitor
+from server.health import DatabaseHealthMonitor, HealthServicer
 from server.group_commit import GroupCommitter
 from server.interceptors import InterceptorChain
+from server.interceptors.admission import AdmissionInterceptor
+from server.interceptors.auth import AuthInterceptor
 from server.interceptors.deadline import DeadlineInterceptor
 from server.interceptors.draining import DrainingInterceptor
-from server.interceptors.errors import ErrorInterceptor
-from server.interceptors.request_id import RequestIdInterceptor
+from server.interceptors.open_streams import OpenStreamsInterceptor
+from server.interceptors.ratelimit import RateLimitInterceptor
+from server.interceptors.refusal_log import RefusalLog
 from server.migrate import migrate
 from server.servicers.credit import CreditServicer
 from server.servicers.org_billing import OrgBillingServicer
 from server.settings import Settings
 from server.store import Store
+from server.sweeper import IdempotencySweeper
 
 log = logging.getLogger(__name__)
 
@@ -69,30 +73,61 @@ class OrgBillingServer:
             batch_size_max=settings.group_commit_batch_size_max,
             queue_length_max=settings.group_commit_queue_length_max,
         )
-        self.health_servicer = health.HealthServicer(
-            experimental_non_blocking=True,
-            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+        self.sweeper = IdempotencySweeper(
+            self.store,
+            retention_ms=settings.idempotency_retention_ms,
+            interval_ms=settings.sweeper_interval_ms,
+            batch_size_max=settings.sweeper_batch_size_max,
+        )
+        self.health_servicer = HealthServicer(
+            service_names=SERVICE_NAMES, watch_lifetime_ms=settings.open_service_stream_lifetime_ms,
         )
         self.health = DatabaseHealthMonitor(
             self.store, self.health_servicer, SERVICE_NAMES, settings.health_check_interval_ms
         )
         self.security = Security(settings, self.pool)
         self.draining = DrainingInterceptor()
+        self.admission = AdmissionInterceptor(
+            calls_max=settings.concurrent_rpcs_max, retry_after_ms=settings.busy_retry_after_ms)
+        # Outermost first; the chain itself maps errors, outside all of them.
+        # Draining and admission first: a call refused for the server's state
+        # costs as little as possible. Authentication before anything looks at
+        # the request (it is decoded only when first asked for: the org check).
+        # The rate limiter counts per authenticated caller, so after it. The
+        # deadline last: it concerns the work itself.
+        interceptors = [
+            self.draining,
+            self.admission,
+            OpenStreamsInterceptor(
+                open_services=settings.open_services,
+                streams_max=settings.open_service_streams_max,
+                lifetime_ms=settings.open_service_stream_lifetime_ms,
+                retry_after_ms=settings.busy_retry_after_ms,
+            ),
+            AuthInterceptor(self.security.authenticator, open_services=settings.open_services),
+            RateLimitInterceptor(reads=self.security.read_limits, writes=self.security.write_limits),
+            DeadlineInterceptor(),
+        ]
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.worker_threads, thread_name_prefix="rpc"
             ),
-            interceptors=[InterceptorChain([
-                RequestIdInterceptor(), *self.security.interceptors, self.draining,
-                DeadlineInterceptor(), ErrorInterceptor(),
-            ])],
-            maximum_concurrent_rpcs=settings.concurrent_rpcs_max,
+            interceptors=[InterceptorChain(
+                interceptors,
+                refusal_log=RefusalLog(lines_per_s=settings.refusal_log_lines_per_s),
+            )],
+            # gRPC's own cap, a backstop far above admission control: no call
+            # ever waits for a worker thread, and health always finds one.
+            maximum_concurrent_rpcs=settings.worker_threads,
             options=[
                 ("grpc.max_receive_message_length", settings.message_size_max_bytes),
                 ("grpc.max_send_message_length", settings.message_size_max_bytes),
                 ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
                 ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.max_concurrent_streams", settings.http2_streams_per_connection_max),
+                ("grpc.max_connection_age_ms", settings.connection_age_max_ms),
+                ("grpc.max_connection_age_grace_ms", settings.connection_age_grace_ms),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -116,6 +151,7 @@ class OrgBillingServer:
     def start(self) -> None:
         self.security.start()
         self.health.start()
+        self.sweeper.start()
         self.grpc_server.start()
 
     def stop(self) -> None:
@@ -127,6 +163,7 @@ class OrgBillingServer:
         self.draining.begin_draining()
         self.draining.wait_quiet(self.settings.shutdown_quiet_ms / 1000, grace_s)
         self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
+        self.sweeper.stop()
         self.security.stop()
         self.pool.close()
 

@@ -1,15 +1,22 @@
 """The error model: every failure is a google.rpc.Status with one ErrorInfo.
 
-Servicers and the store raise ServiceError; the error interceptor turns it
-(and any database failure or bug) into the status the caller sees.
+Servicers, interceptors and the store raise ServiceError; the interceptor
+chain (server.interceptors) turns it, and any database failure or bug, into
+the status the caller sees (status_for).
 """
 
+import logging
+
 import grpc
+import psycopg
+import psycopg_pool
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "orgbilling"
+
+log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -32,7 +39,8 @@ class ServiceError(Exception):
         self.field_violations = list(field_violations)
         self.retry_after_s = retry_after_s
 
-    def to_status(self) -> grpc.Status:
+    def to_status(self, trailing_metadata: tuple[tuple[str, str], ...] = ()) -> grpc.Status:
+        """The status for abort_with_status; `trailing_metadata` travels with it."""
         details = [
             error_details_pb2.ErrorInfo(
                 reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
@@ -56,11 +64,14 @@ class ServiceError(Exception):
             holder = any_pb2.Any()
             holder.Pack(detail)
             packed.append(holder)
-        return rpc_status.to_status(
+        status = rpc_status.to_status(
             status_pb2.Status(
                 code=getattr(code_pb2, self.code.name), message=self.message, details=packed
             )
         )
+        if trailing_metadata:
+            status = status._replace(trailing_metadata=(*trailing_metadata, *status.trailing_metadata))
+        return status
 
 
 def invalid_argument(violations: list[tuple[str, str]]) -> ServiceError:
@@ -133,7 +144,59 @@ def deadline_exceeded() -> ServiceError:
     )
 
 
-def server_busy(message: str) -> ServiceError:
+def server_busy(message: str, *, limit: str, retry_after_s: float = 0.1) -> ServiceError:
+    """Too much at once: retry after `retry_after_s`, here or on another
+    replica. `limit` names the setting that refused the call."""
     return ServiceError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_BUSY", message, retry_after_s=0.1
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_BUSY", message,
+        metadata={"limit": limit}, retry_after_s=retry_after_s,
     )
+
+
+def shutting_down() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN",
+        "the server is shutting down; retry on another replica",
+    )
+
+
+def malformed_request() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST",
+        "the request is not a valid protocol buffer message of this method's request type",
+    )
+
+
+def internal() -> ServiceError:
+    """A bug: the caller learns nothing but the request ID; the log has the rest."""
+    return ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+
+
+def rate_limited(*, budget: str, rate_per_s: float, burst: int, wait_s: float) -> ServiceError:
+    wait_ms = max(1, round(wait_s * 1000))
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED",
+        f"this caller made too many {budget} calls; retry in {wait_ms} ms",
+        metadata={"budget": budget, "rate_per_s": rate_per_s, "burst": burst,
+                  "retry_after_ms": wait_ms},
+        retry_after_s=wait_s,
+    )
+
+
+def status_for(error: Exception) -> ServiceError:
+    """What the caller is told about `error`: a ServiceError as it is, a
+    database failure as UNAVAILABLE (fail closed), a full connection queue as
+    SERVER_BUSY, and anything else, a bug, as INTERNAL (logged here, with the
+    request ID, never sent)."""
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, psycopg_pool.TooManyRequests):
+        return server_busy("too many calls are waiting for the database", limit="pool_waiting_max")
+    if isinstance(error, psycopg_pool.PoolTimeout):
+        return unavailable("no database connection was free in time")
+    if isinstance(error, psycopg.errors.QueryCanceled):
+        return unavailable("the database did not answer in time")
+    if isinstance(error, psycopg.OperationalError):
+        return unavailable("the database is unavailable")
+    log.error("internal error", exc_info=error)
+    return internal()

@@ -96,7 +96,8 @@ class GroupCommitter:
         ticket = _Ticket(deduction)
         with lane.lock:
             if len(lane.queue) >= self._queue_length_max:
-                raise server_busy("too many deductions are waiting for this pool")
+                raise server_busy("too many deductions are waiting for this pool",
+                                  limit="group_commit_queue_length_max")
             lane.queue.append(ticket)
             if not lane.leader_active:
                 lane.leader_active = ticket.leads = True

@@ -33,10 +33,34 @@ class Settings:
     database_connect_timeout_ms: int = 5000
     # The longest any one SQL statement may run.
     statement_timeout_ms: int = 5000
-    # Threads running RPCs; more is not faster under the GIL, measure first.
-    worker_threads: int = 16
-    # RPCs in progress at once; past this, calls get RESOURCE_EXHAUSTED.
+    # Threads running RPCs. A call holds one from before its request arrives
+    # until it ends, so the pool is sized for calls that are blocked (slow or
+    # hostile clients, open streams): a blocked thread costs memory, not CPU.
+    # It is also gRPC's own cap on calls: past it, RESOURCE_EXHAUSTED at once,
+    # with no details, before any of our code runs (a backstop: see below).
+    worker_threads: int = 1024
+    # Calls in progress at once, health checks apart (admission control);
+    # past this, RESOURCE_EXHAUSTED SERVER_BUSY with a RetryInfo of
+    # busy_retry_after_ms, at once. This, not worker_threads, bounds the work.
     concurrent_rpcs_max: int = 256
+    busy_retry_after_ms: int = 100
+    # HTTP/2 streams (calls) one connection may have open at once. Keep it
+    # well above any one client's concurrent calls: gRPC refuses a stream
+    # (UNAVAILABLE, REFUSED_STREAM) now and then from about 60% of it, since
+    # the server still counts streams its client has already seen end.
+    http2_streams_per_connection_max: int = 256
+    # Connections are closed gracefully (GOAWAY) at this age (plus up to 10%
+    # jitter), and calls still running on them cut after the grace period: so
+    # no call lives longer than their sum, a stalled request included.
+    # Clients reconnect on their own.
+    connection_age_max_ms: int = 120_000
+    connection_age_grace_ms: int = 30_000
+    # Streams of the open services (reflection, health Watch) open at once,
+    # across them, and how long one may last before it ends normally.
+    open_service_streams_max: int = 128
+    open_service_stream_lifetime_ms: int = 60_000
+    # Refused calls logged per second at most (INFO); the rest are counted.
+    refusal_log_lines_per_s: int = 10
     # Largest request or response accepted.
     message_size_max_bytes: int = 4 * 1024 * 1024
     # Keepalive pings on idle connections.
@@ -176,6 +200,13 @@ class Settings:
             raise ValueError("idempotency_retention_ms must be at least an hour (3600000)")
         if min(self.sweeper_interval_ms, self.sweeper_batch_size_max) < 1:
             raise ValueError("sweeper_interval_ms and sweeper_batch_size_max must be at least 1")
+        if self.concurrent_rpcs_max + self.open_service_streams_max >= self.worker_threads:
+            raise ValueError(
+                "worker_threads must exceed concurrent_rpcs_max + open_service_streams_max:"
+                " health checks and callers held at the admission limit need threads of their own")
+        if min(self.http2_streams_per_connection_max, self.connection_age_max_ms,
+               self.open_service_streams_max, self.open_service_stream_lifetime_ms) < 1:
+            raise ValueError("stream and connection limits must be at least 1")
         self.validate_security()
 
     def validate_security(self) -> None:

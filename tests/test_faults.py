@@ -1,11 +1,14 @@
 """The server under faults: PostgreSQL down or unreachable, overload beyond
-the concurrency cap, a full connection pool, SIGTERM under load. Each test
+the concurrency cap, a full connection pool, SIGTERM under load, and a
+client's own retry policy carrying calls through a drain and an outage. Each test
 runs `orgbilling serve` as a process over a private PostgreSQL that the test
 may stop and cut off."""
 
+import collections
 import concurrent.futures
 import contextlib
 import itertools
+import json
 import os
 import signal
 import threading
@@ -20,6 +23,7 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from orgbilling.v1 import credit_service_pb2 as credit_pb
+from orgbilling.v1 import credit_service_pb2_grpc as credit_pb_grpc
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.v1 import types_pb2
 from server.verify import violations
@@ -335,7 +339,7 @@ def test_beyond_the_concurrency_cap_calls_get_resource_exhausted_at_once(cluster
     refused with RESOURCE_EXHAUSTED at once, memory stays bounded, and the
     stuck calls complete when the lock goes."""
     cap = 4
-    with running_server(cluster_url, concurrent_rpcs_max=cap, worker_threads=cap) as server:
+    with running_server(cluster_url, concurrent_rpcs_max=cap) as server:
         server.fund()
         with every_slot_stuck(server, cluster_url, cap) as stuck:
             rss_before = server.rss_bytes()
@@ -350,18 +354,12 @@ def test_beyond_the_concurrency_cap_calls_get_resource_exhausted_at_once(cluster
         assert violations(cluster_url) == {}
 
 
-# Both bugs below come from one cause: the cap is grpc.server's
-# maximum_concurrent_rpcs, which refuses in the gRPC core, before any
-# interceptor or servicer sees the call.
-
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: the concurrency cap is grpc.server(maximum_concurrent_rpcs=...), whose"
-    " RESOURCE_EXHAUSTED carries no google.rpc.Status: no ErrorInfo, no RetryInfo"))
 def test_a_call_refused_by_the_concurrency_cap_says_why_and_when_to_retry(cluster_url):
     """DESIGN.md: every failure has exactly one ErrorInfo; RESOURCE_EXHAUSTED
-    for the concurrency cap comes with RetryInfo."""
+    for the concurrency cap (admission control, not gRPC's own cap) comes
+    with reason SERVER_BUSY and a RetryInfo."""
     cap = 2
-    with running_server(cluster_url, concurrent_rpcs_max=cap, worker_threads=cap) as server:
+    with running_server(cluster_url, concurrent_rpcs_max=cap) as server:
         server.fund()
         with every_slot_stuck(server, cluster_url, cap):
             with pytest.raises(grpc.RpcError) as refused:
@@ -369,19 +367,15 @@ def test_a_call_refused_by_the_concurrency_cap_says_why_and_when_to_retry(cluste
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         status = rpc_status.from_call(refused.value)
         assert status is not None, "no google.rpc.Status details"
-        assert error_reason(refused.value)
+        assert error_reason(refused.value) == "SERVER_BUSY"
         assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: grpc.server(maximum_concurrent_rpcs=...) counts health checks too: an"
-    " overloaded replica answers its health probe RESOURCE_EXHAUSTED, so an orchestrator"
-    " that probes it restarts a replica that is merely busy"))
 def test_health_answers_while_the_concurrency_cap_is_reached(cluster_url):
     """An overloaded replica is busy, not dead: its health check must still
     answer (SERVING: the database answers)."""
     cap = 2
-    with running_server(cluster_url, concurrent_rpcs_max=cap, worker_threads=cap) as server:
+    with running_server(cluster_url, concurrent_rpcs_max=cap) as server:
         server.fund()
         with every_slot_stuck(server, cluster_url, cap):
             status = server.connection.health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
@@ -477,3 +471,98 @@ def test_sigterm_under_load_completes_or_refuses_every_call_and_exits_zero_withi
     assert acknowledged <= stored, "an acknowledged charge is missing"
     assert not shed & stored, "a call refused as SHUTTING_DOWN was applied"
     assert violations(cluster_url) == {}
+
+
+# A client's own retry policy (gRFC A6) retries only calls that received no
+# response headers: every failure must be a trailers-only response.
+
+RETRY_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "orgbilling.v1.CreditService"}],
+        "retryPolicy": {
+            "maxAttempts": 5, "initialBackoff": "0.5s", "maxBackoff": "2s",
+            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+})
+
+
+def retrying_stub(addresses: list[str]) -> tuple[grpc.Channel, credit_pb_grpc.CreditServiceStub]:
+    """A channel over `addresses` with the README's retry policy, as a caller writes it."""
+    channel = grpc.insecure_channel("ipv4:" + ",".join(addresses), options=[
+        ("grpc.service_config", RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1),
+        ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500),
+    ])
+    return channel, credit_pb_grpc.CreditServiceStub(channel)
+
+
+def used_millicredits(database_url: str) -> int:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        return conn.execute("SELECT used_millicredits FROM organization_credit_pools WHERE org_id = %s",
+                            (ORG,)).fetchone()[0]
+
+
+def test_a_clients_retry_policy_carries_calls_through_a_drain_to_another_replica(cluster_url):
+    """During a drain, UNAVAILABLE SHUTTING_DOWN is retried by the client's
+    own service-config policy onto the other replica: every call ends OK and
+    is charged once."""
+    with running_server(cluster_url, shutdown_grace_ms=3000) as draining, \
+            running_server(cluster_url) as steady:
+        draining.fund()
+        channel, stub = retrying_stub([draining.process.address, steady.process.address])
+        metadata = draining.connection.metadata
+        stop = threading.Event()
+        results = []
+
+        def charge():
+            while not stop.is_set():
+                request = credit_pb.DeductCreditsRequest(
+                    org_id=ORG, user_id=USER, amount_millicredits=1, service_type="llm",
+                    service_name="retries", idempotency_key=new_key())
+                results.append(timed(lambda: stub.DeductCredits(request, metadata=metadata, timeout=20)))
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            callers = [pool.submit(charge) for _ in range(4)]
+            time.sleep(1.0)
+            os.kill(draining.pid, signal.SIGTERM)
+            assert draining.process.process.wait(15) == 0
+            time.sleep(0.5)
+            stop.set()
+            for caller in callers:
+                caller.result()
+        channel.close()
+        assert "SHUTTING_DOWN" in draining.process.log(), "the drain refused no call: nothing was retried"
+        codes = collections.Counter(code for code, _ in results)
+        assert codes == {grpc.StatusCode.OK: len(results)}, codes
+        assert used_millicredits(cluster_url) == len(results)
+        assert violations(cluster_url) == {}
+
+
+def test_a_clients_retry_policy_carries_a_deduction_over_a_database_outage(cluster, cluster_url):
+    """With PostgreSQL down, UNAVAILABLE DATABASE_UNAVAILABLE is retried by
+    the client's own policy; when the database is back the deduction ends OK,
+    charged once."""
+    with running_server(cluster_url, pool_wait_timeout_ms=500) as server:
+        server.fund()
+        channel, stub = retrying_stub([server.process.address])
+        request = credit_pb.DeductCreditsRequest(
+            org_id=ORG, user_id=USER, amount_millicredits=7, service_type="llm",
+            service_name="retries", idempotency_key=new_key())
+        cluster.stop("fast")
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                call = pool.submit(stub.DeductCredits, request, metadata=server.connection.metadata,
+                                   timeout=30)
+                time.sleep(1.5)
+                assert not call.done(), "the call ended while the database was down"
+                cluster.start()
+                response = call.result()
+        finally:
+            if not cluster.is_running():
+                cluster.start()
+        channel.close()
+        assert response.deduction_id and not response.replayed
+        assert "DATABASE_UNAVAILABLE" in server.process.log(), "no attempt was refused: nothing was retried"
+        assert used_millicredits(cluster_url) == 7
+        assert violations(cluster_url) == {}

@@ -130,7 +130,7 @@ def test_refusals_are_cheap_and_change_nothing(limited):
 
 def test_the_concurrency_cap_refuses_with_resource_exhausted(database_url, token, monkeypatch):
     """concurrent_rpcs_max: calls beyond it are refused at once, not queued."""
-    running = start_server(database_url, concurrent_rpcs_max=2, worker_threads=4)
+    running = start_server(database_url, concurrent_rpcs_max=2)
     release = threading.Event()
     original = running.store.check
 

@@ -1,6 +1,7 @@
 """Everything the server needs to know who calls and to limit them, built
 from settings: the API key snapshot, the JWKS and JWT verifier, and the
-auth and rate-limit interceptors, in the order they must run."""
+rate limits' buckets. The interceptors that use them are placed in the
+chain by server.app."""
 
 import logging
 
@@ -8,8 +9,7 @@ from server.auth.authenticator import Authenticator
 from server.auth.jwks import JwksCache
 from server.auth.jwt_verifier import JwtVerifier
 from server.auth.key_ring import KeyRing
-from server.interceptors.auth import AuthInterceptor
-from server.interceptors.ratelimit import RateLimitInterceptor, TokenBuckets
+from server.interceptors.ratelimit import TokenBuckets
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,6 @@ class Security:
                                     settings.rate_limit_callers_max)
         self.write_limits = _buckets(settings.rate_limit_writes_per_s, settings.rate_limit_write_burst,
                                      settings.rate_limit_callers_max)
-        # Authentication first, before anything looks at the request; the
-        # rate limiter next, since it counts per authenticated caller.
-        self.interceptors = [
-            AuthInterceptor(self.authenticator, settings.open_services),
-            RateLimitInterceptor(self.read_limits, self.write_limits),
-        ]
 
     def start(self) -> None:
         self.key_ring.start()

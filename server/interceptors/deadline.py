@@ -4,29 +4,16 @@ the caller stops waiting, not later."""
 
 import time
 
-import grpc
-
-from server.interceptors import wrap_unary
+from server.interceptors import Call, Interceptor
 from server.request_context import call_deadline_var
 
 # grpc reports "no deadline" as a huge time remaining rather than None.
 _NO_DEADLINE_S = 365 * 24 * 3600
 
 
-class DeadlineInterceptor(grpc.ServerInterceptor):
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-
-        def behavior(request, context):
-            remaining = context.time_remaining()
-            has_deadline = remaining is not None and remaining < _NO_DEADLINE_S
-            token = call_deadline_var.set(time.monotonic() + remaining if has_deadline else None)
-            try:
-                return inner(request, context)
-            finally:
-                call_deadline_var.reset(token)
-
-        return wrap_unary(handler, behavior)
+class DeadlineInterceptor(Interceptor):
+    def intercept(self, call: Call):
+        remaining = call.context.time_remaining()
+        if remaining is not None and remaining < _NO_DEADLINE_S:
+            call_deadline_var.set(time.monotonic() + remaining)
+        return None

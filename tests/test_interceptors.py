@@ -1,0 +1,305 @@
+"""Every interceptor of the chain on a unary and on a server-streaming
+method alike: a test-only service (no database) served through the real
+InterceptorChain, with each interceptor as the server builds it."""
+
+import concurrent.futures
+import contextlib
+import threading
+import time
+
+import grpc
+import pytest
+from google.protobuf import wrappers_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from server.auth import scopes
+from server.auth.caller import Caller, unauthenticated
+from server.errors import ServiceError
+from server.health import HealthServicer
+from server.interceptors import InterceptorChain
+from server.interceptors.admission import AdmissionInterceptor
+from server.interceptors.auth import AuthInterceptor
+from server.interceptors.deadline import DeadlineInterceptor
+from server.interceptors.draining import DrainingInterceptor
+from server.interceptors.open_streams import OpenStreamsInterceptor
+from server.interceptors.ratelimit import RateLimitInterceptor, TokenBuckets
+from server.interceptors.refusal_log import RefusalLog
+from server.request_context import current_request_id, seconds_left
+from tests.support import error_info
+
+SERVICE = "test.Echo"
+OPEN_SERVICE = "test.OpenEcho"
+UNARY = f"/{SERVICE}/Unary"
+STREAM = f"/{SERVICE}/Stream"
+KINDS = ["unary", "stream"]
+GOOD_TOKEN = "good"
+
+
+class Behaviour:
+    """What the test service does, set by each test: echo the request by
+    default, or raise; the next call after `release` is set waits for it."""
+
+    def __init__(self):
+        self.raise_error: Exception | None = None
+        self.release: threading.Event | None = None
+        self.started = threading.Semaphore(0)
+        self.seen: list[dict] = []
+
+    def run(self, request, context):
+        self.seen.append({"request_id": current_request_id(), "seconds_left": seconds_left()})
+        self.started.release()
+        release, self.release = self.release, None
+        if release is not None:
+            release.wait(10)
+        if self.raise_error is not None:
+            raise self.raise_error
+        return wrappers_pb2.StringValue(value=request.value)
+
+
+class FakeAuthenticator:
+    """Admits `authorization: Bearer good`, with every scope, on org "acme"."""
+
+    def authenticate(self, metadata, auth_context):
+        if ("authorization", f"Bearer {GOOD_TOKEN}") in tuple(metadata):
+            return Caller(principal="test:good", display_name="good", scopes=scopes.ALL_SCOPES,
+                          org_ids=None)
+        raise unauthenticated("missing", "no credentials")
+
+
+def echo_service(name: str, behaviour: Behaviour):
+    def unary(request, context):
+        return behaviour.run(request, context)
+
+    def stream(request, context):
+        yield wrappers_pb2.StringValue(value="first")
+        yield behaviour.run(request, context)
+
+    options = {"request_deserializer": wrappers_pb2.StringValue.FromString,
+               "response_serializer": wrappers_pb2.StringValue.SerializeToString}
+    return grpc.method_handlers_generic_handler(name, {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary, **options),
+        "Stream": grpc.unary_stream_rpc_method_handler(stream, **options),
+    })
+
+
+class Harness:
+    def __init__(self, *, calls_max=100, streams_max=100, stream_lifetime_ms=60_000,
+                 rate_per_s=0, burst=1):
+        self.behaviour = Behaviour()
+        self.draining = DrainingInterceptor()
+        buckets = TokenBuckets(rate_per_s, burst, 1000) if rate_per_s else None
+        open_services = frozenset({OPEN_SERVICE, "grpc.health.v1.Health"})
+        chain = InterceptorChain([
+            self.draining,
+            AdmissionInterceptor(calls_max=calls_max, retry_after_ms=100),
+            OpenStreamsInterceptor(open_services=open_services, streams_max=streams_max,
+                                   lifetime_ms=stream_lifetime_ms, retry_after_ms=100),
+            AuthInterceptor(FakeAuthenticator(), open_services=open_services),
+            RateLimitInterceptor(reads=buckets, writes=buckets),
+            DeadlineInterceptor(),
+        ], refusal_log=RefusalLog(lines_per_s=10))
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(32), interceptors=[chain])
+        self.server.add_generic_rpc_handlers((echo_service(SERVICE, self.behaviour),
+                                              echo_service(OPEN_SERVICE, self.behaviour)))
+        self.health = HealthServicer(service_names=[SERVICE], watch_lifetime_ms=60_000)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+
+    def call(self, kind: str, value: str = "hi", *, service: str = SERVICE, token: str | None = GOOD_TOKEN,
+             raw: bytes | None = None, timeout: float = 5, request_id: str | None = None):
+        """The call's responses and its trailing metadata; raises grpc.RpcError."""
+        metadata = [("authorization", f"Bearer {token}")] if token else []
+        if request_id:
+            metadata.append(("x-request-id", request_id))
+        method = f"/{service}/{'Unary' if kind == 'unary' else 'Stream'}"
+        payload = raw if raw is not None else wrappers_pb2.StringValue(value=value).SerializeToString()
+        if kind == "unary":
+            call = self.channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            response, outcome = call.with_call(payload, metadata=metadata, timeout=timeout)
+            return [response], dict(outcome.trailing_metadata())
+        call = self.channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+        responses = call(payload, metadata=metadata, timeout=timeout)
+        return list(responses), dict(responses.trailing_metadata())
+
+    def close(self):
+        self.channel.close()
+        self.server.stop(0).wait()
+
+
+@pytest.fixture(autouse=True)
+def declared_scopes(monkeypatch):
+    """The test service's methods need credits.read, like any read."""
+    monkeypatch.setitem(scopes.METHOD_SCOPES, UNARY, scopes.CREDITS_READ)
+    monkeypatch.setitem(scopes.METHOD_SCOPES, STREAM, scopes.CREDITS_READ)
+
+
+@pytest.fixture
+def harness():
+    made = []
+
+    def make(**options) -> Harness:
+        made.append(Harness(**options))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def refusal(call) -> tuple[grpc.StatusCode, str, grpc.RpcError]:
+    with pytest.raises(grpc.RpcError) as refused:
+        call()
+    return refused.value.code(), error_info(refused.value).reason, refused.value
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_call_gets_its_request_id_back_in_the_trailers_and_the_servicer_sees_it(harness, kind):
+    """The request ID set for the call is the one sent back, on success."""
+    h = harness()
+    responses, trailers = h.call(kind, request_id="trace-1")
+    assert responses[-1] == wrappers_pb2.StringValue(value="hi").SerializeToString()
+    assert trailers["x-request-id"] == "trace-1"
+    assert h.behaviour.seen[-1]["request_id"] == "trace-1"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_service_error_becomes_a_trailers_only_status_with_its_error_info(harness, kind):
+    """Raised before or after a streamed message, a ServiceError is the
+    status, with the request ID in the trailers; before any message, nothing
+    but trailers is sent (so clients' retry policies apply)."""
+    h = harness()
+    h.behaviour.raise_error = ServiceError(grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "down")
+    code, reason, error = refusal(lambda: h.call(kind, request_id="trace-2"))
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+    assert dict(error.trailing_metadata())["x-request-id"] == "trace-2"
+    if kind == "unary":
+        assert not error.initial_metadata()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bug_is_internal_with_a_generic_message(harness, kind):
+    """An unexpected exception is INTERNAL, 'internal error', with an ErrorInfo: no detail leaks."""
+    h = harness()
+    h.behaviour.raise_error = RuntimeError("secret detail")
+    code, reason, error = refusal(lambda: h.call(kind))
+    assert (code, reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
+    assert "secret" not in error.details()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_undecodable_bytes_are_invalid_argument_but_only_after_authentication(harness, kind):
+    """Bytes that are not a message: INVALID_ARGUMENT MALFORMED_REQUEST for an
+    authenticated caller, UNAUTHENTICATED for anyone else."""
+    h = harness()
+    garbage = b"\xff\xff\xff\xff"
+    assert refusal(lambda: h.call(kind, raw=garbage))[:2] == (
+        grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    assert refusal(lambda: h.call(kind, raw=garbage, token=None))[:2] == (
+        grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+    assert not h.behaviour.seen
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_authentication_and_scope_apply_to_every_kind(harness, kind, monkeypatch):
+    """No credentials: UNAUTHENTICATED; a method with no declared scope:
+    refused to everyone; with a scope: admitted."""
+    h = harness()
+    assert refusal(lambda: h.call(kind, token="bad"))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert h.call(kind)[0]
+    monkeypatch.delitem(scopes.METHOD_SCOPES, UNARY)
+    monkeypatch.delitem(scopes.METHOD_SCOPES, STREAM)
+    assert refusal(lambda: h.call(kind))[:2] == (grpc.StatusCode.PERMISSION_DENIED, "SCOPE_NOT_DECLARED")
+    assert h.call(kind, service=OPEN_SERVICE, token=None)[0]  # open services need no credentials
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_rate_limit_applies_to_every_kind(harness, kind, monkeypatch):
+    """A caller past its budget gets RATE_LIMITED with a RetryInfo."""
+    h = harness(rate_per_s=1, burst=2)
+    h.call(kind)
+    h.call(kind)
+    code, reason, error = refusal(lambda: h.call(kind))
+    assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    assert has_retry_info(error)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_admission_refuses_past_the_limit_at_once_and_exempts_health(harness, kind, monkeypatch):
+    """With every admission slot taken by a call of the other kind, a call is
+    refused SERVER_BUSY with a RetryInfo at once; health still answers."""
+    h = harness(calls_max=1)
+    with held_call(h, "stream" if kind == "unary" else "unary"):
+        started = time.monotonic()
+        code, reason, error = refusal(lambda: h.call(kind))
+        assert time.monotonic() - started < 1
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_BUSY")
+        assert error_info(error).metadata["limit"] == "concurrent_rpcs_max"
+        assert has_retry_info(error)
+        check = health_pb2_grpc.HealthStub(h.channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING  # answered; nothing set it
+    assert h.call(kind)[0]  # the slot is free again once the held call ended
+
+
+def test_open_service_streams_are_limited_in_number_and_end_after_their_lifetime(harness):
+    """Streams of an open service: past streams_max, SERVER_BUSY; a stream
+    still talking after its lifetime ends normally; unary calls are not counted."""
+    h = harness(streams_max=1, stream_lifetime_ms=300)
+    with held_call(h, "stream", service=OPEN_SERVICE, token=None):
+        code, reason, error = refusal(lambda: h.call("stream", service=OPEN_SERVICE, token=None))
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_BUSY")
+        assert error_info(error).metadata["limit"] == "open_service_streams_max"
+        assert h.call("unary", service=OPEN_SERVICE, token=None)[0]
+        time.sleep(0.4)
+    # The held stream outlived its lifetime: its second message was never sent.
+    assert h.held_responses == [wrappers_pb2.StringValue(value="first").SerializeToString()]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_draining_refuses_new_calls_and_waits_for_running_ones(harness, kind, monkeypatch):
+    """Once draining, new calls get UNAVAILABLE SHUTTING_DOWN; wait_quiet
+    waits for a running call of either kind."""
+    h = harness()
+    with held_call(h, kind):
+        h.draining.begin_draining()
+        assert refusal(lambda: h.call(kind))[:2] == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+        assert not h.draining.wait_quiet(quiet_s=0.0, timeout_s=0.3)
+    assert h.draining.wait_quiet(quiet_s=0.0, timeout_s=5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_callers_deadline_reaches_the_servicer(harness, kind, monkeypatch):
+    """seconds_left() in the servicer is the caller's deadline, or None without one."""
+    h = harness()
+    h.call(kind, timeout=3)
+    assert 2 < h.behaviour.seen[-1]["seconds_left"] < 3.5
+    h.call(kind, timeout=None)
+    assert h.behaviour.seen[-1]["seconds_left"] is None
+
+
+def has_retry_info(error: grpc.RpcError) -> bool:
+    status = rpc_status.from_call(error)
+    return any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+
+
+@contextlib.contextmanager
+def held_call(h: Harness, kind: str, **options):
+    """A call of `kind` that stays in the servicer until the block ends."""
+    release = h.behaviour.release = threading.Event()
+    h.held_responses = []
+
+    def run():
+        with contextlib.suppress(grpc.RpcError):
+            h.held_responses = h.call(kind, **options)[0]
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert h.behaviour.started.acquire(timeout=5), "the held call never reached the servicer"
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join(10)
