@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import psycopg
 
-from server.database import embedded_database_url, stop_embedded_database
-from server.migrate import migrate
+from orgbilling.server.database import embedded_database_url, stop_embedded_database
+from orgbilling.server.migrate import migrate
 from tests.support import ServerProcess
 
 
@@ -80,8 +80,8 @@ def bench_token(database_url: str) -> str | None:
     if token:
         return token
     try:
-        from server.auth.api_keys import create_api_key
-        from server.auth.scopes import ALL_SCOPES
+        from orgbilling.server.auth.api_keys import create_api_key
+        from orgbilling.server.auth.scopes import ALL_SCOPES
     except ImportError:  # a server from before authentication
         return None
     return create_api_key(database_url, "bench", sorted(ALL_SCOPES))

@@ -1,3 +1,3 @@
-from server.cli import main
+from orgbilling.server.cli import main
 
 main()

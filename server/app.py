@@ -12,26 +12,26 @@ from grpc_reflection.v1alpha import reflection
 
 from orgbilling.v1 import credit_service_pb2, credit_service_pb2_grpc
 from orgbilling.v1 import org_billing_service_pb2, org_billing_service_pb2_grpc
-from server.auth.local_admin import ensure_local_admin_key, grpcurl_example
-from server.auth.security import Security
-from server.auth.tls import add_port
-from server.database import open_pool, resolve_database_url
-from server.health import DatabaseHealthMonitor, HealthServicer
-from server.group_commit import GroupCommitter
-from server.interceptors import InterceptorChain
-from server.interceptors.admission import AdmissionInterceptor
-from server.interceptors.auth import AuthInterceptor
-from server.interceptors.deadline import DeadlineInterceptor
-from server.interceptors.draining import DrainingInterceptor
-from server.interceptors.open_streams import OpenStreamsInterceptor
-from server.interceptors.ratelimit import RateLimitInterceptor
-from server.interceptors.refusal_log import RefusalLog
-from server.migrate import migrate
-from server.servicers.credit import CreditServicer
-from server.servicers.org_billing import OrgBillingServicer
-from server.settings import Settings
-from server.store import Store
-from server.sweeper import IdempotencySweeper
+from orgbilling.server.auth.local_admin import ensure_local_admin_key, grpcurl_example
+from orgbilling.server.auth.security import Security
+from orgbilling.server.auth.tls import add_port
+from orgbilling.server.database import open_pool, resolve_database_url
+from orgbilling.server.health import DatabaseHealthMonitor, HealthServicer
+from orgbilling.server.group_commit import GroupCommitter
+from orgbilling.server.interceptors import InterceptorChain
+from orgbilling.server.interceptors.admission import AdmissionInterceptor
+from orgbilling.server.interceptors.auth import AuthInterceptor
+from orgbilling.server.interceptors.deadline import DeadlineInterceptor
+from orgbilling.server.interceptors.draining import DrainingInterceptor
+from orgbilling.server.interceptors.open_streams import OpenStreamsInterceptor
+from orgbilling.server.interceptors.ratelimit import RateLimitInterceptor
+from orgbilling.server.interceptors.refusal_log import RefusalLog
+from orgbilling.server.migrate import migrate
+from orgbilling.server.servicers.credit import CreditServicer
+from orgbilling.server.servicers.org_billing import OrgBillingServicer
+from orgbilling.server.settings import Settings
+from orgbilling.server.store import Store
+from orgbilling.server.sweeper import IdempotencySweeper
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ SERVICE_NAMES = [
 
 class RequestIdLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        from server.request_context import current_request_id
+        from orgbilling.server.request_context import current_request_id
 
         record.request_id = current_request_id() or "-"
         return True

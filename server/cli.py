@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from server.settings import Settings
+from orgbilling.server.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,18 +23,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
 
     if arguments.command == "serve":
-        from server.app import serve
+        from orgbilling.server.app import serve
 
         serve(settings)
     elif arguments.command == "migrate":
-        from server.database import resolve_database_url
-        from server.migrate import migrate
+        from orgbilling.server.database import resolve_database_url
+        from orgbilling.server.migrate import migrate
 
         applied = migrate(resolve_database_url(settings))
         print("applied: " + (", ".join(applied) or "nothing, already up to date"))
     elif arguments.command == "verify":
-        from server.database import resolve_database_url
-        from server.verify import violations
+        from orgbilling.server.database import resolve_database_url
+        from orgbilling.server.verify import violations
 
         found = violations(resolve_database_url(settings))
         for name, rows in found.items():
@@ -82,9 +82,9 @@ def _add_apikey_commands(commands) -> None:
 
 
 def _apikey(arguments, settings: Settings) -> None:
-    from server.auth import api_keys
-    from server.database import resolve_database_url
-    from server.migrate import migrate
+    from orgbilling.server.auth import api_keys
+    from orgbilling.server.database import resolve_database_url
+    from orgbilling.server.migrate import migrate
 
     url = resolve_database_url(settings)
     # As `serve` does: the database may predate the api_keys table (migrating

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from psycopg_pool import ConnectionPool
 
-from server.settings import Settings
+from orgbilling.server.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Callable
 
 import psycopg
 
-from server.errors import deadline_exceeded, server_busy
-from server.request_context import call_deadline_var, seconds_left
-from server.store import Deduction, DeductionResult
+from orgbilling.server.errors import deadline_exceeded, server_busy
+from orgbilling.server.request_context import call_deadline_var, seconds_left
+from orgbilling.server.store import Deduction, DeductionResult
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.store import Store
+from orgbilling.server.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ error, not silently skipped.
 """
 
 import hashlib
+import importlib.resources
 import logging
 import re
 from pathlib import Path
@@ -14,7 +15,8 @@ import psycopg
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# Package data of the one installed package, so that a wheel is complete.
+MIGRATIONS_DIR = Path(str(importlib.resources.files("orgbilling.migrations")))
 # Any constant works; it only has to be the same in every replica.
 MIGRATION_LOCK_KEY = 0x6F726762696C6C  # "orgbill"
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -32,6 +34,9 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, st
         if not match:
             raise MigrationError(f"migration file name not NNNN_name.sql: {path.name}")
         found.append((int(match.group(1)), path.name, path.read_text()))
+    if not found:
+        # Nothing to apply would leave an empty schema that looks migrated.
+        raise MigrationError(f"no migration files in {directory}: the installation is incomplete")
     versions = [version for version, _, _ in found]
     if len(set(versions)) != len(versions):
         raise MigrationError("two migration files share a version number")

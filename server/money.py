@@ -2,7 +2,7 @@
 
 from decimal import ROUND_CEILING, Decimal
 
-from server.catalog import MILLICREDITS_PER_DOLLAR
+from orgbilling.server.catalog import MILLICREDITS_PER_DOLLAR
 
 
 def millicredits_for_dollars(cost_dollars: Decimal | str) -> int:

@@ -210,7 +210,7 @@ class Settings:
         self.validate_security()
 
     def validate_security(self) -> None:
-        from server.auth.jwks import ASYMMETRIC_ALGORITHMS
+        from orgbilling.server.auth.jwks import ASYMMETRIC_ALGORITHMS
 
         if self.jwks_url and self.jwks_file:
             raise ValueError("set jwks_url or jwks_file, not both")

@@ -15,8 +15,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from server.errors import deadline_exceeded
-from server.request_context import seconds_left
+from orgbilling.server.errors import deadline_exceeded
+from orgbilling.server.request_context import seconds_left
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ _DELETE_EXPIRED_RECORDS = """
            = (expired.org_id, expired.family, expired.idempotency_key)
 """
 # Any constant works; it only has to be the same in every replica (and differ
-# from server.migrate's).
+# from orgbilling.server.migrate's).
 SWEEP_LOCK_KEY = 0x6F726773776565  # "orgswee"
 
 _ALLOCATION_NOW = """

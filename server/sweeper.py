@@ -14,7 +14,7 @@ import threading
 
 import psycopg
 
-from server.store import Store
+from orgbilling.server.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 import re
 
-from server.errors import invalid_argument
+from orgbilling.server.errors import invalid_argument
 
 AMOUNT_MAX_MILLICREDITS = 10**15
 IDENTIFIER = re.compile(r"[A-Za-z0-9._:@-]{1,128}")

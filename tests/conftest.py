@@ -1,7 +1,7 @@
 import pytest
 
-from server.app import OrgBillingServer
-from server.settings import Settings
+from orgbilling.server.app import OrgBillingServer
+from orgbilling.server.settings import Settings
 from tests.support import Client, PostgresForTests, admin_token
 
 
@@ -66,7 +66,7 @@ def embedded_data_dir():
     import tempfile
     from pathlib import Path
 
-    from server.database import stop_embedded_database
+    from orgbilling.server.database import stop_embedded_database
 
     path = Path(tempfile.mkdtemp(prefix="orgbilling-embedded-"))
     yield path

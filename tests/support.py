@@ -22,9 +22,9 @@ from grpc_status import rpc_status
 from orgbilling.v1 import credit_service_pb2_grpc, org_billing_service_pb2_grpc
 from orgbilling.v1 import types_pb2
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
-from server.auth.api_keys import create_api_key
-from server.auth.scopes import ALL_SCOPES
-from server.migrate import migrate
+from orgbilling.server.auth.api_keys import create_api_key
+from orgbilling.server.auth.scopes import ALL_SCOPES
+from orgbilling.server.migrate import migrate
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE_DATABASE = "orgbilling_template"
@@ -54,7 +54,7 @@ class PostgresForTests:
         self._tmp = None
         url = os.environ.get("ORGBILLING_TEST_DATABASE_URL") or os.environ.get("ORGBILLING_DATABASE_URL")
         if not url:
-            from server.database import embedded_database_url
+            from orgbilling.server.database import embedded_database_url
 
             self._tmp = Path(tempfile.mkdtemp(prefix="orgbilling-test-"))
             url = embedded_database_url(self._tmp)
@@ -74,7 +74,7 @@ class PostgresForTests:
 
     def close(self):
         if self._tmp is not None:
-            from server.database import stop_embedded_database
+            from orgbilling.server.database import stop_embedded_database
 
             stop_embedded_database(self._tmp)
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -254,7 +254,7 @@ class ServerProcess:
     def start(self, ready_timeout_s: float = 30.0) -> "ServerProcess":
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve"], env=self.env, cwd=REPO,
+            [sys.executable, "-m", "orgbilling.server", "serve"], env=self.env, cwd=REPO,
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         wait_serving(self.address, ready_timeout_s, process=self.process, log_path=self.log_path)
@@ -267,7 +267,7 @@ class ServerProcess:
             if database_url:
                 self._token = admin_token(database_url)
             else:
-                from server.auth.local_admin import ADMIN_KEY_FILE_NAME
+                from orgbilling.server.auth.local_admin import ADMIN_KEY_FILE_NAME
 
                 data_dir = REPO / self.env.get("ORGBILLING_DATA_DIR", ".orgbilling")
                 self._token = (data_dir / ADMIN_KEY_FILE_NAME).read_text().strip()

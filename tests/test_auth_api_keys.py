@@ -15,9 +15,9 @@ import psycopg
 import pytest
 
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
-from server.auth import api_keys
-from server.auth.key_ring import KeyRing
-from server.errors import ServiceError
+from orgbilling.server.auth import api_keys
+from orgbilling.server.auth.key_ring import KeyRing
+from orgbilling.server.errors import ServiceError
 from tests.conftest import start_server
 from tests.support import REPO, Client, admin_token, api_key, error_info
 
@@ -26,7 +26,7 @@ KEY_FORMAT = re.compile(r"obk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
 
 def orgbilling(database_url, *args) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "orgbilling.server", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
         env={**os.environ, "ORGBILLING_DATABASE_URL": database_url},
     )
 

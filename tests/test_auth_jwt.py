@@ -14,7 +14,7 @@ import pytest
 
 from orgbilling.v1 import credit_service_pb2 as credit_pb
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
-from server.settings import Settings
+from orgbilling.server.settings import Settings
 from tests.conftest import start_server
 from tests.identity import IdentityProvider
 from tests.support import Client, error_info, new_key

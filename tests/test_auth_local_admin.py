@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.auth.api_keys import split_key
+from orgbilling.server.auth.api_keys import split_key
 from tests.support import REPO, ServerProcess
 
 

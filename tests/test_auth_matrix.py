@@ -14,8 +14,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from server.auth.api_keys import revoke
-from server.auth.scopes import ALL_SCOPES, INFRASTRUCTURE_SERVICES, METHOD_SCOPES
+from orgbilling.server.auth.api_keys import revoke
+from orgbilling.server.auth.scopes import ALL_SCOPES, INFRASTRUCTURE_SERVICES, METHOD_SCOPES
 from tests.conftest import start_server
 from tests.identity import IdentityProvider
 from tests.support import Client, admin_token, api_key, error_info

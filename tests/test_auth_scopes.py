@@ -6,8 +6,8 @@ import pkgutil
 
 import orgbilling.v1
 from orgbilling.v1 import credit_service_pb2 as pb
-from server.auth.orgs import org_ids_in
-from server.auth.scopes import ALL_SCOPES, METHOD_SCOPES, is_read, required_scope
+from orgbilling.server.auth.orgs import org_ids_in
+from orgbilling.server.auth.scopes import ALL_SCOPES, METHOD_SCOPES, is_read, required_scope
 
 
 def every_rpc_in_the_generated_code() -> set[str]:

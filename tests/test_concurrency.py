@@ -7,7 +7,7 @@ import grpc
 import psycopg
 
 from orgbilling.v1 import credit_service_pb2 as pb
-from server.verify import violations
+from orgbilling.server.verify import violations
 from tests.support import new_key
 
 

@@ -9,7 +9,7 @@ import psycopg
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.v1 import types_pb2 as t
-from server.verify import violations
+from orgbilling.server.verify import violations
 from tests.support import new_key
 
 

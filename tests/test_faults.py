@@ -26,7 +26,7 @@ from orgbilling.v1 import credit_service_pb2 as credit_pb
 from orgbilling.v1 import credit_service_pb2_grpc as credit_pb_grpc
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.v1 import types_pb2
-from server.verify import violations
+from orgbilling.server.verify import violations
 from tests.bank.connect import Connection, admin_token_for, connect
 from tests.bank.postgres import PostgresCluster, SERVER_APPLICATION_NAME
 from tests.bank.proxy import TcpProxy

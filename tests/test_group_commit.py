@@ -10,11 +10,11 @@ import psycopg
 import pytest
 
 from orgbilling.v1 import credit_service_pb2 as pb
-from server.errors import ServiceError
-from server.group_commit import GroupCommitter
-from server.request_context import call_deadline_var
-from server.store import Deduction, DeductionResult
-from server.verify import violations
+from orgbilling.server.errors import ServiceError
+from orgbilling.server.group_commit import GroupCommitter
+from orgbilling.server.request_context import call_deadline_var
+from orgbilling.server.store import Deduction, DeductionResult
+from orgbilling.server.verify import violations
 from tests.support import field_violations, new_key, raises_rpc
 
 

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING, HealthServicer
+from orgbilling.server.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING, HealthServicer
 
 NAMES = ["orgbilling.v1.CreditService", "orgbilling.v1.OrgBillingService"]
 MIB = 1024 * 1024

@@ -14,9 +14,9 @@ import pytest
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.v1 import types_pb2 as t
-from server.settings import Settings
-from server.store import SWEEP_LOCK_KEY
-from server.sweeper import IdempotencySweeper
+from orgbilling.server.settings import Settings
+from orgbilling.server.store import SWEEP_LOCK_KEY
+from orgbilling.server.sweeper import IdempotencySweeper
 from tests.support import raises_rpc
 
 WEEK_MS = 7 * 24 * 3_600_000

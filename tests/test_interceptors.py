@@ -14,19 +14,19 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from server.auth import scopes
-from server.auth.caller import Caller, unauthenticated
-from server.errors import ServiceError
-from server.health import HealthServicer
-from server.interceptors import InterceptorChain
-from server.interceptors.admission import AdmissionInterceptor
-from server.interceptors.auth import AuthInterceptor
-from server.interceptors.deadline import DeadlineInterceptor
-from server.interceptors.draining import DrainingInterceptor
-from server.interceptors.open_streams import OpenStreamsInterceptor
-from server.interceptors.ratelimit import RateLimitInterceptor, TokenBuckets
-from server.interceptors.refusal_log import RefusalLog
-from server.request_context import current_request_id, seconds_left
+from orgbilling.server.auth import scopes
+from orgbilling.server.auth.caller import Caller, unauthenticated
+from orgbilling.server.errors import ServiceError
+from orgbilling.server.health import HealthServicer
+from orgbilling.server.interceptors import InterceptorChain
+from orgbilling.server.interceptors.admission import AdmissionInterceptor
+from orgbilling.server.interceptors.auth import AuthInterceptor
+from orgbilling.server.interceptors.deadline import DeadlineInterceptor
+from orgbilling.server.interceptors.draining import DrainingInterceptor
+from orgbilling.server.interceptors.open_streams import OpenStreamsInterceptor
+from orgbilling.server.interceptors.ratelimit import RateLimitInterceptor, TokenBuckets
+from orgbilling.server.interceptors.refusal_log import RefusalLog
+from orgbilling.server.request_context import current_request_id, seconds_left
 from tests.support import error_info
 
 SERVICE = "test.Echo"

@@ -89,7 +89,7 @@ def test_health_reports_not_serving_while_the_database_is_unreachable(database_u
 
     # Migrations need the database, so start the server without them: the
     # server process refuses to start, which is itself the fail-closed answer.
-    result = subprocess.run([sys.executable, "-m", "server", "serve"], env=server.env, cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "orgbilling.server", "serve"], env=server.env, cwd=REPO,
                             capture_output=True, timeout=60)
     assert result.returncode != 0
 

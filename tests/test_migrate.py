@@ -6,7 +6,7 @@ import shutil
 import psycopg
 import pytest
 
-from server.migrate import MigrationError, migrate, MIGRATIONS_DIR
+from orgbilling.server.migrate import MigrationError, migrate, MIGRATIONS_DIR
 from tests.support import with_database
 
 

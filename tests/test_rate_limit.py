@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
-from server.interceptors.ratelimit import TokenBuckets
+from orgbilling.server.interceptors.ratelimit import TokenBuckets
 from tests.conftest import start_server
 from tests.support import Client, admin_token, api_key, error_info
 

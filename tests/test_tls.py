@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
-from server.auth import api_keys
+from orgbilling.server.auth import api_keys
 from tests.conftest import start_server
 from tests.identity import CertificateAuthority
 from tests.support import Client, error_info

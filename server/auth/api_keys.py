@@ -18,7 +18,7 @@ import secrets
 
 import psycopg
 
-from server.auth.scopes import parse_scopes
+from orgbilling.server.auth.scopes import parse_scopes
 
 KEY_PREFIX = "obk_"
 _KEY_ID_BYTES = 8

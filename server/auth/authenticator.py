@@ -8,10 +8,10 @@ Credentials, in order:
 Anything else is UNAUTHENTICATED.
 """
 
-from server.auth.caller import Caller, unauthenticated
-from server.auth.certificates import certificate_subject
-from server.auth.jwt_verifier import JwtVerifier
-from server.auth.key_ring import KeyRing
+from orgbilling.server.auth.caller import Caller, unauthenticated
+from orgbilling.server.auth.certificates import certificate_subject
+from orgbilling.server.auth.jwt_verifier import JwtVerifier
+from orgbilling.server.auth.key_ring import KeyRing
 
 AUTHORIZATION_HEADER = "authorization"
 _BEARER = "bearer"

@@ -5,7 +5,7 @@ import dataclasses
 
 import grpc
 
-from server.errors import ServiceError
+from orgbilling.server.errors import ServiceError
 
 
 @dataclasses.dataclass(frozen=True)

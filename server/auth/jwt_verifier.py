@@ -21,10 +21,10 @@ import time
 
 import jwt
 
-from server.auth.caller import Caller, credentials_unverifiable, unauthenticated
-from server.auth.jwks import JwksCache
-from server.auth.scopes import ALL_SCOPES
-from server.validation import IDENTIFIER
+from orgbilling.server.auth.caller import Caller, credentials_unverifiable, unauthenticated
+from orgbilling.server.auth.jwks import JwksCache
+from orgbilling.server.auth.scopes import ALL_SCOPES
+from orgbilling.server.validation import IDENTIFIER
 
 _DECODE_OPTIONS = {
     "verify_signature": True,

@@ -21,8 +21,8 @@ import logging
 import threading
 import time
 
-from server.auth.api_keys import KeyRecord, hash_secret, load_live_records, split_key
-from server.auth.caller import Caller, credentials_unverifiable, unauthenticated
+from orgbilling.server.auth.api_keys import KeyRecord, hash_secret, load_live_records, split_key
+from orgbilling.server.auth.caller import Caller, credentials_unverifiable, unauthenticated
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import os
 import shlex
 from pathlib import Path
 
-from server.auth.api_keys import create_api_key, is_live_key, revoke
-from server.auth.scopes import ALL_SCOPES
+from orgbilling.server.auth.api_keys import create_api_key, is_live_key, revoke
+from orgbilling.server.auth.scopes import ALL_SCOPES
 
 log = logging.getLogger(__name__)
 

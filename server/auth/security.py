@@ -5,12 +5,12 @@ chain by server.app."""
 
 import logging
 
-from server.auth.authenticator import Authenticator
-from server.auth.jwks import JwksCache
-from server.auth.jwt_verifier import JwtVerifier
-from server.auth.key_ring import KeyRing
-from server.interceptors.ratelimit import TokenBuckets
-from server.settings import Settings
+from orgbilling.server.auth.authenticator import Authenticator
+from orgbilling.server.auth.jwks import JwksCache
+from orgbilling.server.auth.jwt_verifier import JwtVerifier
+from orgbilling.server.auth.key_ring import KeyRing
+from orgbilling.server.interceptors.ratelimit import TokenBuckets
+from orgbilling.server.settings import Settings
 
 log = logging.getLogger(__name__)
 

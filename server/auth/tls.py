@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from server.settings import Settings
+from orgbilling.server.settings import Settings
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials:

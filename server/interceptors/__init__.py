@@ -32,10 +32,10 @@ from typing import Callable, Iterator
 
 import grpc
 
-from server.errors import ServiceError, malformed_request, status_for
-from server.interceptors.refusal_log import RefusalLog
-from server.interceptors.request_id import REQUEST_ID_HEADER, request_id_from
-from server.request_context import request_id_var
+from orgbilling.server.errors import ServiceError, malformed_request, status_for
+from orgbilling.server.interceptors.refusal_log import RefusalLog
+from orgbilling.server.interceptors.request_id import REQUEST_ID_HEADER, request_id_from
+from orgbilling.server.request_context import request_id_var
 
 class Method:
     """What the chain knows of a method before any call: its path and kind."""

@@ -10,8 +10,8 @@ calls actually working."""
 
 import threading
 
-from server.errors import server_busy
-from server.interceptors import Call, Interceptor, Method
+from orgbilling.server.errors import server_busy
+from orgbilling.server.interceptors import Call, Interceptor, Method
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 

@@ -5,7 +5,7 @@ setting unauthenticated_services) it checks, in this order, and refuses at
 the first failure:
 1. the credentials (UNAUTHENTICATED): before the request is even decoded,
    so a bad caller learns nothing about its request's validity;
-2. the scope the method requires, from server.auth.scopes (PERMISSION_DENIED,
+2. the scope the method requires, from orgbilling.server.auth.scopes (PERMISSION_DENIED,
    MISSING_SCOPE; a method with no declared scope is refused to everyone);
 3. the organizations the request names, for a credential limited to some
    (PERMISSION_DENIED, ORG_NOT_PERMITTED).
@@ -15,13 +15,13 @@ the servicers) as call.caller and server.auth.caller.current_caller().
 
 import logging
 
-from server.auth.authenticator import Authenticator
-from server.auth.caller import (
+from orgbilling.server.auth.authenticator import Authenticator
+from orgbilling.server.auth.caller import (
     Caller, caller_var, missing_scope, org_not_permitted, scope_not_declared,
 )
-from server.auth.orgs import org_ids_in
-from server.auth.scopes import required_scope
-from server.interceptors import Call, Interceptor, Method
+from orgbilling.server.auth.orgs import org_ids_in
+from orgbilling.server.auth.scopes import required_scope
+from orgbilling.server.interceptors import Call, Interceptor, Method
 
 log = logging.getLogger(__name__)
 

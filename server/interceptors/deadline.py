@@ -4,8 +4,8 @@ the caller stops waiting, not later."""
 
 import time
 
-from server.interceptors import Call, Interceptor
-from server.request_context import call_deadline_var
+from orgbilling.server.interceptors import Call, Interceptor
+from orgbilling.server.request_context import call_deadline_var
 
 # grpc reports "no deadline" as a huge time remaining rather than None.
 _NO_DEADLINE_S = 365 * 24 * 3600

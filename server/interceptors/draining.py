@@ -8,8 +8,8 @@ a lost answer."""
 import threading
 import time
 
-from server.errors import shutting_down
-from server.interceptors import Call, Interceptor
+from orgbilling.server.errors import shutting_down
+from orgbilling.server.interceptors import Call, Interceptor
 
 
 class DrainingInterceptor(Interceptor):

@@ -8,8 +8,8 @@ worker thread."""
 import threading
 import time
 
-from server.errors import server_busy
-from server.interceptors import Call, Interceptor, Method
+from orgbilling.server.errors import server_busy
+from orgbilling.server.interceptors import Call, Interceptor, Method
 
 
 class OpenStreamsInterceptor(Interceptor):

@@ -14,9 +14,9 @@ each replica's memory: N replicas allow N times the budget.
 import threading
 import time
 
-from server.auth.scopes import is_read
-from server.errors import rate_limited
-from server.interceptors import Call, Interceptor, Method
+from orgbilling.server.auth.scopes import is_read
+from orgbilling.server.errors import rate_limited
+from orgbilling.server.interceptors import Call, Interceptor, Method
 
 # Methods that cost more than one token: path -> tokens for a request.
 _COSTS = {

@@ -6,9 +6,9 @@ import logging
 import threading
 import time
 
-from server.errors import ServiceError
+from orgbilling.server.errors import ServiceError
 
-log = logging.getLogger("server.refusals")
+log = logging.getLogger("orgbilling.server.refusals")
 
 
 class RefusalLog:

@@ -2,11 +2,11 @@ import grpc
 
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import credit_service_pb2_grpc
-from server.errors import ServiceError, refusal
-from server.group_commit import GroupCommitter
-from server.request_context import current_request_id, fingerprint
-from server.store import Deduction, DeductionResult, Store
-from server.validation import Checks
+from orgbilling.server.errors import ServiceError, refusal
+from orgbilling.server.group_commit import GroupCommitter
+from orgbilling.server.request_context import current_request_id, fingerprint
+from orgbilling.server.store import Deduction, DeductionResult, Store
+from orgbilling.server.validation import Checks
 
 
 class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):

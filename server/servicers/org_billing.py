@@ -4,12 +4,12 @@ import json
 
 from orgbilling.v1 import org_billing_service_pb2 as pb
 from orgbilling.v1 import org_billing_service_pb2_grpc, types_pb2
-from server import catalog, convert
-from server.errors import refusal
-from server.request_context import current_request_id, fingerprint
-from server.settings import Settings
-from server.store import Store
-from server.validation import Checks
+from orgbilling.server import catalog, convert
+from orgbilling.server.errors import refusal
+from orgbilling.server.request_context import current_request_id, fingerprint
+from orgbilling.server.settings import Settings
+from orgbilling.server.store import Store
+from orgbilling.server.validation import Checks
 
 _PLAN = (types_pb2.Plan, "PLAN")
 _CYCLE = (types_pb2.BillingCycle, "BILLING_CYCLE")

@@ -14,7 +14,7 @@ import json
 
 import psycopg
 
-from server.verify import violations as server_invariant_violations
+from orgbilling.server.verify import violations as server_invariant_violations
 from tests.bank.history import History, Operation, Outcome
 from tests.bank.postgres import HARNESS_APPLICATION_NAME
 

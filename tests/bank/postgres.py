@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-from server.migrate import migrate
+from orgbilling.server.migrate import migrate
 from tests.support import with_database
 
 # The servers' connections say so; the harness's own do not, so that

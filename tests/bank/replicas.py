@@ -16,11 +16,12 @@ def snapshot_code(into: Path) -> Path:
     restarts replicas for minutes, and must test one version of the code
     even while the working tree changes under it."""
     ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(REPO / "server", into / "server", ignore=ignore)
-    shutil.copytree(REPO / "migrations", into / "migrations", ignore=ignore)
-    # Found before the editable install's mapping: the current directory
-    # comes first on sys.path under `python -m`.
+    # The package as the wheel lays it out. Found before the editable
+    # install's mapping: the current directory comes first on sys.path
+    # under `python -m`.
     shutil.copytree(REPO / "generated" / "orgbilling", into / "orgbilling", ignore=ignore)
+    shutil.copytree(REPO / "server", into / "orgbilling" / "server", ignore=ignore)
+    shutil.copytree(REPO / "migrations", into / "orgbilling" / "migrations", ignore=ignore)
     return into
 
 
@@ -44,7 +45,7 @@ class _ServerProcessFrom(ServerProcess):
     def start(self, ready_timeout_s: float = 30.0) -> "ServerProcess":
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve"], env=self.env, cwd=self._code_dir,
+            [sys.executable, "-m", "orgbilling.server", "serve"], env=self.env, cwd=self._code_dir,
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         wait_serving(self.address, ready_timeout_s, process=self.process, log_path=self.log_path)

@@ -121,7 +121,7 @@ class BankRun:
             postgres = PostgresCluster()
             cleanup.callback(postgres.close)
             code_dir = snapshot_code(postgres.root / "code")
-            database_url = postgres.create_database("bank", code_dir / "migrations")
+            database_url = postgres.create_database("bank", code_dir / "orgbilling" / "migrations")
             token = admin_token_for(database_url)
             proxy = TcpProxy(postgres.socket_path)
             cleanup.callback(proxy.close)
