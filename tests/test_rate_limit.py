@@ -16,7 +16,7 @@ from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.server.interceptors.ratelimit import TokenBuckets
 from tests.conftest import start_server
-from tests.support import Client, admin_token, api_key, error_info
+from tests.support import Client, admin_token, api_key, error_info, new_key
 
 
 def retry_delay_s(error: grpc.RpcError) -> float:
@@ -109,6 +109,30 @@ def test_a_burst_past_the_budget_is_refused_with_retry_info_then_passes_again(li
 
     time.sleep(delay + 0.05)
     assert read(a).pool.total_millicredits == 10_000
+
+
+def test_a_batch_costs_a_write_token_per_item_refused_items_included(limited, database_url):
+    """A DeductCreditsBatch of 8 spends 8 of the 10-token write burst, even
+    when its items are refused (each stores its answer): a batch of 3 is then
+    refused, while 2 single deductions still fit."""
+    deducting = Client(limited["a"].address, token=api_key(database_url, ["credits.deduct"]))
+    try:
+        def batch(count: int, user_id: str):
+            return deducting.credits.DeductCreditsBatch(pb.DeductCreditsBatchRequest(deductions=[
+                pb.DeductCreditsRequest(org_id="acme", user_id=user_id, amount_millicredits=1,
+                                        service_type="llm", service_name="batch",
+                                        idempotency_key=new_key())
+                for _ in range(count)]), timeout=5)
+
+        refused_items = batch(8, "nobody").results
+        assert [r.error.reason for r in refused_items] == ["ALLOCATION_NOT_FOUND"] * 8
+        with pytest.raises(grpc.RpcError) as refused:
+            batch(3, "alice")
+        assert error_info(refused.value).reason == "RATE_LIMITED"
+        assert len(batch(1, "alice").results) == 1
+        assert len(batch(1, "alice").results) == 1
+    finally:
+        deducting.close()
 
 
 def test_refusals_are_cheap_and_change_nothing(limited):
