@@ -133,9 +133,10 @@ class InterceptorChain(grpc.ServerInterceptor):
         def decoded(call: Call, request_iterator) -> Iterator:
             for raw in _until(call, request_iterator):
                 try:
-                    yield deserialize(raw)
-                except Exception:  # noqa: BLE001
+                    request = deserialize(raw)
+                except Exception:  # noqa: BLE001: whatever the bytes, the caller gets the same answer
                     raise malformed_request() from None
+                yield request
 
         options = {"request_deserializer": None, "response_serializer": handler.response_serializer}
 
