@@ -28,9 +28,13 @@ def main(argv: list[str] | None = None) -> None:
         serve(settings)
     elif arguments.command == "migrate":
         from orgbilling.server.database import resolve_database_url
-        from orgbilling.server.migrate import migrate
+        from orgbilling.server.migrate import MigrationError, migrate
 
-        applied = migrate(resolve_database_url(settings))
+        try:
+            applied = migrate(resolve_database_url(settings))
+        except MigrationError as error:
+            # A broken installation or database, not a bug: the message says it all.
+            parser.exit(1, f"orgbilling migrate: error: {error}\n")
         print("applied: " + (", ".join(applied) or "nothing, already up to date"))
     elif arguments.command == "verify":
         from orgbilling.server.database import resolve_database_url

@@ -1,8 +1,14 @@
-"""Applies migrations/NNNN_name.sql in order, each once, under an advisory lock.
+"""Applies migrations/, two kinds of SQL file, under one advisory lock.
+
+Versioned files, NNNN_name.sql (tables, indexes, constraints, data moves), are
+applied in order, each once; one that was edited after it was applied is an
+error, not silently skipped. Then repeatable files, functions/NN_name.sql (the
+ledger's functions and views, each file the one current definition of its
+functions), are applied in name order, all in one transaction, when their
+checksum differs from the one recorded: editing a function is editing its file.
 
 Several replicas may start at once: the lock makes one apply and the others
-find nothing left to do. An applied file that was edited afterwards is an
-error, not silently skipped.
+find nothing left to do.
 """
 
 import hashlib
@@ -17,20 +23,23 @@ log = logging.getLogger(__name__)
 
 # Package data of the one installed package, so that a wheel is complete.
 MIGRATIONS_DIR = Path(str(importlib.resources.files("orgbilling.migrations")))
+REPEATABLE_SUBDIR = "functions"
 # Any constant works; it only has to be the same in every replica.
 MIGRATION_LOCK_KEY = 0x6F726762696C6C  # "orgbill"
-_FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_VERSIONED_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_REPEATABLE_NAME = re.compile(r"^\d{2}_[a-z0-9_]+\.sql$")
 
 
 class MigrationError(Exception):
     pass
 
 
-def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, str]]:
-    """(version, name, sql) of every migration file, in order."""
+def migration_files(directory: Path | None = None) -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every versioned file, in order."""
+    directory = directory or MIGRATIONS_DIR
     found = []
     for path in sorted(directory.glob("*.sql")):
-        match = _FILE_NAME.match(path.name)
+        match = _VERSIONED_NAME.match(path.name)
         if not match:
             raise MigrationError(f"migration file name not NNNN_name.sql: {path.name}")
         found.append((int(match.group(1)), path.name, path.read_text()))
@@ -43,10 +52,22 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, st
     return found
 
 
-def migrate(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+def repeatable_files(directory: Path | None = None) -> list[tuple[str, str]]:
+    """(name, sql) of every repeatable file, in order; names are
+    relative to the migrations directory, such as functions/30_deductions.sql."""
+    directory = directory or MIGRATIONS_DIR
+    found = []
+    for path in sorted((directory / REPEATABLE_SUBDIR).glob("*.sql")):
+        if not _REPEATABLE_NAME.match(path.name):
+            raise MigrationError(f"repeatable file name not NN_name.sql: {path.name}")
+        found.append((f"{REPEATABLE_SUBDIR}/{path.name}", path.read_text()))
+    return found
+
+
+def migrate(url: str, directory: Path | None = None) -> list[str]:
     """Applies what is not applied yet; returns the names applied now."""
-    files = migration_files(directory)
-    applied_now = []
+    versioned = migration_files(directory)
+    repeatable = repeatable_files(directory)
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
@@ -57,26 +78,75 @@ def migrate(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
                        sha256      text NOT NULL,
                        applied_at  timestamptz NOT NULL DEFAULT now())"""
             )
-            applied = {
-                version: (name, digest)
-                for version, name, digest in conn.execute(
-                    "SELECT version, name, sha256 FROM schema_migrations"
-                )
-            }
-            for version, name, sql in files:
-                digest = hashlib.sha256(sql.encode()).hexdigest()
-                if version in applied:
-                    if applied[version][1] != digest:
-                        raise MigrationError(f"{name} was changed after it was applied")
-                    continue
-                with conn.transaction():
-                    conn.execute(sql)
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, name, sha256) VALUES (%s, %s, %s)",
-                        (version, name, digest),
-                    )
-                log.info("applied migration %s", name)
-                applied_now.append(name)
+            conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_repeatable_files (
+                       name        text PRIMARY KEY,
+                       sha256      text NOT NULL,
+                       applied_at  timestamptz NOT NULL DEFAULT now())"""
+            )
+            applied_now = _apply_versioned(conn, versioned)
+            # A versioned file may have dropped what a function or view
+            # depends on (a column type change must drop the views that read
+            # it): after one, every repeatable file is applied again.
+            applied_now += _apply_repeatable(conn, repeatable, everything=bool(applied_now))
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
     return applied_now
+
+
+def _sha256(sql: str) -> str:
+    return hashlib.sha256(sql.encode()).hexdigest()
+
+
+def _apply_versioned(conn: psycopg.Connection, files: list[tuple[int, str, str]]) -> list[str]:
+    applied = {
+        version: (name, digest)
+        for version, name, digest in conn.execute("SELECT version, name, sha256 FROM schema_migrations")
+    }
+    applied_now = []
+    for version, name, sql in files:
+        digest = _sha256(sql)
+        if version in applied:
+            applied_name, applied_digest = applied[version]
+            if applied_name != name:
+                raise MigrationError(
+                    f"the database applied {applied_name} as version {version}, not {name}: it was "
+                    "built from another history of migrations (before the squash into "
+                    "0001_baseline.sql?); build it anew")
+            if applied_digest != digest:
+                raise MigrationError(f"{name} was changed after it was applied")
+            continue
+        with conn.transaction():
+            conn.execute(sql)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, sha256) VALUES (%s, %s, %s)",
+                (version, name, digest),
+            )
+        log.info("applied migration %s", name)
+        applied_now.append(name)
+    return applied_now
+
+
+def _apply_repeatable(conn: psycopg.Connection, files: list[tuple[str, str]], everything: bool) -> list[str]:
+    recorded = dict(conn.execute("SELECT name, sha256 FROM schema_repeatable_files").fetchall())
+    due = [(name, sql, _sha256(sql)) for name, sql in files]
+    due = [(name, sql, digest) for name, sql, digest in due if everything or recorded.get(name) != digest]
+    if not due:
+        return []
+    # One transaction: the functions change together, so no call ever sees
+    # half of an edit that spans several files.
+    with conn.transaction():
+        for name, sql, digest in due:
+            try:
+                conn.execute(sql)
+            except psycopg.Error as error:
+                raise MigrationError(f"{name} failed, so no repeatable file was applied: "
+                                     f"{error}") from error
+            conn.execute(
+                """INSERT INTO schema_repeatable_files (name, sha256) VALUES (%s, %s)
+                   ON CONFLICT (name) DO UPDATE SET sha256 = excluded.sha256, applied_at = now()""",
+                (name, digest),
+            )
+    for name, _, _ in due:
+        log.info("applied repeatable file %s", name)
+    return [name for name, _, _ in due]

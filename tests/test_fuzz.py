@@ -289,7 +289,7 @@ def decodes(method, data: bytes) -> bool:
 def ledger_fingerprint(conn: psycopg.Connection, answer_keys: frozenset[str] = frozenset()) -> dict[str, str]:
     """A digest of every row of every table: any write changes it. Except a
     refusal stored under the refused call's own idempotency key (its answer,
-    migrations/0005, so that a late attempt with that key cannot be applied
+    migrations/functions/20_idempotency.sql, so that a late attempt with that key cannot be applied
     after the caller was told no): that row is not a write to the ledger."""
     tables = [name for (name,) in conn.execute(
         "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename")]

@@ -3,6 +3,7 @@ fresh virtual environment outside the checkout, `orgbilling serve` starts on
 the embedded default (migrations found as package data) and answers a call."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,8 +29,14 @@ def run(*command, cwd: Path, env=None) -> str:
 def test_the_wheel_installed_elsewhere_serves_on_the_embedded_default(embedded_data_dir):
     with tempfile.TemporaryDirectory(prefix="orgbilling-wheel-") as scratch:
         scratch = Path(scratch)
+        # From a copy without build/: setuptools would reuse files a
+        # previous build left there, deleted ones included.
+        source = scratch / "source"
+        shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", ".orgbilling", "*.egg-info", "__pycache__", ".pytest_cache",
+            ".hypothesis"))
         run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir",
-            str(scratch / "dist"), str(REPO), cwd=scratch)
+            str(scratch / "dist"), str(source), cwd=scratch)
         wheel, = (scratch / "dist").glob("orgbilling-*.whl")
         venv.create(scratch / "venv", with_pip=True)
         python = scratch / "venv" / "bin" / "python"
