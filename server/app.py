@@ -66,7 +66,11 @@ class OrgBillingServer:
     def __init__(self, settings: Settings, database_url: str):
         self.settings = settings
         self.pool = open_pool(settings, database_url)
-        self.store = Store(self.pool, settings.pool_wait_timeout_ms, settings.statement_timeout_ms)
+        self.store = Store(
+            self.pool,
+            pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
+            statement_timeout_ms=settings.statement_timeout_ms,
+        )
         self.committer = GroupCommitter(
             self.store.deduct_batch,
             lanes=settings.group_commit_lanes,
@@ -83,7 +87,8 @@ class OrgBillingServer:
             service_names=SERVICE_NAMES, watch_lifetime_ms=settings.open_service_stream_lifetime_ms,
         )
         self.health = DatabaseHealthMonitor(
-            self.store, self.health_servicer, SERVICE_NAMES, settings.health_check_interval_ms
+            self.store, servicer=self.health_servicer, service_names=SERVICE_NAMES,
+            interval_ms=settings.health_check_interval_ms,
         )
         self.security = Security(settings, self.pool)
         self.draining = DrainingInterceptor()
@@ -132,11 +137,12 @@ class OrgBillingServer:
             ],
         )
         credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
-            CreditServicer(self.store, self.committer, settings.deduct_batch_items_max),
-            self.grpc_server
+            CreditServicer(self.store, committer=self.committer,
+                           batch_items_max=settings.deduct_batch_items_max),
+            self.grpc_server,
         )
         org_billing_service_pb2_grpc.add_OrgBillingServiceServicer_to_server(
-            OrgBillingServicer(self.store, settings), self.grpc_server
+            OrgBillingServicer(self.store, settings=settings), self.grpc_server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.grpc_server)
         reflection.enable_server_reflection(

@@ -14,7 +14,6 @@ CATALOG_CURRENCY = "USD"
 # 1 credit is worth $0.001 and is 1,000 millicredits, so one cent buys
 # 10 credits: 10,000 millicredits.
 MILLICREDITS_PER_CENT = 10_000
-MILLICREDITS_PER_DOLLAR = 100 * MILLICREDITS_PER_CENT
 TRIAL_DAYS_MAX = 365
 
 

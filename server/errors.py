@@ -1,8 +1,10 @@
 """The error model: every failure is a google.rpc.Status with one ErrorInfo.
 
-Servicers, interceptors and the store raise ServiceError; the interceptor
-chain (server.interceptors) turns it, and any database failure or bug, into
-the status the caller sees (status_for).
+Every reason the server sends is built here, by one function each, so that
+a reason's code, message and metadata are the same wherever it is raised.
+Servicers, interceptors and the store raise the ServiceError these build;
+the interceptor chain (server.interceptors) turns it, and any database
+failure or bug, into the status the caller sees (status_for).
 """
 
 import logging
@@ -27,6 +29,7 @@ class ServiceError(Exception):
         code: grpc.StatusCode,
         reason: str,
         message: str,
+        *,
         metadata: dict[str, object] | None = None,
         field_violations: list[tuple[str, str]] = (),
         retry_after_s: float | None = None,
@@ -131,10 +134,75 @@ _OUTCOMES: dict[str, tuple[grpc.StatusCode, str]] = {
 
 def refusal(outcome: str, **metadata) -> ServiceError:
     """The ServiceError for a ledger function's refusal outcome."""
-    code, message = _OUTCOMES.get(outcome, (grpc.StatusCode.INTERNAL, "internal error"))
-    if code is grpc.StatusCode.INTERNAL:
+    if outcome not in _OUTCOMES:
         raise AssertionError(f"unknown ledger outcome {outcome!r}")
+    code, message = _OUTCOMES[outcome]
     return ServiceError(code, outcome, message, metadata=metadata)
+
+
+def batch_not_applied(*, refused_items: list[int], item_count: int,
+                      first_refused_reason: str) -> ServiceError:
+    """An all-or-nothing batch in which some items were refused, so none was
+    charged. At most 100 item indexes are listed, so that a batch of
+    thousands cannot make the error itself too large to send."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION, "BATCH_NOT_APPLIED",
+        f"{len(refused_items)} of {item_count} deductions were refused, so none was charged",
+        metadata={
+            "refused_items": ",".join(map(str, refused_items[:100])),
+            "refused_count": len(refused_items),
+            "first_refused_item": refused_items[0],
+            "first_refused_reason": first_refused_reason,
+        },
+    )
+
+
+# Authentication and authorization (server.auth, server.interceptors.auth).
+
+
+def unauthenticated(cause: str, message: str) -> ServiceError:
+    """No or bad credentials. `cause` is one of missing, malformed, invalid,
+    expired, unsupported: what the caller has to fix."""
+    return ServiceError(
+        grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", message, metadata={"cause": cause}
+    )
+
+
+def credentials_unverifiable(message: str) -> ServiceError:
+    """The server cannot tell whether the credentials are good right now
+    (keys not loaded yet, identity provider unreachable): fail closed, retryable."""
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "CREDENTIALS_UNVERIFIABLE", message)
+
+
+def missing_scope(method: str, scope: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.PERMISSION_DENIED, "MISSING_SCOPE",
+        f"this credential lacks the scope {scope}, which {method} requires",
+        metadata={"required_scope": scope, "method": method},
+    )
+
+
+def org_not_permitted(org_id: str | None) -> ServiceError:
+    """`org_id` None: the call names no organization at all."""
+    if org_id is None:
+        message = "this credential is limited to some organizations, and this call names none"
+        metadata = None
+    else:
+        message = f"this credential may not act on organization {org_id!r}"
+        metadata = {"org_id": org_id}
+    return ServiceError(grpc.StatusCode.PERMISSION_DENIED, "ORG_NOT_PERMITTED", message,
+                        metadata=metadata)
+
+
+def scope_not_declared(method: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.PERMISSION_DENIED, "SCOPE_NOT_DECLARED",
+        f"{method} has no required scope declared, so nobody may call it",
+        metadata={"method": method},
+    )
+
+
+# The server's own state and limits.
 
 
 def deadline_exceeded() -> ServiceError:

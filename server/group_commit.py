@@ -77,6 +77,7 @@ class GroupCommitter:
     def __init__(
         self,
         commit_batch: Callable[[list[Deduction]], list[DeductionResult]],
+        *,
         lanes: int,
         batch_size_max: int,
         queue_length_max: int,

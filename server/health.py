@@ -148,7 +148,7 @@ class DatabaseHealthMonitor:
     """Asks the database every interval whether it answers and sets every
     service's health to match. Runs in its own thread, off the request path."""
 
-    def __init__(self, store: Store, servicer: HealthServicer, service_names: list[str],
+    def __init__(self, store: Store, *, servicer: HealthServicer, service_names: list[str],
                  interval_ms: int):
         self._store = store
         self._servicer = servicer

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     # Where gRPC listens, host:port.
     listen_address: str = "127.0.0.1:50051"

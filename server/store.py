@@ -19,7 +19,7 @@ from orgbilling.server.errors import deadline_exceeded
 from orgbilling.server.request_context import seconds_left
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Deduction:
     org_id: str
     user_id: str
@@ -32,7 +32,7 @@ class Deduction:
     metadata: dict[str, str]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DeductionResult:
     outcome: str
     deduction_id: str
@@ -41,7 +41,7 @@ class DeductionResult:
     replayed: bool
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckResult:
     outcome: str
     sufficient: bool
@@ -75,7 +75,7 @@ _ALLOCATION_NOW = """
 
 
 class Store:
-    def __init__(self, pool: ConnectionPool, pool_wait_timeout_ms: int, statement_timeout_ms: int):
+    def __init__(self, pool: ConnectionPool, *, pool_wait_timeout_ms: int, statement_timeout_ms: int):
         self.pool = pool
         self._pool_wait_timeout_s = pool_wait_timeout_ms / 1000
         self._statement_timeout_s = statement_timeout_ms / 1000
@@ -130,14 +130,18 @@ class Store:
 
     # The hot path.
 
-    def check(self, org_id: str, user_id: str, amount_millicredits: int) -> CheckResult:
+    def check(self, org_id: str, *, user_id: str, amount_millicredits: int) -> CheckResult:
         row = self._one(
             "SELECT * FROM has_sufficient_credits(%s, %s, %s)",
             (org_id, user_id, amount_millicredits),
         )
-        return CheckResult(row[0], bool(row[1]), row[2] or 0, row[3] or 0)
+        return CheckResult(
+            outcome=row[0], sufficient=bool(row[1]),
+            allocation_remaining_millicredits=row[2] or 0, pool_spendable_millicredits=row[3] or 0,
+        )
 
-    def deduct_batch(self, items: list[Deduction], all_or_nothing: bool = False) -> list[DeductionResult]:
+    def deduct_batch(self, items: list[Deduction], *,
+                     all_or_nothing: bool = False) -> list[DeductionResult]:
         """Commits many deductions in one transaction, each with its own result,
         as if run one at a time in the order given. With all_or_nothing, any
         refusal rolls back the whole batch (the results still say which failed;
@@ -183,32 +187,35 @@ class Store:
 
     # Administration: each returns the jsonb outcome of its SQL function.
 
-    def add_credits(self, org_id, source, amount_millicredits, payment_reference,
-                    amount_paid_cents, currency, reason, idempotency_key, request_hash,
-                    request_id) -> dict:
+    def add_credits(self, org_id: str, *, source: str, amount_millicredits: int,
+                    payment_reference: str | None, amount_paid_cents: int | None,
+                    currency: str | None, reason: str, idempotency_key: str,
+                    request_hash: bytes, request_id: str) -> dict:
         return self._json(
             "SELECT add_credits_to_pool(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (org_id, source, amount_millicredits, payment_reference, amount_paid_cents,
              currency, reason, idempotency_key, request_hash, request_id),
         )
 
-    def allocate(self, org_id, user_id, limit_millicredits, reset_period, idempotency_key,
-                 request_hash, request_id) -> dict:
+    def allocate(self, org_id: str, *, user_id: str, limit_millicredits: int, reset_period: str,
+                 idempotency_key: str, request_hash: bytes, request_id: str) -> dict:
         return self._json(
             "SELECT allocate_credits_to_user(%s, %s, %s, %s, %s, %s, %s)",
             (org_id, user_id, limit_millicredits, reset_period, idempotency_key,
              request_hash, request_id),
         )
 
-    def revoke(self, org_id, user_id, idempotency_key, request_hash, request_id) -> dict:
+    def revoke(self, org_id: str, *, user_id: str, idempotency_key: str, request_hash: bytes,
+               request_id: str) -> dict:
         return self._json(
             "SELECT revoke_allocation(%s, %s, %s, %s, %s)",
             (org_id, user_id, idempotency_key, request_hash, request_id),
         )
 
-    def create_subscription(self, org_id, plan, billing_cycle, price_cents, currency,
-                            trial_days, external_customer_id, external_subscription_id,
-                            idempotency_key, request_hash, request_id) -> dict:
+    def create_subscription(self, org_id: str, *, plan: str, billing_cycle: str,
+                            price_cents: int, currency: str, trial_days: int,
+                            external_customer_id: str, external_subscription_id: str,
+                            idempotency_key: str, request_hash: bytes, request_id: str) -> dict:
         return self._json(
             "SELECT create_subscription(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (org_id, plan, billing_cycle, price_cents, currency, trial_days,
@@ -216,16 +223,17 @@ class Store:
              request_hash, request_id),
         )
 
-    def change_plan(self, org_id, plan, billing_cycle, price_cents, currency,
-                    idempotency_key, request_hash, request_id) -> dict:
+    def change_plan(self, org_id: str, *, plan: str, billing_cycle: str, price_cents: int,
+                    currency: str, idempotency_key: str, request_hash: bytes,
+                    request_id: str) -> dict:
         return self._json(
             "SELECT change_subscription_plan(%s, %s, %s, %s, %s, %s, %s, %s)",
             (org_id, plan, billing_cycle, price_cents, currency, idempotency_key,
              request_hash, request_id),
         )
 
-    def cancel_subscription(self, org_id, reason, idempotency_key, request_hash,
-                            request_id) -> dict:
+    def cancel_subscription(self, org_id: str, *, reason: str, idempotency_key: str,
+                            request_hash: bytes, request_id: str) -> dict:
         return self._json(
             "SELECT cancel_subscription(%s, %s, %s, %s, %s)",
             (org_id, reason, idempotency_key, request_hash, request_id),
@@ -250,7 +258,7 @@ class Store:
     def org_exists(self, org_id: str) -> bool:
         return self._one("SELECT 1 FROM organizations WHERE org_id = %s", (org_id,)) is not None
 
-    def list_allocations(self, org_id: str, after_user_id: str, limit: int,
+    def list_allocations(self, org_id: str, *, after_user_id: str, limit: int,
                          include_revoked: bool) -> list[dict]:
         rows = self._run(lambda conn: conn.execute(
             f"SELECT {_ALLOCATION_NOW} FROM user_credit_allocations a"
@@ -289,6 +297,7 @@ class Store:
 def _deduction_result(row) -> DeductionResult:
     outcome, deduction_id, remaining, spendable, replayed = row
     return DeductionResult(
-        outcome, str(deduction_id) if deduction_id else "", remaining or 0, spendable or 0,
-        bool(replayed),
+        outcome=outcome, deduction_id=str(deduction_id) if deduction_id else "",
+        allocation_remaining_millicredits=remaining or 0,
+        pool_spendable_millicredits=spendable or 0, replayed=bool(replayed),
     )

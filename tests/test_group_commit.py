@@ -132,11 +132,15 @@ def test_hot_deductions_through_group_commit_spend_exactly_the_balance(client, d
 # The committer alone, with a recording commit function instead of the database.
 
 def deduction(n, org="o"):
-    return Deduction(org, "u", n, "t", "s", f"k{n}", b"", "", {})
+    return Deduction(org_id=org, user_id="u", amount_millicredits=n, service_type="t",
+                     service_name="s", idempotency_key=f"k{n}", request_hash=b"", request_id="",
+                     metadata={})
 
 
 def ok(d):
-    return DeductionResult("OK", f"id-{d.amount_millicredits}", 0, 0, False)
+    return DeductionResult(outcome="OK", deduction_id=f"id-{d.amount_millicredits}",
+                           allocation_remaining_millicredits=0, pool_spendable_millicredits=0,
+                           replayed=False)
 
 
 class Recorder:

@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from orgbilling.server.auth import scopes
-from orgbilling.server.auth.caller import Caller, unauthenticated
-from orgbilling.server.errors import ServiceError
+from orgbilling.server.auth.caller import Caller
+from orgbilling.server.errors import ServiceError, unauthenticated
 from orgbilling.server.health import HealthServicer
 from orgbilling.server.interceptors import InterceptorChain
 from orgbilling.server.interceptors.admission import AdmissionInterceptor
@@ -89,7 +89,7 @@ class Harness:
                  rate_per_s=0, burst=1):
         self.behaviour = Behaviour()
         self.draining = DrainingInterceptor()
-        buckets = TokenBuckets(rate_per_s, burst, 1000) if rate_per_s else None
+        buckets = TokenBuckets(rate_per_s=rate_per_s, burst=burst, keys_max=1000) if rate_per_s else None
         open_services = frozenset({OPEN_SERVICE, "grpc.health.v1.Health"})
         chain = InterceptorChain([
             self.draining,

@@ -30,7 +30,7 @@ _NAME = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 _ORG_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class KeyRecord:
     """A live credential record, as the server keeps it in memory."""
 
@@ -45,7 +45,7 @@ class KeyRecord:
     org_ids: frozenset[str] | None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class KeyListing:
     """A record as `apikey list` shows it (never the secret or its hash)."""
 
@@ -99,7 +99,8 @@ def create_api_key(database_url: str, name: str, scopes, org_ids=None) -> str:
     key_id = secrets.token_hex(_KEY_ID_BYTES)
     secret = secrets.token_urlsafe(_SECRET_BYTES)
     with psycopg.connect(database_url, autocommit=True) as conn:
-        _insert(conn, key_id, name, hash_secret(secret), None, scope_list, org_list)
+        _insert(conn, key_id=key_id, name=name, secret_sha256=hash_secret(secret), subject=None,
+                scopes=scope_list, org_ids=org_list)
     return f"{KEY_PREFIX}{key_id}_{secret}"
 
 
@@ -112,11 +113,12 @@ def create_certificate_caller(database_url: str, name: str, certificate_subject:
     if not certificate_subject.strip():
         raise ValueError("the certificate subject must not be empty")
     with psycopg.connect(database_url, autocommit=True) as conn:
-        _insert(conn, secrets.token_hex(_KEY_ID_BYTES), name, None, certificate_subject.strip(),
-                scope_list, org_list)
+        _insert(conn, key_id=secrets.token_hex(_KEY_ID_BYTES), name=name, secret_sha256=None,
+                subject=certificate_subject.strip(), scopes=scope_list, org_ids=org_list)
 
 
-def _insert(conn, key_id, name, secret_sha256, subject, scopes, org_ids) -> None:
+def _insert(conn, *, key_id: str, name: str, secret_sha256: bytes | None, subject: str | None,
+            scopes: list[str], org_ids: list[str] | None) -> None:
     try:
         conn.execute(
             """INSERT INTO api_keys (key_id, name, secret_sha256, certificate_subject, scopes, org_ids)

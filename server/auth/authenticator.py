@@ -8,10 +8,11 @@ Credentials, in order:
 Anything else is UNAUTHENTICATED.
 """
 
-from orgbilling.server.auth.caller import Caller, unauthenticated
+from orgbilling.server.auth.caller import Caller
 from orgbilling.server.auth.certificates import certificate_subject
 from orgbilling.server.auth.jwt_verifier import JwtVerifier
 from orgbilling.server.auth.key_ring import KeyRing
+from orgbilling.server.errors import unauthenticated
 
 AUTHORIZATION_HEADER = "authorization"
 _BEARER = "bearer"

@@ -13,12 +13,13 @@ import dataclasses
 import json
 import logging
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from orgbilling.server.auth.shared_reload import SharedReload
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ _FAMILY = {
 ASYMMETRIC_ALGORITHMS = frozenset().union(*_FAMILY.values())
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SigningKey:
     kid: str
     public_key: object  # a cryptography public key
@@ -64,7 +65,8 @@ def parse_jwks(document: bytes, allowed_algorithms: frozenset[str]) -> dict[str,
         except jwt.PyJWTError as error:
             log.warning("skipping JWKS key %s: %s", jwk["kid"], error)
             continue
-        found[jwk["kid"]] = SigningKey(jwk["kid"], key, tuple(sorted(algorithms)))
+        found[jwk["kid"]] = SigningKey(kid=jwk["kid"], public_key=key,
+                                       algorithms=tuple(sorted(algorithms)))
     return found
 
 
@@ -76,13 +78,12 @@ def _fingerprint(keys: dict[str, SigningKey]) -> set:
 
 
 class JwksCache:
-    def __init__(self, url: str, file: str, allowed_algorithms: frozenset[str], refresh_ms: int,
+    def __init__(self, *, url: str, file: str, allowed_algorithms: frozenset[str], refresh_ms: int,
                  unknown_kid_refresh_interval_ms: int, fetch_timeout_ms: int, size_max_bytes: int):
         self._url = url
         self._file = file
         self._allowed = allowed_algorithms
         self._refresh_s = refresh_ms / 1000
-        self._unknown_kid_interval_s = unknown_kid_refresh_interval_ms / 1000
         self._timeout_s = fetch_timeout_ms / 1000
         self._size_max = size_max_bytes
         # Replaced whole, read without a lock.
@@ -90,10 +91,15 @@ class JwksCache:
         # Changes whenever the set of keys does: what was verified with an
         # older generation must be verified again.
         self.generation = 0
-        self._lock = threading.Lock()  # guards the fields below, never held across I/O
-        self._reload_in_flight: threading.Event | None = None
-        self._last_unknown_kid_reload = float("-inf")
+        self._lock = threading.Lock()  # guards generation and fetch_count, never held across I/O
         self.fetch_count = 0  # for tests and logs
+        self._reload_for_unknown_kid = SharedReload(
+            self.reload,
+            interval_s=unknown_kid_refresh_interval_ms / 1000,
+            wait_s=self._timeout_s,
+            on_failure=lambda error: log.warning(
+                "reloading the JWKS for an unknown kid failed: %s", error),
+        )
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jwks-refresh", daemon=True)
 
@@ -145,27 +151,8 @@ class JwksCache:
 
     def reload_for_unknown_kid(self) -> None:
         """At most one bounded reload per interval, shared by every caller
-        that asks meanwhile; returns when it is done or timed out, or at
-        once when the interval has not passed."""
-        with self._lock:
-            in_flight = self._reload_in_flight
-            if in_flight is None:
-                now = time.monotonic()
-                if now - self._last_unknown_kid_reload < self._unknown_kid_interval_s:
-                    return
-                self._last_unknown_kid_reload = now
-                self._reload_in_flight = threading.Event()
-        if in_flight is not None:
-            in_flight.wait(self._timeout_s)
-            return
-        try:
-            self.reload()
-        except Exception as error:  # noqa: BLE001: the token is then refused as unknown
-            log.warning("reloading the JWKS for an unknown kid failed: %s", error)
-        finally:
-            with self._lock:
-                done, self._reload_in_flight = self._reload_in_flight, None
-            done.set()
+        that asks meanwhile (server.auth.shared_reload)."""
+        self._reload_for_unknown_kid.run()
 
     def _run(self) -> None:
         while not self._stopping.wait(self._refresh_s if self.loaded else min(self._refresh_s, 5.0)):

@@ -21,9 +21,10 @@ import time
 
 import jwt
 
-from orgbilling.server.auth.caller import Caller, credentials_unverifiable, unauthenticated
+from orgbilling.server.auth.caller import Caller
 from orgbilling.server.auth.jwks import JwksCache
 from orgbilling.server.auth.scopes import ALL_SCOPES
+from orgbilling.server.errors import credentials_unverifiable, unauthenticated
 from orgbilling.server.validation import IDENTIFIER
 
 _DECODE_OPTIONS = {
@@ -45,9 +46,9 @@ _ABSENT = object()
 
 
 class JwtVerifier:
-    def __init__(self, keys: JwksCache, issuer: str, audience: str, leeway_ms: int,
+    def __init__(self, keys: JwksCache, *, issuer: str, audience: str, leeway_ms: int,
                  scope_claim: str, roles_claim: str, orgs_claim: str, cache_entries_max: int,
-                 *, orgs_claim_optional: bool = False):
+                 orgs_claim_optional: bool = False):
         self._keys = keys
         self._cache_entries_max = cache_entries_max
         # token -> (caller, its exp, the JWKS generation that verified it);

@@ -22,12 +22,14 @@ import threading
 import time
 
 from orgbilling.server.auth.api_keys import KeyRecord, hash_secret, load_live_records, split_key
-from orgbilling.server.auth.caller import Caller, credentials_unverifiable, unauthenticated
+from orgbilling.server.auth.caller import Caller
+from orgbilling.server.auth.shared_reload import SharedReload
+from orgbilling.server.errors import credentials_unverifiable, unauthenticated
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class _Snapshot:
     by_key_id: dict[str, KeyRecord]
     by_subject: dict[str, KeyRecord]
@@ -44,17 +46,20 @@ def caller_of(record: KeyRecord) -> Caller:
 
 
 class KeyRing:
-    def __init__(self, pool, refresh_ms: int, stale_ms: int, unknown_refresh_interval_ms: int,
+    def __init__(self, pool, *, refresh_ms: int, stale_ms: int, unknown_refresh_interval_ms: int,
                  connection_timeout_ms: int):
         self._pool = pool
         self._refresh_s = refresh_ms / 1000
         self._stale_s = stale_ms / 1000
-        self._unknown_interval_s = unknown_refresh_interval_ms / 1000
         self._connection_timeout_s = connection_timeout_ms / 1000
         self._snapshot: _Snapshot | None = None
-        self._lock = threading.Lock()  # guards the two fields below; never held across I/O
-        self._reload_in_flight: threading.Event | None = None
-        self._last_unknown_reload = float("-inf")
+        self._reload_for_unknown_key = SharedReload(
+            self.refresh,
+            interval_s=unknown_refresh_interval_ms / 1000,
+            wait_s=self._connection_timeout_s,
+            on_failure=lambda error: log.warning(
+                "reloading API keys for an unknown key id failed: %s", error),
+        )
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="api-key-refresh", daemon=True)
 
@@ -108,7 +113,7 @@ class KeyRing:
         key_id, secret = parts
         record = self._fresh_snapshot().by_key_id.get(key_id)
         if record is None:
-            self._reload_for_unknown_key()
+            self._reload_for_unknown_key.run()
             record = self._fresh_snapshot().by_key_id.get(key_id)
         # Constant-time comparison of the hashes: the time taken tells nothing
         # about how much of the secret was right.
@@ -116,29 +121,6 @@ class KeyRing:
             # Unknown, revoked and wrong secret look the same to the caller.
             raise unauthenticated("invalid", "invalid API key")
         return caller_of(record)
-
-    def _reload_for_unknown_key(self) -> None:
-        """At most one bounded reload per interval, shared by every caller
-        that asks meanwhile; returns at once when the interval has not passed."""
-        with self._lock:
-            in_flight = self._reload_in_flight
-            if in_flight is None:
-                now = time.monotonic()
-                if now - self._last_unknown_reload < self._unknown_interval_s:
-                    return
-                self._last_unknown_reload = now
-                self._reload_in_flight = threading.Event()
-        if in_flight is not None:
-            in_flight.wait(self._connection_timeout_s)
-            return
-        try:
-            self.refresh()
-        except Exception as error:  # noqa: BLE001: the key is then refused as unknown
-            log.warning("reloading API keys for an unknown key id failed: %s", error)
-        finally:
-            with self._lock:
-                done, self._reload_in_flight = self._reload_in_flight, None
-            done.set()
 
     def authenticate_certificate(self, subject: str) -> Caller:
         record = self._fresh_snapshot().by_subject.get(subject)

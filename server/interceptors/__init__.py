@@ -56,7 +56,7 @@ class Call:
 
     __slots__ = ("method", "context", "request_id", "caller", "ends_by", "_raw", "_deserialize")
 
-    def __init__(self, method: Method, context: grpc.ServicerContext, raw, deserialize):
+    def __init__(self, method: Method, context: grpc.ServicerContext, *, raw, deserialize):
         self.method = method
         self.context = context
         self.request_id = request_id_from(context.invocation_metadata())
@@ -110,7 +110,17 @@ class InterceptorChain(grpc.ServerInterceptor):
     def _wrap(self, method: Method, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         interceptors = [i for i in self._interceptors if i.applies_to(method)]
         deserialize = handler.request_deserializer
+        streamed = handler.request_streaming
         fail = self._fail
+
+        def new_call(request_or_iterator, context) -> Call:
+            # A streamed request is decoded message by message (decoded), not by the Call.
+            if streamed:
+                return Call(method, context, raw=None, deserialize=None)
+            return Call(method, context, raw=request_or_iterator, deserialize=deserialize)
+
+        def request_of(call: Call, request_or_iterator):
+            return decoded(call, request_or_iterator) if streamed else call.request
 
         def begin(call: Call) -> list[Callable[[], None]]:
             request_id_var.set(call.request_id)
@@ -142,16 +152,13 @@ class InterceptorChain(grpc.ServerInterceptor):
 
         if handler.unary_unary or handler.stream_unary:
             behavior = handler.unary_unary or handler.stream_unary
-            streamed = handler.stream_unary is not None
 
             def unary_response(request_or_iterator, context):
-                call = Call(method, context, None if streamed else request_or_iterator,
-                            None if streamed else deserialize)
+                call = new_call(request_or_iterator, context)
                 ends = ()
                 try:
                     ends = begin(call)
-                    request = decoded(call, request_or_iterator) if streamed else call.request
-                    return behavior(request, context)
+                    return behavior(request_of(call, request_or_iterator), context)
                 except Exception as error:  # noqa: BLE001: every failure gets a status
                     fail(call, error)
                 finally:
@@ -162,16 +169,13 @@ class InterceptorChain(grpc.ServerInterceptor):
             return factory(unary_response, **options)
 
         behavior = handler.unary_stream or handler.stream_stream
-        streamed = handler.stream_stream is not None
 
         def stream_response(request_or_iterator, context):
-            call = Call(method, context, None if streamed else request_or_iterator,
-                        None if streamed else deserialize)
+            call = new_call(request_or_iterator, context)
             ends = ()
             try:
                 ends = begin(call)
-                request = decoded(call, request_or_iterator) if streamed else call.request
-                yield from _until(call, behavior(request, context))
+                yield from _until(call, behavior(request_of(call, request_or_iterator), context))
             except Exception as error:  # noqa: BLE001: every failure gets a status
                 fail(call, error)
             finally:

@@ -10,17 +10,16 @@ the first failure:
 3. the organizations the request names, for a credential limited to some
    (PERMISSION_DENIED, ORG_NOT_PERMITTED).
 The admitted Caller is then available to inner layers (the rate limiter,
-the servicers) as call.caller and server.auth.caller.current_caller().
+the servicers) as call.caller and server.auth.caller.caller_var.
 """
 
 import logging
 
 from orgbilling.server.auth.authenticator import Authenticator
-from orgbilling.server.auth.caller import (
-    Caller, caller_var, missing_scope, org_not_permitted, scope_not_declared,
-)
+from orgbilling.server.auth.caller import Caller, caller_var
 from orgbilling.server.auth.orgs import org_ids_in
 from orgbilling.server.auth.scopes import required_scope
+from orgbilling.server.errors import missing_scope, org_not_permitted, scope_not_declared
 from orgbilling.server.interceptors import Call, Interceptor, Method
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ _COSTS = {
 class TokenBuckets:
     """One token bucket per key, all with the same rate and burst."""
 
-    def __init__(self, rate_per_s: float, burst: int, keys_max: int, clock=time.monotonic):
+    def __init__(self, *, rate_per_s: float, burst: int, keys_max: int, clock=time.monotonic):
         self.rate_per_s = rate_per_s
         self.burst = burst
         self._keys_max = keys_max

@@ -1,8 +1,6 @@
-import grpc
-
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import credit_service_pb2_grpc
-from orgbilling.server.errors import ServiceError, refusal
+from orgbilling.server.errors import ServiceError, batch_not_applied, refusal
 from orgbilling.server.group_commit import GroupCommitter
 from orgbilling.server.request_context import current_request_id, fingerprint
 from orgbilling.server.store import Deduction, DeductionResult, Store
@@ -10,7 +8,7 @@ from orgbilling.server.validation import Checks
 
 
 class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
-    def __init__(self, store: Store, committer: GroupCommitter, batch_items_max: int):
+    def __init__(self, store: Store, *, committer: GroupCommitter, batch_items_max: int):
         self._store = store
         self._committer = committer
         self._batch_items_max = batch_items_max
@@ -21,7 +19,8 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         checks.identifier("user_id", request.user_id)
         checks.amount("amount_millicredits", request.amount_millicredits)
         checks.done()
-        result = self._store.check(request.org_id, request.user_id, request.amount_millicredits)
+        result = self._store.check(request.org_id, user_id=request.user_id,
+                                   amount_millicredits=request.amount_millicredits)
         if result.outcome != "OK":
             raise refusal(result.outcome)
         return pb.CheckCreditsResponse(
@@ -53,17 +52,8 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         )
         refused = [i for i, r in enumerate(results) if r.outcome not in ("OK", "NOT_APPLIED")]
         if request.all_or_nothing and refused:
-            first = results[refused[0]]
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION, "BATCH_NOT_APPLIED",
-                f"{len(refused)} of {count} deductions were refused, so none was charged",
-                metadata={
-                    "refused_items": ",".join(map(str, refused[:100])),
-                    "refused_count": len(refused),
-                    "first_refused_item": refused[0],
-                    "first_refused_reason": first.outcome,
-                },
-            )
+            raise batch_not_applied(refused_items=refused, item_count=count,
+                                    first_refused_reason=results[refused[0]].outcome)
         return pb.DeductCreditsBatchResponse(
             results=[
                 batch_result(result, item.amount_millicredits)

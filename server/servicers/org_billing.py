@@ -29,7 +29,7 @@ def _raise_unless_ok(result: dict) -> dict:
 
 
 class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer):
-    def __init__(self, store: Store, settings: Settings):
+    def __init__(self, store: Store, *, settings: Settings):
         self._store = store
         self._settings = settings
 
@@ -49,10 +49,13 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
         plan, cycle = _name(_PLAN, request.plan), _name(_CYCLE, request.billing_cycle)
         result = _raise_unless_ok(
             self._store.create_subscription(
-                request.org_id, plan, cycle, catalog.plan_price_cents(plan, cycle),
-                catalog.CATALOG_CURRENCY, request.trial_days, request.external_customer_id,
-                request.external_subscription_id, request.idempotency_key,
-                fingerprint(request), current_request_id(),
+                request.org_id, plan=plan, billing_cycle=cycle,
+                price_cents=catalog.plan_price_cents(plan, cycle),
+                currency=catalog.CATALOG_CURRENCY, trial_days=request.trial_days,
+                external_customer_id=request.external_customer_id,
+                external_subscription_id=request.external_subscription_id,
+                idempotency_key=request.idempotency_key, request_hash=fingerprint(request),
+                request_id=current_request_id(),
             )
         )
         return pb.CreateSubscriptionResponse(
@@ -80,9 +83,10 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
         plan, cycle = _name(_PLAN, request.plan), _name(_CYCLE, request.billing_cycle)
         result = _raise_unless_ok(
             self._store.change_plan(
-                request.org_id, plan, cycle, catalog.plan_price_cents(plan, cycle),
-                catalog.CATALOG_CURRENCY, request.idempotency_key, fingerprint(request),
-                current_request_id(),
+                request.org_id, plan=plan, billing_cycle=cycle,
+                price_cents=catalog.plan_price_cents(plan, cycle),
+                currency=catalog.CATALOG_CURRENCY, idempotency_key=request.idempotency_key,
+                request_hash=fingerprint(request), request_id=current_request_id(),
             )
         )
         return pb.ChangePlanResponse(
@@ -99,8 +103,8 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
         checks.done()
         result = _raise_unless_ok(
             self._store.cancel_subscription(
-                request.org_id, request.reason, request.idempotency_key, fingerprint(request),
-                current_request_id(),
+                request.org_id, reason=request.reason, idempotency_key=request.idempotency_key,
+                request_hash=fingerprint(request), request_id=current_request_id(),
             )
         )
         return pb.CancelSubscriptionResponse(
@@ -154,12 +158,12 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
         )
         result = _raise_unless_ok(
             self._store.add_credits(
-                request.org_id, _name(_SOURCE, source), amount,
-                request.payment_reference if purchase else None,
-                request.amount_paid_cents if purchase else None,
-                request.currency if purchase else None,
-                request.reason, request.idempotency_key, fingerprint(request),
-                current_request_id(),
+                request.org_id, source=_name(_SOURCE, source), amount_millicredits=amount,
+                payment_reference=request.payment_reference if purchase else None,
+                amount_paid_cents=request.amount_paid_cents if purchase else None,
+                currency=request.currency if purchase else None,
+                reason=request.reason, idempotency_key=request.idempotency_key,
+                request_hash=fingerprint(request), request_id=current_request_id(),
             )
         )
         return pb.AddCreditsResponse(
@@ -179,9 +183,11 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
         checks.done()
         result = _raise_unless_ok(
             self._store.allocate(
-                request.org_id, request.user_id, request.limit_millicredits,
-                _name(_RESET, request.reset_period), request.idempotency_key,
-                fingerprint(request), current_request_id(),
+                request.org_id, user_id=request.user_id,
+                limit_millicredits=request.limit_millicredits,
+                reset_period=_name(_RESET, request.reset_period),
+                idempotency_key=request.idempotency_key, request_hash=fingerprint(request),
+                request_id=current_request_id(),
             )
         )
         return pb.AllocateCreditsResponse(
@@ -197,8 +203,8 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
         checks.done()
         result = _raise_unless_ok(
             self._store.revoke(
-                request.org_id, request.user_id, request.idempotency_key,
-                fingerprint(request), current_request_id(),
+                request.org_id, user_id=request.user_id, idempotency_key=request.idempotency_key,
+                request_hash=fingerprint(request), request_id=current_request_id(),
             )
         )
         return pb.RevokeAllocationResponse(
@@ -222,7 +228,8 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
         page_size = request.page_size or self._settings.page_size_default
         # One more than a page tells whether there is a next page.
         found = self._store.list_allocations(
-            request.org_id, after, page_size + 1, request.include_revoked
+            request.org_id, after_user_id=after, limit=page_size + 1,
+            include_revoked=request.include_revoked,
         )
         page = found[:page_size]
         next_token = _page_token(request.org_id, page[-1]["user_id"]) if len(found) > page_size else ""
