@@ -16,7 +16,8 @@ import psycopg
 
 from orgbilling.server.database import embedded_database_url, stop_embedded_database
 from orgbilling.server.migrate import migrate
-from tests.support import ServerProcess
+from tests.postgres import with_database
+from tests.server_process import ServerProcess
 
 
 def stop_on_sigterm() -> None:
@@ -62,14 +63,7 @@ def benchmark_database():
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def with_database(url: str, database: str) -> str:
-    """The same server URL, pointing at another database."""
-    info = psycopg.conninfo.conninfo_to_dict(url)
-    info["dbname"] = database
-    return psycopg.conninfo.make_conninfo(**info)
-
-
-RATE_LIMITS = ("ORGBILLING_RATE_LIMIT_READS_PER_S", "ORGBILLING_RATE_LIMIT_WRITES_PER_S")
+RATE_LIMITS = ("rate_limit_reads_per_s", "rate_limit_writes_per_s")
 
 
 def bench_token(database_url: str) -> str | None:
@@ -94,12 +88,12 @@ def benchmark_server(database_url: str):
     Every other ORGBILLING_* variable of our environment reaches the server,
     so its settings (worker threads, pool size...) can be tried from outside.
     """
-    server = ServerProcess({
+    server = ServerProcess(
+        database_url, inherit_settings=True,
         # The per-caller rate limit would cap our one caller at its budget:
         # off, unless asked for. Servers without the setting ignore it.
-        **{name: "0" for name in RATE_LIMITS if name not in os.environ},
-        "ORGBILLING_DATABASE_URL": database_url,
-    })
+        **{name: 0 for name in RATE_LIMITS if f"ORGBILLING_{name.upper()}" not in os.environ},
+    )
     failed = False
     try:
         server.start()

@@ -38,12 +38,12 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
-from grpc_status import rpc_status
+
+from tests.support import REPO, status_details
 
 DEDUCT_CREDITS = "/orgbilling.v1.CreditService/DeductCredits"
 REFLECTION_INFO = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 REFUSED_PAUSE_S = 0.1
-REPO = Path(__file__).resolve().parent.parent
 
 # Each channel its own connection (channels to one target otherwise share
 # one), reconnecting at once after the server closes one.
@@ -62,20 +62,13 @@ def new_channel(address: str) -> grpc.Channel:
 def describe(error: grpc.RpcError) -> str:
     """CODE/REASON/retry (or /no-retry) of a failed call: what the server said."""
     code = error.code().name if error.code() else "NONE"
-    reason, retry = "-", "no-retry"
     try:
-        status = rpc_status.from_call(error)
+        infos = status_details(error, error_details_pb2.ErrorInfo)
+        retries = status_details(error, error_details_pb2.RetryInfo)
     except Exception:  # noqa: BLE001: a malformed status is what it is
-        status = None
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = "retry"
-    return f"{code}/{reason}/{retry}"
+        infos = retries = []
+    reason = infos[-1].reason if infos else "-"
+    return f"{code}/{reason}/{'retry' if retries else 'no-retry'}"
 
 
 class Calls:

@@ -1,21 +1,12 @@
-"""What the tests share: a real PostgreSQL, fresh databases cut from a
-migrated template, real servers on free ports, and error decoding."""
+"""What the tests share: clients of a server, API keys, and the decoding of
+a failed call's google.rpc.Status details."""
 
 import collections
 import contextlib
-import itertools
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import grpc
-import psycopg
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -24,60 +15,8 @@ from orgbilling.v1 import types_pb2
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.server.auth.api_keys import create_api_key
 from orgbilling.server.auth.scopes import ALL_SCOPES
-from orgbilling.server.migrate import migrate
 
 REPO = Path(__file__).resolve().parent.parent
-TEMPLATE_DATABASE = "orgbilling_template"
-_database_numbers = itertools.count(1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def with_database(url: str, database: str) -> str:
-    """The same server URL pointing at another database."""
-    info = psycopg.conninfo.conninfo_to_dict(url)
-    info["dbname"] = database
-    return psycopg.conninfo.make_conninfo(**info)
-
-
-class PostgresForTests:
-    """One PostgreSQL for the whole run: ORGBILLING_DATABASE_URL if set (its
-    user must be allowed to create databases), else an embedded server in a
-    temporary directory that is deleted at the end."""
-
-    def __init__(self):
-        self._embedded = None
-        self._tmp = None
-        url = os.environ.get("ORGBILLING_TEST_DATABASE_URL") or os.environ.get("ORGBILLING_DATABASE_URL")
-        if not url:
-            from orgbilling.server.database import embedded_database_url
-
-            self._tmp = Path(tempfile.mkdtemp(prefix="orgbilling-test-"))
-            url = embedded_database_url(self._tmp)
-            self.data_dir = self._tmp / "postgres"
-        self.admin_url = url
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DATABASE}")
-            conn.execute(f"CREATE DATABASE {TEMPLATE_DATABASE}")
-        migrate(with_database(self.admin_url, TEMPLATE_DATABASE))
-
-    def new_database(self) -> str:
-        """A fresh, migrated database; returns its URL."""
-        name = f"test_{os.getpid()}_{next(_database_numbers)}"
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DATABASE}")
-        return with_database(self.admin_url, name)
-
-    def close(self):
-        if self._tmp is not None:
-            from orgbilling.server.database import stop_embedded_database
-
-            stop_embedded_database(self._tmp)
-            shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -180,6 +119,13 @@ def new_key() -> str:
     return uuid.uuid4().hex
 
 
+def with_fields(message, fields: dict):
+    """The message, with these fields set: a valid request made invalid."""
+    for name, value in fields.items():
+        setattr(message, name, value)
+    return message
+
+
 def admin_token(database_url: str, name: str | None = None) -> str:
     """A new API key with every scope on every organization, in the database
     at database_url (a running server accepts it on its first call)."""
@@ -191,26 +137,47 @@ def api_key(database_url: str, scopes, org_ids=None, name: str | None = None) ->
     return create_api_key(database_url, name or f"test-{uuid.uuid4().hex[:12]}", scopes, org_ids)
 
 
+def status_details(error: grpc.RpcError, message_class) -> list:
+    """The details of this type in a failure's google.rpc.Status, unpacked;
+    none when it carries no Status."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return []
+    found = []
+    for detail in status.details:
+        if detail.Is(message_class.DESCRIPTOR):
+            message = message_class()
+            detail.Unpack(message)
+            found.append(message)
+    return found
+
+
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
     """The one ErrorInfo every failure carries (asserting it is exactly one)."""
     status = rpc_status.from_call(error)
     assert status is not None, f"no google.rpc.Status on {error.code()}: {error.details()}"
-    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    infos = status_details(error, error_details_pb2.ErrorInfo)
     assert len(infos) == 1, status
-    info = error_details_pb2.ErrorInfo()
-    infos[0].Unpack(info)
-    return info
+    return infos[0]
+
+
+def error_reason(error: grpc.RpcError) -> str | None:
+    """The ErrorInfo reason of a failure, or None if it carries none (the
+    bank's callers record such failures rather than assert on them)."""
+    infos = status_details(error, error_details_pb2.ErrorInfo)
+    return infos[0].reason if infos else None
 
 
 def field_violations(error: grpc.RpcError) -> set[str]:
-    status = rpc_status.from_call(error)
-    fields = set()
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields |= {v.field for v in bad.field_violations}
-    return fields
+    return {violation.field for bad in status_details(error, error_details_pb2.BadRequest)
+            for violation in bad.field_violations}
+
+
+def retry_delay_s(error: grpc.RpcError) -> float:
+    """The one RetryInfo's delay, in seconds (asserting it is exactly one)."""
+    infos = status_details(error, error_details_pb2.RetryInfo)
+    assert len(infos) == 1, rpc_status.from_call(error)
+    return infos[0].retry_delay.ToNanoseconds() / 1e9
 
 
 @contextlib.contextmanager
@@ -228,85 +195,3 @@ def raises_rpc(code: grpc.StatusCode, reason: str | None = None):
         holder["info"] = info
         return
     raise AssertionError(f"expected {code} {reason or ''}, but the call succeeded")
-
-
-class ServerProcess:
-    """`orgbilling serve` as a separate process, for lifecycle tests.
-
-    `token` is an all-scopes key for it: the one given, else (on first use)
-    the local admin key the server saved in its data directory with the
-    embedded default, or a new key in the configured database."""
-
-    def __init__(self, env_overrides: dict[str, str], port: int | None = None,
-                 token: str | None = None):
-        self._token = token
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "ORGBILLING_LISTEN_ADDRESS": self.address,
-            "ORGBILLING_HEALTH_CHECK_INTERVAL_MS": "200",
-            **env_overrides,
-        }
-        self.log_path = Path(tempfile.mkstemp(prefix="orgbilling-server-", suffix=".log")[1])
-        self.process = None
-
-    def start(self, ready_timeout_s: float = 30.0) -> "ServerProcess":
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "orgbilling.server", "serve"], env=self.env, cwd=REPO,
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        wait_serving(self.address, ready_timeout_s, process=self.process, log_path=self.log_path)
-        return self
-
-    @property
-    def token(self) -> str:
-        if self._token is None:
-            database_url = self.env.get("ORGBILLING_DATABASE_URL", "")
-            if database_url:
-                self._token = admin_token(database_url)
-            else:
-                from orgbilling.server.auth.local_admin import ADMIN_KEY_FILE_NAME
-
-                data_dir = REPO / self.env.get("ORGBILLING_DATA_DIR", ".orgbilling")
-                self._token = (data_dir / ADMIN_KEY_FILE_NAME).read_text().strip()
-        return self._token
-
-    def client(self, **options) -> "Client":
-        """A Client of this server that sends its token."""
-        return Client(self.address, token=self.token, **options)
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        if self.process is None:
-            return 0
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            code = self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
-        self._log.close()
-        return code
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def wait_serving(address: str, timeout_s: float, process=None, log_path=None) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{Path(log_path).read_text()}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"server at {address} not SERVING after {timeout_s}s")

@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import psycopg
@@ -25,7 +24,8 @@ from grpc_status import rpc_status
 from orgbilling.v1 import credit_service_pb2 as credit_pb
 from orgbilling.server.verify import violations
 from tests.attacker import AttackerProcess, new_channel
-from tests.support import Client, ServerProcess, admin_token, error_info, new_key
+from tests.server_process import ServerProcess
+from tests.support import Client, admin_token, error_info, new_key
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -37,29 +37,14 @@ HEALTH_PROBE_INTERVAL_S = 0.5
 HEALTH_PROBE_TIMEOUT_S = 1.0
 
 
-@contextlib.contextmanager
-def server_process(database_url: str, **settings):
-    """`orgbilling serve` over database_url with these settings; killed at the end."""
-    environment = {"ORGBILLING_DATABASE_URL": database_url}
-    environment |= {f"ORGBILLING_{name.upper()}": str(value) for name, value in settings.items()}
-    server = ServerProcess(environment).start()
-    try:
-        yield server
-    finally:
-        server.stop(timeout_s=20)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+def cpu_share_during(server: ServerProcess, seconds: float, phase: str, set_phase) -> float:
+    """Cores of CPU the server used over `seconds` of the phase `phase`,
+    after which the phase is "between" again."""
+    set_phase(phase)
+    cpu_began, began = server.cpu_seconds(), time.monotonic()
+    time.sleep(seconds)
+    set_phase("between")
+    return (server.cpu_seconds() - cpu_began) / (time.monotonic() - began)
 
 
 class HealthProbe:
@@ -94,7 +79,7 @@ class HealthProbe:
                 if answer != "SERVING" or seconds >= HEALTH_PROBE_TIMEOUT_S:
                     self.failures.append(f"{answer} after {seconds:.3f} s")
                 with contextlib.suppress(OSError):
-                    self.rss_max_bytes = max(self.rss_max_bytes, rss_bytes(self._server.process.pid))
+                    self.rss_max_bytes = max(self.rss_max_bytes, self._server.rss_bytes())
                 self._stop.wait(max(0.0, began + HEALTH_PROBE_INTERVAL_S - time.monotonic()))
         finally:
             channel.close()
@@ -143,7 +128,7 @@ def sigterm_and_wait(server: ServerProcess, timeout_s: float) -> tuple[int | Non
     began = time.monotonic()
     try:
         code = server.process.wait(timeout_s)
-    except Exception:  # noqa: BLE001: subprocess.TimeoutExpired; server_process() kills it
+    except Exception:  # noqa: BLE001: subprocess.TimeoutExpired; leaving the `with` kills it
         code = None
     return code, time.monotonic() - began
 
@@ -174,7 +159,7 @@ def test_watch_and_cancel_loops_do_not_wedge_the_server(database_url, tmp_path):
     throughout, a deduction succeeds afterwards, and SIGTERM stops it (exit 0)
     within its grace period. grpc_health's own servicer deadlocked here."""
     grace_s = 5
-    with server_process(database_url, shutdown_grace_ms=grace_s * 1000) as server:
+    with ServerProcess(database_url, shutdown_grace_ms=grace_s * 1000) as server:
         client = server.client()
         client.funded_org(ORG, 10**6, {"alice": 10**5})
         with HealthProbe(server) as probe:
@@ -203,7 +188,7 @@ def test_stream_flood_is_limited_and_authenticated_calls_go_on(database_url, tmp
     open_service_stream_lifetime_ms, a held Watch ends by itself (OK) after
     about that long."""
     streams_max = 8
-    with server_process(database_url, open_service_streams_max=streams_max) as server:
+    with ServerProcess(database_url, open_service_streams_max=streams_max) as server:
         client = server.client()
         client.funded_org(ORG, 10**6, {"alice": 10**5})
         deduct(client, "alice")
@@ -243,7 +228,7 @@ def test_stream_flood_is_limited_and_authenticated_calls_go_on(database_url, tmp
     probe.assert_always_serving()
 
     lifetime_s = 2.0
-    with server_process(database_url, open_service_stream_lifetime_ms=int(lifetime_s * 1000)) as server:
+    with ServerProcess(database_url, open_service_stream_lifetime_ms=int(lifetime_s * 1000)) as server:
         with grpc.insecure_channel(server.address) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
             began = time.monotonic()
@@ -262,9 +247,9 @@ def test_stalled_requests_are_cut_off_and_do_not_take_the_workers(database_url, 
     slack: 6 s), and authenticated deductions keep succeeding meanwhile."""
     age_ms, grace_ms = 3000, 1000
     cut_within_s = 6.0
-    with server_process(database_url, concurrent_rpcs_max=16, open_service_streams_max=8,
-                        worker_threads=256, connection_age_max_ms=age_ms,
-                        connection_age_grace_ms=grace_ms) as server:
+    with ServerProcess(database_url, concurrent_rpcs_max=16, open_service_streams_max=8,
+                       worker_threads=256, connection_age_max_ms=age_ms,
+                       connection_age_grace_ms=grace_ms) as server:
         client = server.client()
         client.funded_org(ORG, 10**6, {"alice": 10**5})
         with HealthProbe(server) as probe:
@@ -274,7 +259,7 @@ def test_stalled_requests_are_cut_off_and_do_not_take_the_workers(database_url, 
                 deductions = keep_calling(lambda: deduct(client, "alice", timeout_s=5), finished)
                 report = attacker.result()
         client.close()
-        rss_mib = rss_bytes(server.process.pid) / 2**20
+        rss_mib = server.rss_bytes() / 2**20
 
     stalled = report["parts"]["stalled"]
     lifetimes = stalled["lifetimes_s"]
@@ -334,8 +319,8 @@ def test_the_whole_attack_leaves_deductions_fast_and_the_server_bounded(
     # busy, and gRPC's buffers): the bound leaves room for noise, not leaks.
     rss_bound_bytes = 400 * 2**20
     tokens = [admin_token(database_url, f"caller-{i}") for i in range(callers_count)]
-    with server_process(database_url, connection_age_max_ms=10_000,
-                        connection_age_grace_ms=2_000) as server:
+    with ServerProcess(database_url, connection_age_max_ms=10_000,
+                       connection_age_grace_ms=2_000) as server:
         admin = server.client()
         admin.funded_org(ORG, 10**9, {f"user-{i}": 10**8 for i in range(callers_count)})
         admin.close()
@@ -362,24 +347,14 @@ def test_the_whole_attack_leaves_deductions_fast_and_the_server_bounded(
                 for thread in threads:
                     thread.start()
                 time.sleep(1.0)
-                set_phase("baseline")
-                cpu_began, baseline_began = cpu_seconds(server.process.pid), time.monotonic()
-                time.sleep(baseline_s)
-                set_phase("between")
-                server_cpu_baseline = ((cpu_seconds(server.process.pid) - cpu_began)
-                                       / (time.monotonic() - baseline_began))
-                rss_before = rss_bytes(server.process.pid)
+                server_cpu_baseline = cpu_share_during(server, baseline_s, "baseline", set_phase)
+                rss_before = server.rss_bytes()
                 # The attack lasts a little longer than the window measured under it.
                 with AttackerProcess(server.address, ATTACK_DURATION_S + 2, tmp_path / "attack.json",
                                      stalled=200, stalled_channels=4, reflection=50, watches=50,
                                      cancel_threads=cancel_threads) as attacker:
-                    set_phase("attack")
-                    cpu_began, attack_began = cpu_seconds(server.process.pid), time.monotonic()
-                    time.sleep(ATTACK_DURATION_S)
-                    set_phase("between")
-                    server_cpu_attack = ((cpu_seconds(server.process.pid) - cpu_began)
-                                         / (time.monotonic() - attack_began))
-                    rss_attack = rss_bytes(server.process.pid)
+                    server_cpu_attack = cpu_share_during(server, ATTACK_DURATION_S, "attack", set_phase)
+                    rss_attack = server.rss_bytes()
                     report = attacker.result()
                 stop.set()
                 for thread in threads:
@@ -439,7 +414,7 @@ def test_overload_at_four_times_capacity_is_refused_with_details_and_health_stay
     deadline, some calls succeed, and health answers SERVING within 1 s
     every time. The callers' rate limit is off: this is about admission."""
     deadline_s = 5.0
-    with server_process(database_url, concurrent_rpcs_max=8, rate_limit_writes_per_s=0) as server:
+    with ServerProcess(database_url, concurrent_rpcs_max=8, rate_limit_writes_per_s=0) as server:
         admin = server.client()
         admin.funded_org(ORG, 10**9, {"hot": 10**8})
         admin.close()

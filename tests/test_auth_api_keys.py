@@ -4,7 +4,6 @@ every replica; stale or missing key snapshots fail closed."""
 
 import contextlib
 import hashlib
-import os
 import re
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.server.auth import api_keys
 from orgbilling.server.auth.key_ring import KeyRing
 from orgbilling.server.errors import ServiceError
-from tests.conftest import start_server
+from tests.server_process import environment_without_settings
 from tests.support import REPO, Client, admin_token, api_key, error_info
 
 KEY_FORMAT = re.compile(r"obk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
@@ -27,7 +26,7 @@ KEY_FORMAT = re.compile(r"obk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
 def orgbilling(database_url, *args) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "orgbilling.server", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "ORGBILLING_DATABASE_URL": database_url},
+        env=environment_without_settings({"ORGBILLING_DATABASE_URL": database_url}),
     )
 
 
@@ -89,7 +88,7 @@ def test_a_new_key_works_on_its_first_call(server, client, database_url):
     fresh.close()
 
 
-def test_a_revoked_key_stops_working_within_seconds_on_every_replica(database_url):
+def test_a_revoked_key_stops_working_within_seconds_on_every_replica(start_server, database_url):
     """Two replicas over one database: after `revoke`, both refuse the key
     within api_key_refresh_ms (plus a call's time), with no restart."""
     refresh_ms = 500

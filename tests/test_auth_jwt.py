@@ -15,7 +15,6 @@ import pytest
 from orgbilling.v1 import credit_service_pb2 as credit_pb
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.server.settings import Settings
-from tests.conftest import start_server
 from tests.identity import IdentityProvider
 from tests.support import Client, error_info, new_key
 
@@ -64,7 +63,7 @@ def jwks_server(provider):
 
 
 @pytest.fixture
-def jwt_url_server(database_url, provider, jwks_server, token):
+def jwt_url_server(start_server, database_url, provider, jwks_server, token):
     running = start_server(
         database_url, jwks_url=jwks_server.url, jwt_issuer=provider.issuer,
         jwt_audience=provider.audience, jwks_unknown_kid_refresh_interval_ms=60_000,
@@ -139,7 +138,7 @@ def test_settings_require_issuer_and_audience_with_a_jwks():
 
 # Claims that limit the caller.
 
-def serve_jwts_from_file(database_url, provider, tmp_path, token, **overrides):
+def serve_jwts_from_file(start_server, database_url, provider, tmp_path, token, **overrides):
     """A server trusting `provider`'s keys (from a file), with acme and globex
     funded and alice holding 10,000 millicredits in each."""
     running = start_server(
@@ -154,8 +153,8 @@ def serve_jwts_from_file(database_url, provider, tmp_path, token, **overrides):
 
 
 @pytest.fixture
-def jwt_file_server(database_url, provider, tmp_path, token):
-    running = serve_jwts_from_file(database_url, provider, tmp_path, token)
+def jwt_file_server(start_server, database_url, provider, tmp_path, token):
+    running = serve_jwts_from_file(start_server, database_url, provider, tmp_path, token)
     yield running
     running.stop()
 
@@ -223,11 +222,12 @@ def test_a_token_without_org_ids_is_refused_by_default_and_charges_nothing(jwt_f
 
 
 def test_a_token_without_org_ids_acts_on_every_org_only_where_the_setting_allows_it(
-    database_url, provider, tmp_path, token,
+    start_server, database_url, provider, tmp_path, token,
 ):
     """With jwt_orgs_claim_optional, absence means every organization; a null
     claim is still refused (the setting allows absence, not a malformed claim)."""
-    server = serve_jwts_from_file(database_url, provider, tmp_path, token, jwt_orgs_claim_optional=True)
+    server = serve_jwts_from_file(start_server, database_url, provider, tmp_path, token,
+                                  jwt_orgs_claim_optional=True)
     try:
         client = Client(f"127.0.0.1:{server.port}",
                         token=provider.token(["credits.deduct", "credits.read"], org_ids=None))

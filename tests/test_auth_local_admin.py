@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from orgbilling.server.auth.api_keys import split_key
-from tests.support import REPO, ServerProcess
+from tests.server_process import ServerProcess, environment_without_settings
+from tests.support import REPO
 
 
 def printed_command(server: ServerProcess) -> str:
@@ -21,17 +22,16 @@ def printed_command(server: ServerProcess) -> str:
 
 
 def run_in_shell(command: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    environment = environment_without_settings({"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     return subprocess.run(["bash", "-c", command], cwd=REPO, env=environment, capture_output=True,
                           text=True, timeout=60)
 
 
 def test_first_start_makes_a_private_admin_key_and_a_working_command(embedded_data_dir):
     tmp_path = embedded_data_dir
-    environment = {"ORGBILLING_DATABASE_URL": "", "ORGBILLING_DATA_DIR": str(tmp_path)}
     key_file = tmp_path / "admin-key"
 
-    first = ServerProcess(environment).start(ready_timeout_s=60)
+    first = ServerProcess("", data_dir=tmp_path).start(ready_timeout_s=60)
     try:
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         key = key_file.read_text().strip()
@@ -44,7 +44,7 @@ def test_first_start_makes_a_private_admin_key_and_a_working_command(embedded_da
     finally:
         assert first.stop() == 0, first.log()
 
-    second = ServerProcess(environment, port=first.port).start(ready_timeout_s=60)
+    second = ServerProcess("", data_dir=tmp_path, port=first.port).start(ready_timeout_s=60)
     try:
         assert key_file.read_text().strip() == key  # reused, not replaced
         pasted = run_in_shell(printed_command(second))

@@ -16,7 +16,6 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from orgbilling.server.auth.api_keys import revoke
 from orgbilling.server.auth.scopes import ALL_SCOPES, INFRASTRUCTURE_SERVICES, METHOD_SCOPES
-from tests.conftest import start_server
 from tests.identity import IdentityProvider
 from tests.support import Client, admin_token, api_key, error_info
 
@@ -91,7 +90,7 @@ def identity_provider():
 
 
 @pytest.fixture
-def jwt_server(database_url, identity_provider, tmp_path):
+def jwt_server(start_server, database_url, identity_provider, tmp_path):
     """A server that accepts API keys and the test identity provider's JWTs."""
     running = start_server(
         database_url,
@@ -271,7 +270,7 @@ def test_an_org_limited_key_may_not_batch_across_orgs(jwt_server, database_url):
     client.close()
 
 
-def test_health_and_reflection_are_open_by_default_and_closable(database_url):
+def test_health_and_reflection_are_open_by_default_and_closable(start_server, database_url):
     """Probes and grpcurl need them; a setting closes them to anonymous callers."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

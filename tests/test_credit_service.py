@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from orgbilling.v1 import credit_service_pb2 as pb
-from tests.support import field_violations, new_key, raises_rpc
+from tests.support import field_violations, new_key, raises_rpc, with_fields
 
 CODE = grpc.StatusCode
 
@@ -112,9 +112,7 @@ def test_unknown_org_and_missing_allocation(acme):
 )
 def test_deduct_rejects_bad_fields_by_name(acme, changes, bad_field):
     """Each malformed field is INVALID_ARGUMENT naming that field; nothing is charged."""
-    request = deduct_request()
-    for field, value in changes.items():
-        setattr(request, field, value)
+    request = with_fields(deduct_request(), changes)
     with raises_rpc(CODE.INVALID_ARGUMENT, "INVALID_ARGUMENT") as refused:
         acme.credits.DeductCredits(request)
     assert bad_field in field_violations(refused["error"])

@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import psycopg
@@ -27,12 +26,11 @@ from orgbilling.v1 import credit_service_pb2_grpc as credit_pb_grpc
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.v1 import types_pb2
 from orgbilling.server.verify import violations
-from tests.bank.connect import Connection, admin_token_for, connect
-from tests.bank.postgres import PostgresCluster, SERVER_APPLICATION_NAME
+from tests.bank.connect import Connection, connect
 from tests.bank.proxy import TcpProxy
-from tests.bank.run import proxied_url
-from tests.bank.workload import error_reason
-from tests.support import ServerProcess, new_key
+from tests.postgres import SERVER_APPLICATION_NAME, Postgres
+from tests.server_process import ServerProcess
+from tests.support import admin_token, error_reason, new_key
 
 ORG = "acme"
 USER = "alice"
@@ -44,7 +42,7 @@ _databases = itertools.count(1)
 @pytest.fixture(scope="module")
 def cluster():
     """A PostgreSQL of this module's own: the tests stop it."""
-    postgres = PostgresCluster(prefix="orgbilling-faults-")
+    postgres = Postgres(prefix="orgbilling-faults-")
     yield postgres
     postgres.close()
 
@@ -61,17 +59,14 @@ class RunningServer:
     """A server process and a connection to it with an all-scopes key."""
 
     def __init__(self, database_url: str, settings: dict[str, object], connect_url: str | None = None):
-        token = admin_token_for(database_url)  # before start: servers load keys periodically
-        environment = {"ORGBILLING_DATABASE_URL": connect_url or database_url,
-                       "ORGBILLING_HEALTH_CHECK_INTERVAL_MS": "200"}
-        environment |= {f"ORGBILLING_{name.upper()}": str(value) for name, value in settings.items()}
-        self.process = ServerProcess(environment).start()
+        token = admin_token(database_url)  # before start: servers load keys periodically
+        self.process = ServerProcess(connect_url or database_url, **settings).start()
         self.connection: Connection = connect(self.process.address, token)
         self.database_url = database_url
 
     @property
     def pid(self) -> int:
-        return self.process.process.pid
+        return self.process.pid
 
     def health(self) -> int:
         try:
@@ -114,12 +109,6 @@ class RunningServer:
         return self.connection.billing.GetCreditPool(
             billing_pb.GetCreditPoolRequest(org_id=ORG), metadata=self.connection.metadata,
             timeout=timeout_s)
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
 
     def stop(self) -> int:
         self.connection.close()
@@ -219,7 +208,7 @@ def test_a_stalled_database_link_means_not_serving_and_calls_end_by_their_deadli
     still end by their deadline, and all must recover when it answers."""
     proxy = TcpProxy(cluster.socket_path)
     try:
-        with running_server(cluster_url, connect_url=proxied_url(cluster, cluster_url, proxy),
+        with running_server(cluster_url, connect_url=proxy.proxied_url(cluster_url),
                             pool_wait_timeout_ms=1000) as server:
             server.fund()
             proxy.stall()
@@ -298,7 +287,7 @@ def test_a_refused_retry_stays_refused_when_an_earlier_attempt_reaches_the_datab
     proxy = TcpProxy(cluster.socket_path)
     try:
         with running_server(cluster_url) as direct, running_server(
-                cluster_url, connect_url=proxied_url(cluster, cluster_url, proxy)) as delayed:
+                cluster_url, connect_url=proxy.proxied_url(cluster_url)) as delayed:
             direct.fund(pool_millicredits=10**6, limit_millicredits=1_000)
             delayed.get_pool(timeout_s=5)  # its connections are open, through the proxy
             key = new_key()
@@ -342,10 +331,10 @@ def test_beyond_the_concurrency_cap_calls_get_resource_exhausted_at_once(cluster
     with running_server(cluster_url, concurrent_rpcs_max=cap) as server:
         server.fund()
         with every_slot_stuck(server, cluster_url, cap) as stuck:
-            rss_before = server.rss_bytes()
+            rss_before = server.process.rss_bytes()
             refused = [timed(lambda: server.get_pool(timeout_s=5)) for _ in range(20)]
             flood_codes = flood(server, calls=2000, threads=8)
-            rss_after = server.rss_bytes()
+            rss_after = server.process.rss_bytes()
         for code, seconds in refused:
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and seconds < 0.5, (code, seconds)
         assert set(flood_codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, flood_codes

@@ -30,8 +30,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import orgbilling.v1
-from tests.bank.connect import admin_token_for, connect
-from tests.conftest import start_server
+from tests.bank.connect import connect
+from tests.fix_server import serve_in_process
+from tests.support import admin_token
 
 # Examples per RPC and kind when --fuzz-examples is not given: short enough
 # for every `make test`.
@@ -331,8 +332,8 @@ class FuzzTarget:
 
     def __init__(self, postgres):
         self.database_url = postgres.new_database()
-        token = admin_token_for(self.database_url)
-        self.server = start_server(self.database_url)
+        token = admin_token(self.database_url)
+        self.server = serve_in_process(self.database_url)
         self.connection = connect(f"127.0.0.1:{self.server.port}", token)
         self.db = psycopg.connect(self.database_url, autocommit=True)
         self.counts: collections.Counter[str] = collections.Counter()

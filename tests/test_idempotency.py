@@ -250,6 +250,13 @@ def age(database_url, keys, days=8):
                          " WHERE idempotency_key = ANY(%s)", (days, list(keys)))
 
 
+def refused_under(client, keys):
+    """Stores a refusal (ALLOCATION_NOT_FOUND) under each key."""
+    for key in keys:
+        with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "ALLOCATION_NOT_FOUND"):
+            deduct(client, key, user="nobody")
+
+
 def record_keys(database_url):
     with psycopg.connect(database_url) as conn:
         return {key for (key,) in conn.execute("SELECT idempotency_key FROM idempotency_records")}
@@ -290,9 +297,7 @@ def test_the_sweeper_deletes_only_expired_records_and_never_charges(server, clie
 def test_the_sweeper_deletes_in_batches_of_its_size(server, client, database_url):
     client.funded_org("acme", 10_000, {})
     old = [f"old-{i}" for i in range(7)]
-    for key in [*old, "fresh"]:
-        with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "ALLOCATION_NOT_FOUND"):
-            deduct(client, key, user="nobody")
+    refused_under(client, [*old, "fresh"])
     age(database_url, old)
     sweeper = make_sweeper(server, batch_size_max=3)
     assert [sweeper.sweep_once() for _ in range(4)] == [3, 3, 1, 0]
@@ -304,9 +309,7 @@ def test_one_replica_sweeps_at_a_time_and_concurrent_sweeps_are_safe(server, cli
     sweepers racing delete each record once, with no error."""
     client.funded_org("acme", 10_000, {})
     old = [f"old-{i}" for i in range(40)]
-    for key in old:
-        with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "ALLOCATION_NOT_FOUND"):
-            deduct(client, key, user="nobody")
+    refused_under(client, old)
     age(database_url, old)
     with psycopg.connect(database_url) as other_replica:
         other_replica.execute("SELECT pg_advisory_xact_lock(%s)", (SWEEP_LOCK_KEY,))
@@ -332,9 +335,7 @@ def test_one_replica_sweeps_at_a_time_and_concurrent_sweeps_are_safe(server, cli
 def test_the_sweeper_thread_sweeps_every_interval_until_stopped(server, client, database_url):
     client.funded_org("acme", 10_000, {})
     old = [f"old-{i}" for i in range(5)]
-    for key in old:
-        with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "ALLOCATION_NOT_FOUND"):
-            deduct(client, key, user="nobody")
+    refused_under(client, old)
     age(database_url, old)
     sweeper = IdempotencySweeper(server.store, retention_ms=WEEK_MS, interval_ms=50, batch_size_max=2)
     sweeper.start()

@@ -10,17 +10,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
-from tests.support import ServerProcess, new_key
-
-
-def embedded_env(data_dir) -> dict[str, str]:
-    return {"ORGBILLING_DATABASE_URL": "", "ORGBILLING_DATA_DIR": str(data_dir)}
+from tests.server_process import ServerProcess
+from tests.support import new_key
 
 
 def test_embedded_default_keeps_data_across_restarts(embedded_data_dir):
     """With no database URL the server starts its own PostgreSQL in the data
     directory; stop it, start it again, and nothing is lost."""
-    first = ServerProcess(embedded_env(embedded_data_dir)).start(ready_timeout_s=60)
+    first = ServerProcess("", data_dir=embedded_data_dir).start(ready_timeout_s=60)
     client = first.client()
     try:
         client.funded_org("acme", 10_000, {"alice": 1_000})
@@ -31,7 +28,7 @@ def test_embedded_default_keeps_data_across_restarts(embedded_data_dir):
         client.close()
         assert first.stop() == 0, first.log()
 
-    second = ServerProcess(embedded_env(embedded_data_dir), port=first.port).start(ready_timeout_s=60)
+    second = ServerProcess("", data_dir=embedded_data_dir, port=first.port).start(ready_timeout_s=60)
     client = second.client()
     try:
         pool = client.billing.GetCreditPool(billing_pb.GetCreditPoolRequest(org_id="acme")).pool
@@ -48,7 +45,7 @@ def test_embedded_default_keeps_data_across_restarts(embedded_data_dir):
 def test_sigterm_finishes_in_flight_calls_and_exits_zero(database_url):
     """On SIGTERM health turns NOT_SERVING, calls in flight complete, nothing is
     half written, and the process exits 0."""
-    server = ServerProcess({"ORGBILLING_DATABASE_URL": database_url}).start()
+    server = ServerProcess(database_url).start()
     client = server.client()
     client.funded_org("acme", 10**9, {"alice": 10**9})
     futures = []
@@ -80,17 +77,12 @@ def test_health_reports_not_serving_while_the_database_is_unreachable(database_u
     with UNAVAILABLE instead of hanging."""
     bad_url = database_url.replace("dbname=", "dbname=missing_") if "dbname=" in database_url \
         else database_url.rsplit("/", 1)[0] + "/missing_database"
-    server = ServerProcess({"ORGBILLING_DATABASE_URL": bad_url, "ORGBILLING_POOL_WAIT_TIMEOUT_MS": "500"})
-    server.env["ORGBILLING_DATABASE_URL"] = bad_url
+    server = ServerProcess(bad_url, pool_wait_timeout_ms=500)
     import subprocess
-    import sys
-
-    from tests.support import REPO
 
     # Migrations need the database, so start the server without them: the
     # server process refuses to start, which is itself the fail-closed answer.
-    result = subprocess.run([sys.executable, "-m", "orgbilling.server", "serve"], env=server.env, cwd=REPO,
-                            capture_output=True, timeout=60)
+    result = subprocess.run(server.command, env=server.env, cwd=server.cwd, capture_output=True, timeout=60)
     assert result.returncode != 0
 
 

@@ -14,7 +14,6 @@ import pytest
 from orgbilling.server import cli
 from orgbilling.server import migrate as migrate_module
 from orgbilling.server.migrate import MIGRATIONS_DIR, MigrationError, migrate
-from tests.support import with_database
 
 VERSIONED = sorted(p.name for p in MIGRATIONS_DIR.glob("*.sql"))
 REPEATABLE = sorted(f"functions/{p.name}" for p in (MIGRATIONS_DIR / "functions").glob("*.sql"))
@@ -22,11 +21,7 @@ REPEATABLE = sorted(f"functions/{p.name}" for p in (MIGRATIONS_DIR / "functions"
 
 @pytest.fixture
 def empty_database(postgres):
-    name = "migrate_test"
-    with psycopg.connect(postgres.admin_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    return with_database(postgres.admin_url, name)
+    return postgres.create_database("migrate_test", migrated=False)
 
 
 @pytest.fixture

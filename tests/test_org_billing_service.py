@@ -7,7 +7,7 @@ import pytest
 
 from orgbilling.v1 import org_billing_service_pb2 as pb
 from orgbilling.v1 import types_pb2 as t
-from tests.support import field_violations, new_key, raises_rpc
+from tests.support import field_violations, new_key, raises_rpc, with_fields
 
 CODE = grpc.StatusCode
 
@@ -110,10 +110,9 @@ def test_unknown_org_is_not_found_everywhere(client):
     ({"idempotency_key": ""}, "idempotency_key"),
 ])
 def test_create_subscription_rejects_bad_fields(client, changes, bad_field):
-    request = pb.CreateSubscriptionRequest(org_id="acme", plan=t.PLAN_BYOK,
-                                           billing_cycle=t.BILLING_CYCLE_MONTHLY, idempotency_key="k")
-    for field, value in changes.items():
-        setattr(request, field, value)
+    request = with_fields(pb.CreateSubscriptionRequest(org_id="acme", plan=t.PLAN_BYOK,
+                                                       billing_cycle=t.BILLING_CYCLE_MONTHLY,
+                                                       idempotency_key="k"), changes)
     with raises_rpc(CODE.INVALID_ARGUMENT) as refused:
         client.billing.CreateSubscription(request)
     assert bad_field in field_violations(refused["error"])
@@ -211,10 +210,9 @@ def test_revoke_returns_the_limit_to_the_pool(client):
 ])
 def test_allocate_rejects_bad_fields(client, changes, bad_field):
     client.funded_org("acme", 10_000, {})
-    request = pb.AllocateCreditsRequest(org_id="acme", user_id="alice", limit_millicredits=1,
-                                        reset_period=t.RESET_PERIOD_NEVER, idempotency_key="k")
-    for field, value in changes.items():
-        setattr(request, field, value)
+    request = with_fields(pb.AllocateCreditsRequest(org_id="acme", user_id="alice", limit_millicredits=1,
+                                                    reset_period=t.RESET_PERIOD_NEVER, idempotency_key="k"),
+                          changes)
     with raises_rpc(CODE.INVALID_ARGUMENT) as refused:
         client.billing.AllocateCredits(request)
     assert bad_field in field_violations(refused["error"])

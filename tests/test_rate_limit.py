@@ -9,23 +9,11 @@ import time
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.server.interceptors.ratelimit import TokenBuckets
-from tests.conftest import start_server
-from tests.support import Client, admin_token, api_key, error_info, new_key
-
-
-def retry_delay_s(error: grpc.RpcError) -> float:
-    status = rpc_status.from_call(error)
-    infos = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
-    assert len(infos) == 1, status
-    retry = error_details_pb2.RetryInfo()
-    infos[0].Unpack(retry)
-    return retry.retry_delay.ToNanoseconds() / 1e9
+from tests.support import Client, admin_token, api_key, error_info, new_key, retry_delay_s
 
 
 class FakeClock:
@@ -70,7 +58,7 @@ def test_taking_a_token_costs_microseconds():
 
 
 @pytest.fixture
-def limited(database_url):
+def limited(start_server, database_url):
     """A server allowing each caller 3 reads at once then 2 a second, and 10
     writes at once then 1 a second; keys made before it starts."""
     keys = {"admin": admin_token(database_url), "a": api_key(database_url, ["credits.read", "credits.manage"]),
@@ -152,7 +140,7 @@ def test_refusals_are_cheap_and_change_nothing(limited):
     assert len(allocations) == 1 + results.count("ok")  # alice and the admitted ones
 
 
-def test_the_concurrency_cap_refuses_with_resource_exhausted(database_url, token, monkeypatch):
+def test_the_concurrency_cap_refuses_with_resource_exhausted(start_server, database_url, token, monkeypatch):
     """concurrent_rpcs_max: calls beyond it are refused at once, not queued."""
     running = start_server(database_url, concurrent_rpcs_max=2)
     release = threading.Event()

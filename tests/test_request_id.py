@@ -14,7 +14,8 @@ import pytest
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.v1 import types_pb2
-from tests.support import Client, ServerProcess, new_key
+from tests.server_process import ServerProcess
+from tests.support import Client, new_key
 
 FRESH_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -91,7 +92,7 @@ def test_request_ids_reach_the_attribution_and_history_rows(client, database_url
 
 
 def test_the_request_id_is_on_the_calls_log_lines(database_url):
-    server = ServerProcess({"ORGBILLING_DATABASE_URL": database_url}).start()
+    server = ServerProcess(database_url).start()
     try:
         client = server.client()
         with pytest.raises(grpc.RpcError):

@@ -8,7 +8,6 @@ import pytest
 
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.server.auth import api_keys
-from tests.conftest import start_server
 from tests.identity import CertificateAuthority
 from tests.support import Client, error_info
 
@@ -42,7 +41,7 @@ def fails_to_connect(client):
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
 
 
-def test_tls_connects_with_the_right_ca_only(database_url, token, ca, server_files):
+def test_tls_connects_with_the_right_ca_only(start_server, database_url, token, ca, server_files):
     server = start_server(database_url, tls_cert=server_files["tls_cert"], tls_key=server_files["tls_key"])
     address = f"127.0.0.1:{server.port}"
     try:
@@ -65,7 +64,7 @@ def test_tls_connects_with_the_right_ca_only(database_url, token, ca, server_fil
         server.stop()
 
 
-def test_mutual_tls_names_the_caller_by_its_certificate(database_url, token, ca, server_files):
+def test_mutual_tls_names_the_caller_by_its_certificate(start_server, database_url, token, ca, server_files):
     """A registered subject calls with its record's scopes and orgs and no
     bearer token; an unregistered one is UNAUTHENTICATED; a certificate from
     another CA, or none, cannot even connect."""

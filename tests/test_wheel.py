@@ -2,7 +2,6 @@
 fresh virtual environment outside the checkout, `orgbilling serve` starts on
 the embedded default (migrations found as package data) and answers a call."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,8 @@ import grpc
 
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.v1 import org_billing_service_pb2_grpc, types_pb2
-from tests.support import REPO, free_port, new_key, wait_serving
+from tests.server_process import ServerProcess
+from tests.support import REPO, new_key
 
 BUILD_TIMEOUT_S = 300
 
@@ -48,17 +48,12 @@ def test_the_wheel_installed_elsewhere_serves_on_the_embedded_default(embedded_d
         assert listing.split() == ["orgbilling"]
         run(str(python), "-c", "import orgbilling.server.app, orgbilling.v1.credit_service_pb2", cwd=scratch)
 
-        address = f"127.0.0.1:{free_port()}"
-        env = {key: value for key, value in os.environ.items() if not key.startswith("ORGBILLING_")}
-        env |= {"ORGBILLING_LISTEN_ADDRESS": address, "ORGBILLING_DATA_DIR": str(embedded_data_dir)}
-        log_path = scratch / "serve.log"
-        with open(log_path, "wb") as log:
-            server = subprocess.Popen([str(scratch / "venv" / "bin" / "orgbilling"), "serve"],
-                                      cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = ServerProcess("", data_dir=embedded_data_dir, cwd=scratch,
+                               command=[str(scratch / "venv" / "bin" / "orgbilling"), "serve"])
         try:
-            wait_serving(address, 60, process=server, log_path=log_path)
+            server.start(ready_timeout_s=60)
             token = (embedded_data_dir / "admin-key").read_text().strip()
-            with grpc.insecure_channel(address) as channel:
+            with grpc.insecure_channel(server.address) as channel:
                 billing = org_billing_service_pb2_grpc.OrgBillingServiceStub(channel)
                 created = billing.CreateSubscription(
                     billing_pb.CreateSubscriptionRequest(
@@ -67,5 +62,4 @@ def test_the_wheel_installed_elsewhere_serves_on_the_embedded_default(embedded_d
                     metadata=(("authorization", f"Bearer {token}"),), timeout=10)
             assert created.subscription.org_id == "acme"
         finally:
-            server.terminate()
-            assert server.wait(30) == 0, log_path.read_text()
+            assert server.stop(timeout_s=30) == 0, server.log()

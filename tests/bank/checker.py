@@ -16,7 +16,7 @@ import psycopg
 
 from orgbilling.server.verify import violations as server_invariant_violations
 from tests.bank.history import History, Operation, Outcome
-from tests.bank.postgres import HARNESS_APPLICATION_NAME
+from tests.postgres import HARNESS_APPLICATION_NAME
 
 # The rows each kind of mutation writes, in the table that carries its key.
 EXPECTED_HISTORY_EVENT = {

@@ -7,7 +7,6 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from orgbilling.v1 import credit_service_pb2_grpc, org_billing_service_pb2_grpc
-from tests.support import admin_token
 
 # Reconnect quickly after a replica restarts: gRPC's default backoff grows to
 # two minutes, which would keep a healthy replica idle for most of a test.
@@ -40,12 +39,6 @@ class Connection:
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """What every call carries: the bearer key the server checks."""
     return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-def admin_token_for(database_url: str) -> str:
-    """An all-scopes key. Make it before starting servers that should know
-    it at once."""
-    return admin_token(database_url)
 
 
 def connect(address: str, token: str | None = None) -> Connection:

@@ -7,9 +7,9 @@ import logging
 import random
 import time
 
-from tests.bank.postgres import PostgresCluster
 from tests.bank.proxy import TcpProxy
 from tests.bank.replicas import Replica
+from tests.postgres import Postgres
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ FAULT_KINDS = (
 
 
 class Nemesis:
-    def __init__(self, seed: int, postgres: PostgresCluster, replicas: list[Replica],
+    def __init__(self, seed: int, postgres: Postgres, replicas: list[Replica],
                  proxy: TcpProxy, say=print):
         self._rng = random.Random(f"{seed}:nemesis")
         self._postgres = postgres

@@ -7,6 +7,8 @@ import socket
 import threading
 from pathlib import Path
 
+import psycopg
+
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 65536
@@ -47,6 +49,12 @@ class TcpProxy:
         self._closing = threading.Event()
         self._acceptor = threading.Thread(target=self._accept_forever, name="proxy-accept", daemon=True)
         self._acceptor.start()
+
+    def proxied_url(self, database_url: str) -> str:
+        """The same database, reached through this proxy."""
+        info = psycopg.conninfo.conninfo_to_dict(database_url)
+        info.update(host="127.0.0.1", port=str(self.port))
+        return psycopg.conninfo.make_conninfo(**info)
 
     def stall(self) -> None:
         self._flowing.clear()

@@ -2,13 +2,11 @@
 SIGKILL and starts again on the same port, all from one snapshot of the code."""
 
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.support import REPO, ServerProcess, wait_serving
+from tests.server_process import ServerProcess
+from tests.support import REPO
 
 
 def snapshot_code(into: Path) -> Path:
@@ -25,31 +23,8 @@ def snapshot_code(into: Path) -> Path:
     return into
 
 
-def replica_environment(database_url: str) -> dict[str, str]:
-    return {
-        "ORGBILLING_DATABASE_URL": database_url,
-        # Every failed call is logged at INFO: too much for a long soak.
-        "ORGBILLING_LOG_LEVEL": "WARNING",
-        "ORGBILLING_HEALTH_CHECK_INTERVAL_MS": "200",
-        "ORGBILLING_SHUTDOWN_GRACE_MS": "5000",
-    }
-
-
-class _ServerProcessFrom(ServerProcess):
-    """ServerProcess, run from a snapshot of the code instead of the tree."""
-
-    def __init__(self, code_dir: Path, environment: dict[str, str], port: int | None):
-        super().__init__(environment, port=port)
-        self._code_dir = code_dir
-
-    def start(self, ready_timeout_s: float = 30.0) -> "ServerProcess":
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "orgbilling.server", "serve"], env=self.env, cwd=self._code_dir,
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        wait_serving(self.address, ready_timeout_s, process=self.process, log_path=self.log_path)
-        return self
+# Every failed call is logged at INFO: too much for a long soak.
+REPLICA_SETTINGS = {"log_level": "WARNING", "shutdown_grace_ms": 5000}
 
 
 class Replica:
@@ -58,7 +33,7 @@ class Replica:
 
     def __init__(self, name: str, database_url: str, code_dir: Path):
         self.name = name
-        self.environment = replica_environment(database_url)
+        self.database_url = database_url
         self.code_dir = code_dir
         self.process: ServerProcess | None = None
         self.port: int | None = None
@@ -73,7 +48,7 @@ class Replica:
         PostgreSQL is restarting (the server migrates, so needs it to start)."""
         deadline = time.monotonic() + ready_timeout_s
         while True:
-            process = _ServerProcessFrom(self.code_dir, self.environment, self.port)
+            process = ServerProcess(self.database_url, port=self.port, cwd=self.code_dir, **REPLICA_SETTINGS)
             self.port = process.port
             self.log_paths.append(process.log_path)
             try:
@@ -94,12 +69,11 @@ class Replica:
         """SIGKILL: no draining, no goodbye, connections cut mid-call."""
         if self.process is None:
             return
-        self.process.process.send_signal(signal.SIGKILL)
-        self.process.stop(timeout_s=10)
+        self.process.kill(timeout_s=10)
         self.process = None
 
     def is_running(self) -> bool:
-        return self.process is not None and self.process.process.poll() is None
+        return self.process is not None and self.process.is_running()
 
     def stop(self) -> int | None:
         """SIGTERM and wait: the graceful way out, for the end of a run."""

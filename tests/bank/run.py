@@ -9,19 +9,18 @@ import random
 import threading
 import time
 
-import psycopg
-
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.v1 import types_pb2
 from tests.bank.checker import check
-from tests.bank.connect import Connection, admin_token_for, connect
+from tests.bank.connect import connect
 from tests.bank.history import History, Operation, Outcome
 from tests.bank.nemesis import Nemesis
-from tests.bank.postgres import PostgresCluster
 from tests.bank.proxy import TcpProxy
 from tests.bank.replicas import Replica, snapshot_code
 from tests.bank.workload import Caller, Settler, UsageHints, WorkloadShape
-from tests.support import wait_serving
+from tests.postgres import Postgres
+from tests.server_process import wait_serving
+from tests.support import admin_token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +97,6 @@ def account_setup_steps(shape: WorkloadShape, org_id: str) -> list[tuple]:
     return steps
 
 
-def proxied_url(postgres: PostgresCluster, database_url: str, proxy: TcpProxy) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(database_url)
-    info.update(host="127.0.0.1", port=str(proxy.port))
-    return psycopg.conninfo.make_conninfo(**info)
-
-
 class BankRun:
     def __init__(self, options: RunOptions, say=print):
         self.options = options
@@ -118,11 +111,12 @@ class BankRun:
         self.say(f"bank: seed {self.options.seed}, {self.options.duration_s:.0f} s,"
                  f" {self.options.replicas} replicas, {self.options.shape.callers} callers")
         with contextlib.ExitStack() as cleanup:
-            postgres = PostgresCluster()
+            postgres = Postgres(prefix="orgbilling-bank-")
             cleanup.callback(postgres.close)
             code_dir = snapshot_code(postgres.root / "code")
-            database_url = postgres.create_database("bank", code_dir / "orgbilling" / "migrations")
-            token = admin_token_for(database_url)
+            database_url = postgres.create_database(
+                "bank", migrations_dir=code_dir / "orgbilling" / "migrations")
+            token = admin_token(database_url)  # before the replicas start: they load keys periodically
             proxy = TcpProxy(postgres.socket_path)
             cleanup.callback(proxy.close)
             replicas = self._start_replicas(postgres, database_url, proxy, code_dir, cleanup)
@@ -150,7 +144,7 @@ class BankRun:
         replicas = []
         for number in range(self.options.replicas):
             behind_proxy = number == self.options.replicas - 1
-            url = proxied_url(postgres, database_url, proxy) if behind_proxy else database_url
+            url = proxy.proxied_url(database_url) if behind_proxy else database_url
             replica = Replica(f"replica-{number}" + (" (via proxy)" if behind_proxy else ""), url, code_dir)
             cleanup.callback(replica.stop)
             replica.start()

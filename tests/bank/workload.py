@@ -8,8 +8,6 @@ import threading
 import time
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from orgbilling.v1 import credit_service_pb2 as credit_pb
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
@@ -18,6 +16,7 @@ from tests.bank.connect import Connection
 from tests.bank.history import (
     SERVER_BUGS, UNEXPECTED_REFUSAL_REASONS, History, Operation, Outcome, outcome_of,
 )
+from tests.support import error_reason
 
 SERVICE_OF_METHOD = {
     "CheckCredits": "credits", "DeductCredits": "credits",
@@ -151,19 +150,6 @@ class OperationFactory:
     def _revoke(self, rng, org_id, user_id, key):
         return "RevokeAllocation", billing_pb.RevokeAllocationRequest(
             org_id=org_id, user_id=user_id, idempotency_key=key), 0
-
-
-def error_reason(error: grpc.RpcError) -> str | None:
-    """The ErrorInfo reason of a failure, or None if it carries none."""
-    status = rpc_status.from_call(error)
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return None
 
 
 class Settler:

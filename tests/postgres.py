@@ -1,6 +1,8 @@
-"""A private embedded PostgreSQL that the reliability tests may stop, start
-and cut off at will, unlike the suite's shared one."""
+"""The one PostgreSQL manager of the tests: a server to make databases on,
+either one given by URL or a private embedded one in a temporary directory
+that the tests may also stop, start and cut off at will."""
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -12,12 +14,20 @@ from pathlib import Path
 import psycopg
 
 from orgbilling.server.migrate import migrate
-from tests.support import with_database
 
 # The servers' connections say so; the harness's own do not, so that
 # terminating "the servers' backends" spares the checker.
 SERVER_APPLICATION_NAME = "orgbilling"
 HARNESS_APPLICATION_NAME = "orgbilling-harness"
+TEMPLATE_DATABASE = "orgbilling_template"
+_database_numbers = itertools.count(1)
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL pointing at another database."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = database
+    return psycopg.conninfo.make_conninfo(**info)
 
 
 def _ensure_runtime_dir() -> None:
@@ -45,14 +55,29 @@ def _init_and_start(pgdata: Path) -> str:
     return finished.stdout.strip().splitlines()[-1]
 
 
-class PostgresCluster:
-    """One embedded PostgreSQL in a temporary directory, listening on a Unix
-    socket only, deleted by close()."""
+class Postgres:
+    """A PostgreSQL the tests make databases on.
 
-    def __init__(self, prefix: str = "orgbilling-bank-"):
+    With a URL, the server it names (its user must be allowed to create
+    databases), left running by close(). Without, a private embedded
+    PostgreSQL in a new temporary directory, listening on a Unix socket
+    only, which the fault tests may stop, start, restart and cut off, and
+    which close() stops and deletes.
+    """
+
+    def __init__(self, url: str | None = None, *, prefix: str = "orgbilling-test-"):
+        self._template_ready = False
+        self.root: Path | None = None
+        if url:
+            self.admin_url = url
+            return
         self.root = Path(tempfile.mkdtemp(prefix=prefix))
         self.pgdata = self.root / "postgres"
-        self.admin_url = _init_and_start(self.pgdata)
+        try:
+            self.admin_url = _init_and_start(self.pgdata)
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
         info = psycopg.conninfo.conninfo_to_dict(self.admin_url)
         self.socket_dir = Path(info["host"])
         self.port = int(info.get("port") or 5432)
@@ -60,20 +85,40 @@ class PostgresCluster:
         self.system_user = "embedded_postgres" if os.geteuid() == 0 else None
 
     @property
+    def is_private(self) -> bool:
+        return self.root is not None
+
+    @property
     def socket_path(self) -> Path:
+        self._require_private("has no socket of ours")
         return self.socket_dir / f".s.PGSQL.{self.port}"
 
-    def create_database(self, name: str, migrations_dir: Path | None = None) -> str:
-        """A new, migrated database; returns its URL."""
+    # Databases.
+
+    def create_database(self, name: str, *, template: str | None = None, migrated: bool = True,
+                        migrations_dir: Path | None = None) -> str:
+        """A new database called name (replacing any of that name): a copy of
+        template, else migrated (from migrations_dir if given) or, with
+        migrated=False, empty. Returns its URL."""
         with self.admin_connection() as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name}")
-            conn.execute(f"CREATE DATABASE {name}")
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
         url = with_database(self.admin_url, name)
-        if migrations_dir is None:
-            migrate(url)
-        else:
-            migrate(url, migrations_dir)
+        if migrated and not template:
+            if migrations_dir is None:
+                migrate(url)
+            else:
+                migrate(url, migrations_dir)
         return url
+
+    def new_database(self) -> str:
+        """A fresh, migrated database, cut from a template migrated once;
+        returns its URL."""
+        if not self._template_ready:
+            self.create_database(TEMPLATE_DATABASE)
+            self._template_ready = True
+        return self.create_database(f"test_{os.getpid()}_{next(_database_numbers)}",
+                                    template=TEMPLATE_DATABASE)
 
     def admin_connection(self, url: str | None = None, connect_timeout_s: int = 5) -> psycopg.Connection:
         return psycopg.connect(
@@ -81,19 +126,7 @@ class PostgresCluster:
             application_name=HARNESS_APPLICATION_NAME,
         )
 
-    def wait_accepting(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with self.admin_connection(connect_timeout_s=2) as conn:
-                    conn.execute("SELECT 1")
-                return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    # Faults.
+    # Faults, on a private server only.
 
     def stop(self, mode: str = "fast") -> None:
         """Stops the server: `fast` rolls back sessions and checkpoints,
@@ -107,6 +140,7 @@ class PostgresCluster:
                       "-l", str(self.pgdata / "log"), "start"])
 
     def is_running(self) -> bool:
+        self._require_private("is not ours to watch")
         return (self.pgdata / "postmaster.pid").exists()
 
     def restart(self, mode: str, down_s: float) -> None:
@@ -123,7 +157,12 @@ class PostgresCluster:
                 " WHERE application_name = %s", (SERVER_APPLICATION_NAME,),
             ).fetchone()[0]
 
+    def _require_private(self, what: str) -> None:
+        if not self.is_private:
+            raise RuntimeError(f"the PostgreSQL at a given URL {what}: use a private one")
+
     def _pg_ctl(self, args: list[str]) -> None:
+        self._require_private("is not ours to stop or start")
         _ensure_runtime_dir()
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
@@ -141,6 +180,9 @@ class PostgresCluster:
                                    f" {output.read().decode(errors='replace')}")
 
     def close(self) -> None:
+        """Stops and deletes a private server; leaves one given by URL alone."""
+        if not self.is_private:
+            return
         if self.is_running():
             try:
                 self.stop("fast")
