@@ -16,7 +16,7 @@ from orgbilling.server.auth.local_admin import ensure_local_admin_key, grpcurl_e
 from orgbilling.server.auth.security import Security
 from orgbilling.server.auth.tls import add_port
 from orgbilling.server.database import open_pool, resolve_database_url
-from orgbilling.server.health import DatabaseHealthMonitor, HealthServicer
+from orgbilling.server.health import DatabaseHealthMonitor, HealthServicer, probe_server
 from orgbilling.server.group_commit import GroupCommitter
 from orgbilling.server.interceptors import InterceptorChain
 from orgbilling.server.interceptors.admission import AdmissionInterceptor
@@ -153,12 +153,21 @@ class OrgBillingServer:
         self.port = add_port(self.grpc_server, settings)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.listen_address}")
+        self.probe_server = self.probe_port = None
+        if settings.probe_listen_address:
+            self.probe_server, self.probe_port = probe_server(
+                self.health_servicer, address=settings.probe_listen_address,
+                threads=settings.probe_threads)
+            if self.probe_port == 0:
+                raise RuntimeError(f"cannot listen on {settings.probe_listen_address}")
 
     def start(self) -> None:
         self.security.start()
         self.health.start()
         self.sweeper.start()
         self.grpc_server.start()
+        if self.probe_server is not None:
+            self.probe_server.start()
 
     def stop(self) -> None:
         """Stops taking calls, lets in-flight ones finish within the grace
@@ -169,6 +178,8 @@ class OrgBillingServer:
         self.draining.begin_draining()
         self.draining.wait_quiet(self.settings.shutdown_quiet_ms / 1000, grace_s)
         self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
+        if self.probe_server is not None:
+            self.probe_server.stop(0).wait()
         self.sweeper.stop()
         self.security.stop()
         self.pool.close()
@@ -190,6 +201,9 @@ def serve(settings: Settings) -> None:
     server.start()
     host = settings.listen_address.rsplit(":", 1)[0]
     print(f"orgbilling listening on {host}:{server.port}", flush=True)
+    if server.probe_port:
+        probe_host = settings.probe_listen_address.rsplit(":", 1)[0]
+        print(f"health probes (Check only) on {probe_host}:{server.probe_port}", flush=True)
     if admin_key_path is not None:
         print(f"local admin key (every scope) saved in {admin_key_path}; try:", flush=True)
         print("  " + grpcurl_example(f"{host}:{server.port}", admin_key_path, settings.tls_cert),

@@ -217,3 +217,22 @@ class DatabaseHealthMonitor:
         status = SERVING if healthy else NOT_SERVING
         for name in self._names:
             self._servicer.set(name, status)
+
+
+def probe_server(servicer: HealthServicer, *, address: str, threads: int) -> tuple[grpc.Server, int]:
+    """A small server of its own for orchestrators' probes: health Check
+    only (no Watch, which would hold one of its few threads), no
+    interceptors, its own threads, so that a probe never waits behind the
+    main server's calls, whatever they are. Returns it, not started, and
+    its port (0 if it could not listen)."""
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probe"),
+                         maximum_concurrent_rpcs=threads)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health",
+        {"Check": grpc.unary_unary_rpc_method_handler(
+            servicer.Check,
+            request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        )},
+    ),))
+    return server, server.add_insecure_port(address)

@@ -15,6 +15,11 @@ from pathlib import Path
 class Settings:
     # Where gRPC listens, host:port.
     listen_address: str = "127.0.0.1:50051"
+    # A second port for orchestrators' probes, host:port (empty: none),
+    # serving health Check only, plaintext, on threads of its own
+    # (probe_threads), so that probes never wait behind the main port's calls.
+    probe_listen_address: str = ""
+    probe_threads: int = 4
     # PostgreSQL to use; empty means the embedded server in data_dir.
     database_url: str = ""
     # Where the embedded PostgreSQL keeps its data when database_url is empty.
@@ -204,7 +209,7 @@ class Settings:
             raise ValueError(
                 "worker_threads must exceed concurrent_rpcs_max + open_service_streams_max:"
                 " health checks and callers held at the admission limit need threads of their own")
-        if min(self.http2_streams_per_connection_max, self.connection_age_max_ms,
+        if min(self.http2_streams_per_connection_max, self.connection_age_max_ms, self.probe_threads,
                self.open_service_streams_max, self.open_service_stream_lifetime_ms) < 1:
             raise ValueError("stream and connection limits must be at least 1")
         self.validate_security()
