@@ -92,8 +92,6 @@ class OrgBillingServer:
         )
         self.security = Security(settings, self.pool)
         self.draining = DrainingInterceptor()
-        self.admission = AdmissionInterceptor(
-            calls_max=settings.concurrent_rpcs_max, retry_after_ms=settings.busy_retry_after_ms)
         # Outermost first; the chain itself maps errors, outside all of them.
         # Draining and admission first: a call refused for the server's state
         # costs as little as possible. Authentication before anything looks at
@@ -102,7 +100,8 @@ class OrgBillingServer:
         # deadline last: it concerns the work itself.
         interceptors = [
             self.draining,
-            self.admission,
+            AdmissionInterceptor(
+                calls_max=settings.concurrent_rpcs_max, retry_after_ms=settings.busy_retry_after_ms),
             OpenStreamsInterceptor(
                 open_services=settings.open_services,
                 streams_max=settings.open_service_streams_max,
