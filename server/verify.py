@@ -6,6 +6,31 @@ returns none from all of them.
 
 import psycopg
 
+
+def _summary_differences(table: str, bucket: str, per_user: bool) -> str:
+    """The buckets where a summary table and the attribution rows it sums
+    disagree: a full join of the two, so a bucket missing on either side is
+    found too."""
+    user = "user_id" if per_user else "''"
+    return f"""
+        WITH raw AS (
+            SELECT org_id, date_trunc('{bucket}', created_at AT TIME ZONE 'UTC')::date AS bucket,
+                   {user} AS user_id, service_type, service_name,
+                   sum(amount_millicredits) AS used, count(*) AS requests,
+                   {"max(created_at)" if per_user else "NULL::timestamptz"} AS last_used
+              FROM credit_usage_attribution
+             GROUP BY 1, 2, 3, 4, 5),
+        summary AS (
+            SELECT org_id, {bucket} AS bucket, {user} AS user_id, service_type, service_name,
+                   used_millicredits AS used, request_count AS requests,
+                   {"last_used_at" if per_user else "NULL::timestamptz"} AS last_used
+              FROM {table})
+        SELECT * FROM raw FULL JOIN summary USING (org_id, bucket, user_id, service_type, service_name)
+         WHERE raw.used IS DISTINCT FROM summary.used
+            OR raw.requests IS DISTINCT FROM summary.requests
+            OR raw.last_used IS DISTINCT FROM summary.last_used"""
+
+
 INVARIANT_QUERIES: dict[str, str] = {
     "pool total equals the sum of its credit events": """
         SELECT p.org_id, p.total_millicredits, coalesce(sum(h.credits_delta_millicredits), 0)
@@ -39,6 +64,14 @@ INVARIANT_QUERIES: dict[str, str] = {
            AND u.allocation_period = a.period_number
          GROUP BY a.org_id, a.user_id, a.used_millicredits
         HAVING a.used_millicredits <> coalesce(sum(u.amount_millicredits), 0)""",
+    **{
+        f"{table} equals the attribution rows it sums": _summary_differences(table, bucket, per_user)
+        for table, bucket, per_user in (
+            ("usage_daily", "day", False),
+            ("user_usage_daily", "day", True),
+            ("user_usage_monthly", "month", True),
+        )
+    },
     "no pool balance is negative": """
         SELECT org_id FROM organization_credit_pools
          WHERE used_millicredits + reserved_millicredits

@@ -25,6 +25,56 @@
 --     With sequential scans off, the generic plans are index lookups that
 --     suit one item and a thousand alike.
 
+-- Adds charges to the usage summary tables (0002_reporting.sql): one row per
+-- charge in, one upsert per table out, each bucket summed first. Called in
+-- the transaction that writes the charges' attribution rows, which already
+-- holds the lock of every pool involved: two transactions never update the
+-- same bucket at once, so the upserts neither wait nor deadlock. The bucket
+-- is the transaction's start, now(), which is the rows' created_at.
+CREATE OR REPLACE FUNCTION add_usage_to_summaries(
+    p_org_ids text[], p_user_ids text[], p_service_types text[], p_service_names text[],
+    p_amounts bigint[])
+RETURNS void
+LANGUAGE sql
+SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+    INSERT INTO usage_daily AS s (org_id, day, service_type, service_name,
+                                  used_millicredits, request_count)
+    SELECT u.org_id, (now() AT TIME ZONE 'UTC')::date, u.service_type, u.service_name,
+           sum(u.amount), count(*)
+      FROM unnest(p_org_ids, p_service_types, p_service_names, p_amounts)
+           AS u(org_id, service_type, service_name, amount)
+     GROUP BY u.org_id, u.service_type, u.service_name
+    ON CONFLICT (org_id, day, service_type, service_name) DO UPDATE
+       SET used_millicredits = s.used_millicredits + excluded.used_millicredits,
+           request_count = s.request_count + excluded.request_count;
+
+    INSERT INTO user_usage_daily AS s (org_id, day, user_id, service_type, service_name,
+                                       used_millicredits, request_count, last_used_at)
+    SELECT u.org_id, (now() AT TIME ZONE 'UTC')::date, u.user_id, u.service_type,
+           u.service_name, sum(u.amount), count(*), now()
+      FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
+           AS u(org_id, user_id, service_type, service_name, amount)
+     GROUP BY u.org_id, u.user_id, u.service_type, u.service_name
+    ON CONFLICT (org_id, day, user_id, service_type, service_name) DO UPDATE
+       SET used_millicredits = s.used_millicredits + excluded.used_millicredits,
+           request_count = s.request_count + excluded.request_count,
+           last_used_at = greatest(s.last_used_at, excluded.last_used_at);
+
+    INSERT INTO user_usage_monthly AS s (org_id, month, user_id, service_type, service_name,
+                                         used_millicredits, request_count, last_used_at)
+    SELECT u.org_id, date_trunc('month', now() AT TIME ZONE 'UTC')::date, u.user_id,
+           u.service_type, u.service_name, sum(u.amount), count(*), now()
+      FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
+           AS u(org_id, user_id, service_type, service_name, amount)
+     GROUP BY u.org_id, u.user_id, u.service_type, u.service_name
+    ON CONFLICT (org_id, month, user_id, service_type, service_name) DO UPDATE
+       SET used_millicredits = s.used_millicredits + excluded.used_millicredits,
+           request_count = s.request_count + excluded.request_count,
+           last_used_at = greatest(s.last_used_at, excluded.last_used_at);
+$$;
+
 -- Whether an amount fits the allocation and the pool. Reads only.
 CREATE OR REPLACE FUNCTION has_sufficient_credits(p_org_id text, p_user_id text, p_amount bigint)
 RETURNS TABLE (outcome text, sufficient boolean, allocation_remaining bigint, pool_spendable bigint)
@@ -158,6 +208,8 @@ BEGIN
         p_request_hash, p_request_id, p_metadata, a.period_number,
         allocation_remaining, pool_spendable)
     RETURNING credit_usage_attribution.deduction_id INTO deduction_id;
+    PERFORM add_usage_to_summaries(ARRAY[p_org_id], ARRAY[p_user_id], ARRAY[p_service_type],
+                                   ARRAY[p_service_name], ARRAY[p_amount]);
     outcome := 'OK';
     RETURN NEXT;
 END $$;
@@ -387,6 +439,16 @@ BEGIN
                                 idempotency_key, request_hash, request_id, metadata, n)
       JOIN unnest(w_n, w_id, w_period, w_remaining, w_spendable)
            AS w(n, id, period, remaining, spendable) ON w.n = i.n;
+
+    -- The same charges, summed into the summary tables.
+    IF cardinality(w_n) > 0 THEN
+        PERFORM add_usage_to_summaries(array_agg(i.org_id), array_agg(i.user_id),
+                                       array_agg(i.service_type), array_agg(i.service_name),
+                                       array_agg(i.amount))
+           FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
+                WITH ORDINALITY AS i(org_id, user_id, service_type, service_name, amount, n)
+           JOIN unnest(w_n) AS w(n) ON w.n = i.n;
+    END IF;
 
     INSERT INTO idempotency_records (org_id, family, idempotency_key, operation, request_hash, result)
     SELECT i.org_id, 'deductions', i.idempotency_key, 'DeductCredits', i.request_hash, f.result

@@ -11,8 +11,12 @@ CREDITS_MANAGE = "credits.manage"
 # Minting credits is a power of its own, apart from managing allocations.
 CREDITS_GRANT = "credits.grant"
 BILLING_ADMIN = "billing.admin"
+# Recording what the external billing system reports (invoices, payments).
+BILLING_WRITE = "billing.write"
 
-ALL_SCOPES = frozenset({CREDITS_READ, CREDITS_DEDUCT, CREDITS_MANAGE, CREDITS_GRANT, BILLING_ADMIN})
+ALL_SCOPES = frozenset({
+    CREDITS_READ, CREDITS_DEDUCT, CREDITS_MANAGE, CREDITS_GRANT, BILLING_ADMIN, BILLING_WRITE,
+})
 
 # Calls needing these scopes change nothing; they spend the caller's read
 # budget of the rate limiter, every other call its write budget.
@@ -32,7 +36,25 @@ METHOD_SCOPES: dict[str, str] = {
     "/orgbilling.v1.OrgBillingService/AllocateCredits": CREDITS_MANAGE,
     "/orgbilling.v1.OrgBillingService/RevokeAllocation": CREDITS_MANAGE,
     "/orgbilling.v1.OrgBillingService/ListAllocations": CREDITS_READ,
+    "/orgbilling.v1.OrgBillingService/RecordInvoice": BILLING_WRITE,
+    "/orgbilling.v1.ReportingService/GetUsageSummary": CREDITS_READ,
+    "/orgbilling.v1.ReportingService/GetOrgBilling": CREDITS_READ,
+    "/orgbilling.v1.ReportingService/ListAllocationUsage": CREDITS_READ,
+    "/orgbilling.v1.ReportingService/GetUserBilling": CREDITS_READ,
+    "/orgbilling.v1.ReportingService/GetSystemBilling": BILLING_ADMIN,
+    "/orgbilling.v1.ReportingService/ListOrgSummaries": BILLING_ADMIN,
+    "/orgbilling.v1.ReportingService/GetOrgBillingMetrics": CREDITS_READ,
+    "/orgbilling.v1.ReportingService/ListUsage": CREDITS_READ,
+    "/orgbilling.v1.ReportingService/ListBillingHistory": CREDITS_READ,
+    "/orgbilling.v1.ReportingService/ExportUsage": CREDITS_READ,
 }
+
+# Calls that name no organization but span several, for a caller limited to
+# some organizations: the servicer shows such a caller only those (the auth
+# interceptor lets them through instead of refusing a request with no org_id).
+FILTERED_BY_CALLER_ORGS = frozenset({
+    "/orgbilling.v1.ReportingService/GetUserBilling",
+})
 
 # Infrastructure services: open to anyone by default (setting
 # unauthenticated_services); when closed, any authenticated caller may use

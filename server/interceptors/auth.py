@@ -18,7 +18,7 @@ import logging
 from orgbilling.server.auth.authenticator import Authenticator
 from orgbilling.server.auth.caller import Caller, caller_var
 from orgbilling.server.auth.orgs import org_ids_in
-from orgbilling.server.auth.scopes import required_scope
+from orgbilling.server.auth.scopes import FILTERED_BY_CALLER_ORGS, required_scope
 from orgbilling.server.errors import missing_scope, org_not_permitted, scope_not_declared
 from orgbilling.server.interceptors import Call, Interceptor, Method
 
@@ -51,7 +51,7 @@ def _authorize(call: Call, caller: Caller) -> None:
         raise scope_not_declared(method)
     if scope and scope not in caller.scopes:
         raise missing_scope(method, scope)
-    if caller.org_ids is None or scope == "":
+    if caller.org_ids is None or scope == "" or method in FILTERED_BY_CALLER_ORGS:
         return
     # Decoding the request now, after the caller is known: it may be refused as malformed.
     request = call.request

@@ -22,52 +22,57 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from orgbilling.v1 import types_pb2 as orgbilling_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'orgbilling/v1/org_billing_service.proto\x12\rorgbilling.v1\x1a\x19orgbilling/v1/types.proto\"\xef\x01\n\x19\x43reateSubscriptionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12!\n\x04plan\x18\x02 \x01(\x0e\x32\x13.orgbilling.v1.Plan\x12\x32\n\rbilling_cycle\x18\x03 \x01(\x0e\x32\x1b.orgbilling.v1.BillingCycle\x12\x12\n\ntrial_days\x18\x04 \x01(\x05\x12\x1c\n\x14\x65xternal_customer_id\x18\x05 \x01(\t\x12 \n\x18\x65xternal_subscription_id\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"a\n\x1a\x43reateSubscriptionResponse\x12\x31\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1b.orgbilling.v1.Subscription\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"(\n\x16GetSubscriptionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"L\n\x17GetSubscriptionResponse\x12\x31\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1b.orgbilling.v1.Subscription\"\x93\x01\n\x11\x43hangePlanRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12!\n\x04plan\x18\x02 \x01(\x0e\x32\x13.orgbilling.v1.Plan\x12\x32\n\rbilling_cycle\x18\x03 \x01(\x0e\x32\x1b.orgbilling.v1.BillingCycle\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\x84\x01\n\x12\x43hangePlanResponse\x12\x31\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1b.orgbilling.v1.Subscription\x12)\n\x06\x63hange\x18\x02 \x01(\x0e\x32\x19.orgbilling.v1.PlanChange\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"T\n\x19\x43\x61ncelSubscriptionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"a\n\x1a\x43\x61ncelSubscriptionResponse\x12\x31\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1b.orgbilling.v1.Subscription\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"&\n\x14GetCreditPoolRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"@\n\x15GetCreditPoolResponse\x12\'\n\x04pool\x18\x01 \x01(\x0b\x32\x19.orgbilling.v1.CreditPool\"\xde\x01\n\x11\x41\x64\x64\x43reditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12+\n\x06source\x18\x02 \x01(\x0e\x32\x1b.orgbilling.v1.CreditSource\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\x12\x19\n\x11payment_reference\x18\x04 \x01(\t\x12\x19\n\x11\x61mount_paid_cents\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\"}\n\x12\x41\x64\x64\x43reditsResponse\x12\'\n\x04pool\x18\x01 \x01(\x0b\x32\x19.orgbilling.v1.CreditPool\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64\x65\x64_millicredits\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"\xa0\x01\n\x16\x41llocateCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1a\n\x12limit_millicredits\x18\x03 \x01(\x03\x12\x30\n\x0creset_period\x18\x04 \x01(\x0e\x32\x1a.orgbilling.v1.ResetPeriod\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"\x83\x01\n\x17\x41llocateCreditsResponse\x12-\n\nallocation\x18\x01 \x01(\x0b\x32\x19.orgbilling.v1.Allocation\x12\'\n\x04pool\x18\x02 \x01(\x0b\x32\x19.orgbilling.v1.CreditPool\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"S\n\x17RevokeAllocationRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x84\x01\n\x18RevokeAllocationResponse\x12-\n\nallocation\x18\x01 \x01(\x0b\x32\x19.orgbilling.v1.Allocation\x12\'\n\x04pool\x18\x02 \x01(\x0b\x32\x19.orgbilling.v1.CreditPool\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"h\n\x16ListAllocationsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x04 \x01(\x08\"b\n\x17ListAllocationsResponse\x12.\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x19.orgbilling.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf6\x06\n\x11OrgBillingService\x12i\n\x12\x43reateSubscription\x12(.orgbilling.v1.CreateSubscriptionRequest\x1a).orgbilling.v1.CreateSubscriptionResponse\x12`\n\x0fGetSubscription\x12%.orgbilling.v1.GetSubscriptionRequest\x1a&.orgbilling.v1.GetSubscriptionResponse\x12Q\n\nChangePlan\x12 .orgbilling.v1.ChangePlanRequest\x1a!.orgbilling.v1.ChangePlanResponse\x12i\n\x12\x43\x61ncelSubscription\x12(.orgbilling.v1.CancelSubscriptionRequest\x1a).orgbilling.v1.CancelSubscriptionResponse\x12Z\n\rGetCreditPool\x12#.orgbilling.v1.GetCreditPoolRequest\x1a$.orgbilling.v1.GetCreditPoolResponse\x12Q\n\nAddCredits\x12 .orgbilling.v1.AddCreditsRequest\x1a!.orgbilling.v1.AddCreditsResponse\x12`\n\x0f\x41llocateCredits\x12%.orgbilling.v1.AllocateCreditsRequest\x1a&.orgbilling.v1.AllocateCreditsResponse\x12\x63\n\x10RevokeAllocation\x12&.orgbilling.v1.RevokeAllocationRequest\x1a\'.orgbilling.v1.RevokeAllocationResponse\x12`\n\x0fListAllocations\x12%.orgbilling.v1.ListAllocationsRequest\x1a&.orgbilling.v1.ListAllocationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'orgbilling/v1/org_billing_service.proto\x12\rorgbilling.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19orgbilling/v1/types.proto\"\xef\x01\n\x19\x43reateSubscriptionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12!\n\x04plan\x18\x02 \x01(\x0e\x32\x13.orgbilling.v1.Plan\x12\x32\n\rbilling_cycle\x18\x03 \x01(\x0e\x32\x1b.orgbilling.v1.BillingCycle\x12\x12\n\ntrial_days\x18\x04 \x01(\x05\x12\x1c\n\x14\x65xternal_customer_id\x18\x05 \x01(\t\x12 \n\x18\x65xternal_subscription_id\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"a\n\x1a\x43reateSubscriptionResponse\x12\x31\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1b.orgbilling.v1.Subscription\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"(\n\x16GetSubscriptionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"L\n\x17GetSubscriptionResponse\x12\x31\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1b.orgbilling.v1.Subscription\"\x93\x01\n\x11\x43hangePlanRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12!\n\x04plan\x18\x02 \x01(\x0e\x32\x13.orgbilling.v1.Plan\x12\x32\n\rbilling_cycle\x18\x03 \x01(\x0e\x32\x1b.orgbilling.v1.BillingCycle\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\x84\x01\n\x12\x43hangePlanResponse\x12\x31\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1b.orgbilling.v1.Subscription\x12)\n\x06\x63hange\x18\x02 \x01(\x0e\x32\x19.orgbilling.v1.PlanChange\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"T\n\x19\x43\x61ncelSubscriptionRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"a\n\x1a\x43\x61ncelSubscriptionResponse\x12\x31\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1b.orgbilling.v1.Subscription\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"&\n\x14GetCreditPoolRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\"@\n\x15GetCreditPoolResponse\x12\'\n\x04pool\x18\x01 \x01(\x0b\x32\x19.orgbilling.v1.CreditPool\"\xde\x01\n\x11\x41\x64\x64\x43reditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12+\n\x06source\x18\x02 \x01(\x0e\x32\x1b.orgbilling.v1.CreditSource\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\x12\x19\n\x11payment_reference\x18\x04 \x01(\t\x12\x19\n\x11\x61mount_paid_cents\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\"}\n\x12\x41\x64\x64\x43reditsResponse\x12\'\n\x04pool\x18\x01 \x01(\x0b\x32\x19.orgbilling.v1.CreditPool\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64\x65\x64_millicredits\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"\xa0\x01\n\x16\x41llocateCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1a\n\x12limit_millicredits\x18\x03 \x01(\x03\x12\x30\n\x0creset_period\x18\x04 \x01(\x0e\x32\x1a.orgbilling.v1.ResetPeriod\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"\x83\x01\n\x17\x41llocateCreditsResponse\x12-\n\nallocation\x18\x01 \x01(\x0b\x32\x19.orgbilling.v1.Allocation\x12\'\n\x04pool\x18\x02 \x01(\x0b\x32\x19.orgbilling.v1.CreditPool\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"S\n\x17RevokeAllocationRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x84\x01\n\x18RevokeAllocationResponse\x12-\n\nallocation\x18\x01 \x01(\x0b\x32\x19.orgbilling.v1.Allocation\x12\'\n\x04pool\x18\x02 \x01(\x0b\x32\x19.orgbilling.v1.CreditPool\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"h\n\x16ListAllocationsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x04 \x01(\x08\"b\n\x17ListAllocationsResponse\x12.\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x19.orgbilling.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x85\x02\n\x14RecordInvoiceRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x1b\n\x13\x65xternal_invoice_id\x18\x02 \x01(\t\x12,\n\x06status\x18\x03 \x01(\x0e\x32\x1c.orgbilling.v1.InvoiceStatus\x12\x14\n\x0c\x61mount_cents\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x35\n\x11period_start_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fperiod_end_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x97\x01\n\x15RecordInvoiceResponse\x12\'\n\x07invoice\x18\x01 \x01(\x0b\x32\x16.orgbilling.v1.Invoice\x12\x31\n\x0csubscription\x18\x02 \x01(\x0b\x32\x1b.orgbilling.v1.Subscription\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x32\xd2\x07\n\x11OrgBillingService\x12i\n\x12\x43reateSubscription\x12(.orgbilling.v1.CreateSubscriptionRequest\x1a).orgbilling.v1.CreateSubscriptionResponse\x12`\n\x0fGetSubscription\x12%.orgbilling.v1.GetSubscriptionRequest\x1a&.orgbilling.v1.GetSubscriptionResponse\x12Q\n\nChangePlan\x12 .orgbilling.v1.ChangePlanRequest\x1a!.orgbilling.v1.ChangePlanResponse\x12i\n\x12\x43\x61ncelSubscription\x12(.orgbilling.v1.CancelSubscriptionRequest\x1a).orgbilling.v1.CancelSubscriptionResponse\x12Z\n\rGetCreditPool\x12#.orgbilling.v1.GetCreditPoolRequest\x1a$.orgbilling.v1.GetCreditPoolResponse\x12Q\n\nAddCredits\x12 .orgbilling.v1.AddCreditsRequest\x1a!.orgbilling.v1.AddCreditsResponse\x12`\n\x0f\x41llocateCredits\x12%.orgbilling.v1.AllocateCreditsRequest\x1a&.orgbilling.v1.AllocateCreditsResponse\x12\x63\n\x10RevokeAllocation\x12&.orgbilling.v1.RevokeAllocationRequest\x1a\'.orgbilling.v1.RevokeAllocationResponse\x12`\n\x0fListAllocations\x12%.orgbilling.v1.ListAllocationsRequest\x1a&.orgbilling.v1.ListAllocationsResponse\x12Z\n\rRecordInvoice\x12#.orgbilling.v1.RecordInvoiceRequest\x1a$.orgbilling.v1.RecordInvoiceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orgbilling.v1.org_billing_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_start=86
-  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_end=325
-  _globals['_CREATESUBSCRIPTIONRESPONSE']._serialized_start=327
-  _globals['_CREATESUBSCRIPTIONRESPONSE']._serialized_end=424
-  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_start=426
-  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_end=466
-  _globals['_GETSUBSCRIPTIONRESPONSE']._serialized_start=468
-  _globals['_GETSUBSCRIPTIONRESPONSE']._serialized_end=544
-  _globals['_CHANGEPLANREQUEST']._serialized_start=547
-  _globals['_CHANGEPLANREQUEST']._serialized_end=694
-  _globals['_CHANGEPLANRESPONSE']._serialized_start=697
-  _globals['_CHANGEPLANRESPONSE']._serialized_end=829
-  _globals['_CANCELSUBSCRIPTIONREQUEST']._serialized_start=831
-  _globals['_CANCELSUBSCRIPTIONREQUEST']._serialized_end=915
-  _globals['_CANCELSUBSCRIPTIONRESPONSE']._serialized_start=917
-  _globals['_CANCELSUBSCRIPTIONRESPONSE']._serialized_end=1014
-  _globals['_GETCREDITPOOLREQUEST']._serialized_start=1016
-  _globals['_GETCREDITPOOLREQUEST']._serialized_end=1054
-  _globals['_GETCREDITPOOLRESPONSE']._serialized_start=1056
-  _globals['_GETCREDITPOOLRESPONSE']._serialized_end=1120
-  _globals['_ADDCREDITSREQUEST']._serialized_start=1123
-  _globals['_ADDCREDITSREQUEST']._serialized_end=1345
-  _globals['_ADDCREDITSRESPONSE']._serialized_start=1347
-  _globals['_ADDCREDITSRESPONSE']._serialized_end=1472
-  _globals['_ALLOCATECREDITSREQUEST']._serialized_start=1475
-  _globals['_ALLOCATECREDITSREQUEST']._serialized_end=1635
-  _globals['_ALLOCATECREDITSRESPONSE']._serialized_start=1638
-  _globals['_ALLOCATECREDITSRESPONSE']._serialized_end=1769
-  _globals['_REVOKEALLOCATIONREQUEST']._serialized_start=1771
-  _globals['_REVOKEALLOCATIONREQUEST']._serialized_end=1854
-  _globals['_REVOKEALLOCATIONRESPONSE']._serialized_start=1857
-  _globals['_REVOKEALLOCATIONRESPONSE']._serialized_end=1989
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=1991
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=2095
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=2097
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=2195
-  _globals['_ORGBILLINGSERVICE']._serialized_start=2198
-  _globals['_ORGBILLINGSERVICE']._serialized_end=3084
+  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_start=119
+  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_end=358
+  _globals['_CREATESUBSCRIPTIONRESPONSE']._serialized_start=360
+  _globals['_CREATESUBSCRIPTIONRESPONSE']._serialized_end=457
+  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_start=459
+  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_end=499
+  _globals['_GETSUBSCRIPTIONRESPONSE']._serialized_start=501
+  _globals['_GETSUBSCRIPTIONRESPONSE']._serialized_end=577
+  _globals['_CHANGEPLANREQUEST']._serialized_start=580
+  _globals['_CHANGEPLANREQUEST']._serialized_end=727
+  _globals['_CHANGEPLANRESPONSE']._serialized_start=730
+  _globals['_CHANGEPLANRESPONSE']._serialized_end=862
+  _globals['_CANCELSUBSCRIPTIONREQUEST']._serialized_start=864
+  _globals['_CANCELSUBSCRIPTIONREQUEST']._serialized_end=948
+  _globals['_CANCELSUBSCRIPTIONRESPONSE']._serialized_start=950
+  _globals['_CANCELSUBSCRIPTIONRESPONSE']._serialized_end=1047
+  _globals['_GETCREDITPOOLREQUEST']._serialized_start=1049
+  _globals['_GETCREDITPOOLREQUEST']._serialized_end=1087
+  _globals['_GETCREDITPOOLRESPONSE']._serialized_start=1089
+  _globals['_GETCREDITPOOLRESPONSE']._serialized_end=1153
+  _globals['_ADDCREDITSREQUEST']._serialized_start=1156
+  _globals['_ADDCREDITSREQUEST']._serialized_end=1378
+  _globals['_ADDCREDITSRESPONSE']._serialized_start=1380
+  _globals['_ADDCREDITSRESPONSE']._serialized_end=1505
+  _globals['_ALLOCATECREDITSREQUEST']._serialized_start=1508
+  _globals['_ALLOCATECREDITSREQUEST']._serialized_end=1668
+  _globals['_ALLOCATECREDITSRESPONSE']._serialized_start=1671
+  _globals['_ALLOCATECREDITSRESPONSE']._serialized_end=1802
+  _globals['_REVOKEALLOCATIONREQUEST']._serialized_start=1804
+  _globals['_REVOKEALLOCATIONREQUEST']._serialized_end=1887
+  _globals['_REVOKEALLOCATIONRESPONSE']._serialized_start=1890
+  _globals['_REVOKEALLOCATIONRESPONSE']._serialized_end=2022
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=2024
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=2128
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=2130
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=2228
+  _globals['_RECORDINVOICEREQUEST']._serialized_start=2231
+  _globals['_RECORDINVOICEREQUEST']._serialized_end=2492
+  _globals['_RECORDINVOICERESPONSE']._serialized_start=2495
+  _globals['_RECORDINVOICERESPONSE']._serialized_end=2646
+  _globals['_ORGBILLINGSERVICE']._serialized_start=2649
+  _globals['_ORGBILLINGSERVICE']._serialized_end=3627
 # @@protoc_insertion_point(module_scope)

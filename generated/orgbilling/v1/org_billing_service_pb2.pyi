@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from orgbilling.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -192,3 +195,33 @@ class ListAllocationsResponse(_message.Message):
     allocations: _containers.RepeatedCompositeFieldContainer[_types_pb2.Allocation]
     next_page_token: str
     def __init__(self, allocations: _Optional[_Iterable[_Union[_types_pb2.Allocation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RecordInvoiceRequest(_message.Message):
+    __slots__ = ("org_id", "external_invoice_id", "status", "amount_cents", "currency", "period_start_time", "period_end_time")
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_INVOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_CENTS_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_TIME_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    external_invoice_id: str
+    status: _types_pb2.InvoiceStatus
+    amount_cents: int
+    currency: str
+    period_start_time: _timestamp_pb2.Timestamp
+    period_end_time: _timestamp_pb2.Timestamp
+    def __init__(self, org_id: _Optional[str] = ..., external_invoice_id: _Optional[str] = ..., status: _Optional[_Union[_types_pb2.InvoiceStatus, str]] = ..., amount_cents: _Optional[int] = ..., currency: _Optional[str] = ..., period_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RecordInvoiceResponse(_message.Message):
+    __slots__ = ("invoice", "subscription", "event_id", "replayed")
+    INVOICE_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    invoice: _types_pb2.Invoice
+    subscription: _types_pb2.Subscription
+    event_id: str
+    replayed: bool
+    def __init__(self, invoice: _Optional[_Union[_types_pb2.Invoice, _Mapping]] = ..., subscription: _Optional[_Union[_types_pb2.Subscription, _Mapping]] = ..., event_id: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...

@@ -80,6 +80,11 @@ class OrgBillingServiceStub:
                 request_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.ListAllocationsRequest.SerializeToString,
                 response_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.ListAllocationsResponse.FromString,
                 _registered_method=True)
+        self.RecordInvoice = channel.unary_unary(
+                '/orgbilling.v1.OrgBillingService/RecordInvoice',
+                request_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.RecordInvoiceRequest.SerializeToString,
+                response_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.RecordInvoiceResponse.FromString,
+                _registered_method=True)
 
 
 class OrgBillingServiceServicer:
@@ -150,6 +155,15 @@ class OrgBillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordInvoice(self, request, context):
+        """Records an invoice event of the external billing system: created, paid,
+        failed or voided. A failed payment moves the live subscription to
+        PAST_DUE; a later paid invoice moves it back to ACTIVE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrgBillingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +211,11 @@ def add_OrgBillingServiceServicer_to_server(servicer, server):
                     servicer.ListAllocations,
                     request_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.ListAllocationsRequest.FromString,
                     response_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.ListAllocationsResponse.SerializeToString,
+            ),
+            'RecordInvoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordInvoice,
+                    request_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.RecordInvoiceRequest.FromString,
+                    response_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.RecordInvoiceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +462,33 @@ class OrgBillingService:
             '/orgbilling.v1.OrgBillingService/ListAllocations',
             orgbilling_dot_v1_dot_org__billing__service__pb2.ListAllocationsRequest.SerializeToString,
             orgbilling_dot_v1_dot_org__billing__service__pb2.ListAllocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordInvoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orgbilling.v1.OrgBillingService/RecordInvoice',
+            orgbilling_dot_v1_dot_org__billing__service__pb2.RecordInvoiceRequest.SerializeToString,
+            orgbilling_dot_v1_dot_org__billing__service__pb2.RecordInvoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,14 @@ class PlanChange(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PLAN_CHANGE_UPGRADE: _ClassVar[PlanChange]
     PLAN_CHANGE_DOWNGRADE: _ClassVar[PlanChange]
     PLAN_CHANGE_LATERAL: _ClassVar[PlanChange]
+
+class InvoiceStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INVOICE_STATUS_UNSPECIFIED: _ClassVar[InvoiceStatus]
+    INVOICE_STATUS_CREATED: _ClassVar[InvoiceStatus]
+    INVOICE_STATUS_PAID: _ClassVar[InvoiceStatus]
+    INVOICE_STATUS_FAILED: _ClassVar[InvoiceStatus]
+    INVOICE_STATUS_VOIDED: _ClassVar[InvoiceStatus]
 PLAN_UNSPECIFIED: Plan
 PLAN_PLATFORM: Plan
 PLAN_BYOK: Plan
@@ -76,6 +84,11 @@ PLAN_CHANGE_UNSPECIFIED: PlanChange
 PLAN_CHANGE_UPGRADE: PlanChange
 PLAN_CHANGE_DOWNGRADE: PlanChange
 PLAN_CHANGE_LATERAL: PlanChange
+INVOICE_STATUS_UNSPECIFIED: InvoiceStatus
+INVOICE_STATUS_CREATED: InvoiceStatus
+INVOICE_STATUS_PAID: InvoiceStatus
+INVOICE_STATUS_FAILED: InvoiceStatus
+INVOICE_STATUS_VOIDED: InvoiceStatus
 
 class Subscription(_message.Message):
     __slots__ = ("org_id", "subscription_id", "plan", "billing_cycle", "status", "price_cents", "currency", "current_period_start", "current_period_end", "trial_end", "external_customer_id", "external_subscription_id", "create_time", "cancel_time")
@@ -150,3 +163,25 @@ class Allocation(_message.Message):
     next_reset_time: _timestamp_pb2.Timestamp
     revoked: bool
     def __init__(self, org_id: _Optional[str] = ..., user_id: _Optional[str] = ..., limit_millicredits: _Optional[int] = ..., used_millicredits: _Optional[int] = ..., reserved_millicredits: _Optional[int] = ..., remaining_millicredits: _Optional[int] = ..., reset_period: _Optional[_Union[ResetPeriod, str]] = ..., next_reset_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: _Optional[bool] = ...) -> None: ...
+
+class Invoice(_message.Message):
+    __slots__ = ("org_id", "external_invoice_id", "status", "amount_cents", "currency", "period_start_time", "period_end_time", "create_time", "update_time")
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_INVOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_CENTS_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_TIME_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    external_invoice_id: str
+    status: InvoiceStatus
+    amount_cents: int
+    currency: str
+    period_start_time: _timestamp_pb2.Timestamp
+    period_end_time: _timestamp_pb2.Timestamp
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, org_id: _Optional[str] = ..., external_invoice_id: _Optional[str] = ..., status: _Optional[_Union[InvoiceStatus, str]] = ..., amount_cents: _Optional[int] = ..., currency: _Optional[str] = ..., period_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

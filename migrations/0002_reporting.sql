@@ -1,0 +1,101 @@
+-- Reporting: summary tables of usage, the indexes the reports read through,
+-- and invoices from the external billing system.
+--
+-- Summary tables. A year of the largest organization is over a million
+-- attribution rows, too many to add up within a report's budget, so usage is
+-- also kept summed per bucket. Each is written in the same transaction as the
+-- attribution rows it sums (add_usage_to_summaries, functions/30_deductions.sql),
+-- once per batch, under the pool lock the deduction already holds, so it can
+-- never disagree with them; `orgbilling verify` checks that it does not.
+-- A report over [start, end) adds whole months, whole days, and the raw rows
+-- of the partial days at its edges (functions/60_reporting.sql).
+--
+--   usage_daily          per organization, UTC day and service: totals,
+--                        breakdowns and daily series;
+--   user_usage_daily     the same per user: users over partial months;
+--   user_usage_monthly   the same per UTC month: users over whole months.
+CREATE TABLE usage_daily (
+    org_id             text NOT NULL,
+    day                date NOT NULL,
+    service_type       text NOT NULL,
+    service_name       text NOT NULL,
+    used_millicredits  bigint NOT NULL,
+    request_count      bigint NOT NULL,
+    PRIMARY KEY (org_id, day, service_type, service_name)
+);
+
+CREATE TABLE user_usage_daily (
+    org_id             text NOT NULL,
+    day                date NOT NULL,
+    user_id            text NOT NULL,
+    service_type       text NOT NULL,
+    service_name       text NOT NULL,
+    used_millicredits  bigint NOT NULL,
+    request_count      bigint NOT NULL,
+    last_used_at       timestamptz NOT NULL,
+    PRIMARY KEY (org_id, day, user_id, service_type, service_name)
+);
+
+CREATE TABLE user_usage_monthly (
+    org_id             text NOT NULL,
+    -- The first day of the UTC month.
+    month              date NOT NULL CHECK (extract(day FROM month) = 1),
+    user_id            text NOT NULL,
+    service_type       text NOT NULL,
+    service_name       text NOT NULL,
+    used_millicredits  bigint NOT NULL,
+    request_count      bigint NOT NULL,
+    last_used_at       timestamptz NOT NULL,
+    PRIMARY KEY (org_id, month, user_id, service_type, service_name)
+);
+
+-- Keyset pages and exports, newest or oldest first, over an organization's
+-- deductions, all of them or one user's. These are the first indexes besides
+-- the primary key to lead with org_id (see the top of 0001_baseline.sql):
+-- tests/test_reporting_plans.py checks that the ledger's key lookups still
+-- use the primary key, as generic plans, on an empty and on a full table.
+CREATE INDEX credit_usage_attribution_by_time
+    ON credit_usage_attribution (org_id, created_at, deduction_id);
+CREATE INDEX credit_usage_attribution_by_user_time
+    ON credit_usage_attribution (org_id, user_id, created_at, deduction_id);
+
+-- GetUserBilling: a user's allocations across organizations. Not unique and
+-- not led by org_id, which a distributed table allows.
+CREATE INDEX user_credit_allocations_by_user ON user_credit_allocations (user_id);
+
+-- Billing history, newest first.
+CREATE INDEX org_billing_history_by_time ON org_billing_history (org_id, created_at, event_id);
+
+-- Invoices of the external billing system (Lago, Stripe), one row per
+-- invoice with its latest status; each status change is also an event in
+-- billing history.
+CREATE TABLE invoices (
+    org_id               text NOT NULL REFERENCES organizations,
+    external_invoice_id  text NOT NULL CHECK (external_invoice_id ~ '^[\x21-\x7e]{1,128}$'),
+    status               text NOT NULL CHECK (status IN ('CREATED', 'PAID', 'FAILED', 'VOIDED')),
+    amount_cents         bigint NOT NULL CHECK (amount_cents BETWEEN 0 AND 10000000000000),
+    currency             text NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
+    period_start         timestamptz NOT NULL,
+    period_end           timestamptz NOT NULL,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (org_id, external_invoice_id),
+    CHECK (period_end > period_start)
+);
+
+ALTER TABLE org_billing_history ADD COLUMN external_invoice_id text;
+ALTER TABLE org_billing_history DROP CONSTRAINT org_billing_history_event_type_check;
+ALTER TABLE org_billing_history ADD CONSTRAINT org_billing_history_event_type_check
+    CHECK (event_type IN (
+        'SUBSCRIPTION_CREATED', 'SUBSCRIPTION_UPGRADED', 'SUBSCRIPTION_DOWNGRADED',
+        'SUBSCRIPTION_CHANGED', 'SUBSCRIPTION_CANCELED', 'CREDITS_ADDED',
+        'ALLOCATION_CHANGED', 'ALLOCATION_REVOKED', 'PERIOD_RESET',
+        'INVOICE_CREATED', 'INVOICE_PAID', 'INVOICE_PAYMENT_FAILED', 'INVOICE_VOIDED'));
+ALTER TABLE org_billing_history ADD CONSTRAINT org_billing_history_invoice_events
+    CHECK ((event_type LIKE 'INVOICE\_%') = (external_invoice_id IS NOT NULL));
+
+-- One event per invoice and status: what makes RecordInvoice idempotent,
+-- kept forever (idempotency records expire).
+CREATE UNIQUE INDEX org_billing_history_one_invoice_event
+    ON org_billing_history (org_id, external_invoice_id, event_type)
+    WHERE external_invoice_id IS NOT NULL;
