@@ -65,3 +65,17 @@ def subscription(s: dict) -> types_pb2.Subscription:
         create_time=_timestamp(s["created_at_us"]),
         cancel_time=_timestamp(s["canceled_at_us"]),
     )
+
+
+def invoice(i: dict) -> types_pb2.Invoice:
+    return types_pb2.Invoice(
+        org_id=i["org_id"],
+        external_invoice_id=i["external_invoice_id"],
+        status=enum_value(types_pb2.InvoiceStatus, "INVOICE_STATUS", i["status"]),
+        amount_cents=i["amount_cents"],
+        currency=i["currency"],
+        period_start_time=_timestamp(i["period_start_us"]),
+        period_end_time=_timestamp(i["period_end_us"]),
+        create_time=_timestamp(i["created_at_us"]),
+        update_time=_timestamp(i["updated_at_us"]),
+    )

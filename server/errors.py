@@ -129,6 +129,17 @@ _OUTCOMES: dict[str, tuple[grpc.StatusCode, str]] = {
         "this payment reference was already recorded",
     ),
     "INVALID_AMOUNT": (grpc.StatusCode.INVALID_ARGUMENT, "the amount is out of range"),
+    # RecordInvoice (55_invoices.sql). Metadata: INVOICE_FINAL carries the
+    # invoice's `current_status`; INVOICE_MISMATCH (and IDEMPOTENCY_KEY_REUSED,
+    # for a recorded event) the request `field` whose value differs.
+    "INVOICE_FINAL": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the invoice is already paid or voided: it takes no other status",
+    ),
+    "INVOICE_MISMATCH": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the invoice was first recorded with another amount, currency or period",
+    ),
 }
 
 

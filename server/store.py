@@ -239,6 +239,17 @@ class Store:
             (org_id, reason, idempotency_key, request_hash, request_id),
         )
 
+    def record_invoice(self, org_id: str, *, external_invoice_id: str, status: str,
+                       amount_cents: int, currency: str, period_start: datetime.datetime,
+                       period_end: datetime.datetime, request_id: str) -> dict:
+        """One invoice event, idempotent by (org, invoice, status): no key of
+        the caller's (migrations/functions/55_invoices.sql)."""
+        return self._json(
+            "SELECT record_invoice(%s, %s, %s, %s, %s, %s, %s, %s)",
+            (org_id, external_invoice_id, status, amount_cents, currency, period_start,
+             period_end, request_id),
+        )
+
     # Reads.
 
     def get_pool(self, org_id: str) -> dict | None:

@@ -25,55 +25,44 @@
 --     With sequential scans off, the generic plans are index lookups that
 --     suit one item and a thousand alike.
 
--- Adds charges to the usage summary tables (0002_reporting.sql): one row per
--- charge in, one upsert per table out, each bucket summed first. Called in
--- the transaction that writes the charges' attribution rows, which already
--- holds the lock of every pool involved: two transactions never update the
--- same bucket at once, so the upserts neither wait nor deadlock. The bucket
--- is the transaction's start, now(), which is the rows' created_at.
+-- Adds charges to the usage summary tables (0002_reporting.sql): p_count
+-- charges of one user and service, p_amount in all. Called in the
+-- transaction that writes their attribution rows, which already holds the
+-- lock of the pool: two transactions never update the same bucket at once,
+-- so the upserts neither wait nor deadlock. The bucket is the transaction's
+-- start, now(), which is the rows' created_at. Scalar, with plans cached by
+-- plpgsql: the same upserts over unnest() of one-element arrays cost a lone
+-- deduction 50 us more of database CPU (measured: 345 against 295 us). No SET
+-- lines: it runs with its callers' settings, and a SET would cost each call.
 CREATE OR REPLACE FUNCTION add_usage_to_summaries(
-    p_org_ids text[], p_user_ids text[], p_service_types text[], p_service_names text[],
-    p_amounts bigint[])
+    p_org_id text, p_user_id text, p_service_type text, p_service_name text,
+    p_amount bigint, p_count bigint)
 RETURNS void
-LANGUAGE sql
-SET enable_seqscan = off
-SET plan_cache_mode = force_generic_plan
+LANGUAGE plpgsql
 AS $$
+DECLARE
+    today date := (now() AT TIME ZONE 'UTC')::date;
+BEGIN
     INSERT INTO usage_daily AS s (org_id, day, service_type, service_name,
                                   used_millicredits, request_count)
-    SELECT u.org_id, (now() AT TIME ZONE 'UTC')::date, u.service_type, u.service_name,
-           sum(u.amount), count(*)
-      FROM unnest(p_org_ids, p_service_types, p_service_names, p_amounts)
-           AS u(org_id, service_type, service_name, amount)
-     GROUP BY u.org_id, u.service_type, u.service_name
+    VALUES (p_org_id, today, p_service_type, p_service_name, p_amount, p_count)
     ON CONFLICT (org_id, day, service_type, service_name) DO UPDATE
-       SET used_millicredits = s.used_millicredits + excluded.used_millicredits,
-           request_count = s.request_count + excluded.request_count;
-
+       SET used_millicredits = s.used_millicredits + p_amount,
+           request_count = s.request_count + p_count;
     INSERT INTO user_usage_daily AS s (org_id, day, user_id, service_type, service_name,
                                        used_millicredits, request_count, last_used_at)
-    SELECT u.org_id, (now() AT TIME ZONE 'UTC')::date, u.user_id, u.service_type,
-           u.service_name, sum(u.amount), count(*), now()
-      FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
-           AS u(org_id, user_id, service_type, service_name, amount)
-     GROUP BY u.org_id, u.user_id, u.service_type, u.service_name
+    VALUES (p_org_id, today, p_user_id, p_service_type, p_service_name, p_amount, p_count, now())
     ON CONFLICT (org_id, day, user_id, service_type, service_name) DO UPDATE
-       SET used_millicredits = s.used_millicredits + excluded.used_millicredits,
-           request_count = s.request_count + excluded.request_count,
-           last_used_at = greatest(s.last_used_at, excluded.last_used_at);
-
+       SET used_millicredits = s.used_millicredits + p_amount,
+           request_count = s.request_count + p_count, last_used_at = now();
     INSERT INTO user_usage_monthly AS s (org_id, month, user_id, service_type, service_name,
                                          used_millicredits, request_count, last_used_at)
-    SELECT u.org_id, date_trunc('month', now() AT TIME ZONE 'UTC')::date, u.user_id,
-           u.service_type, u.service_name, sum(u.amount), count(*), now()
-      FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
-           AS u(org_id, user_id, service_type, service_name, amount)
-     GROUP BY u.org_id, u.user_id, u.service_type, u.service_name
+    VALUES (p_org_id, date_trunc('month', today::timestamp)::date, p_user_id, p_service_type, p_service_name,
+            p_amount, p_count, now())
     ON CONFLICT (org_id, month, user_id, service_type, service_name) DO UPDATE
-       SET used_millicredits = s.used_millicredits + excluded.used_millicredits,
-           request_count = s.request_count + excluded.request_count,
-           last_used_at = greatest(s.last_used_at, excluded.last_used_at);
-$$;
+       SET used_millicredits = s.used_millicredits + p_amount,
+           request_count = s.request_count + p_count, last_used_at = now();
+END $$;
 
 -- Whether an amount fits the allocation and the pool. Reads only.
 CREATE OR REPLACE FUNCTION has_sufficient_credits(p_org_id text, p_user_id text, p_amount bigint)
@@ -208,8 +197,8 @@ BEGIN
         p_request_hash, p_request_id, p_metadata, a.period_number,
         allocation_remaining, pool_spendable)
     RETURNING credit_usage_attribution.deduction_id INTO deduction_id;
-    PERFORM add_usage_to_summaries(ARRAY[p_org_id], ARRAY[p_user_id], ARRAY[p_service_type],
-                                   ARRAY[p_service_name], ARRAY[p_amount]);
+    PERFORM add_usage_to_summaries(p_org_id, p_user_id, p_service_type, p_service_name,
+                                   p_amount, 1);
     outcome := 'OK';
     RETURN NEXT;
 END $$;
@@ -440,15 +429,14 @@ BEGIN
       JOIN unnest(w_n, w_id, w_period, w_remaining, w_spendable)
            AS w(n, id, period, remaining, spendable) ON w.n = i.n;
 
-    -- The same charges, summed into the summary tables.
-    IF cardinality(w_n) > 0 THEN
-        PERFORM add_usage_to_summaries(array_agg(i.org_id), array_agg(i.user_id),
-                                       array_agg(i.service_type), array_agg(i.service_name),
-                                       array_agg(i.amount))
-           FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
-                WITH ORDINALITY AS i(org_id, user_id, service_type, service_name, amount, n)
-           JOIN unnest(w_n) AS w(n) ON w.n = i.n;
-    END IF;
+    -- The same charges, summed into the summary tables once per user and
+    -- service: a batch on a hot allocation is one bucket.
+    PERFORM add_usage_to_summaries(i.org_id, i.user_id, i.service_type, i.service_name,
+                                   sum(i.amount)::bigint, count(*))
+       FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
+            WITH ORDINALITY AS i(org_id, user_id, service_type, service_name, amount, n)
+       JOIN unnest(w_n) AS w(n) ON w.n = i.n
+      GROUP BY i.org_id, i.user_id, i.service_type, i.service_name;
 
     INSERT INTO idempotency_records (org_id, family, idempotency_key, operation, request_hash, result)
     SELECT i.org_id, 'deductions', i.idempotency_key, 'DeductCredits', i.request_hash, f.result

@@ -1,6 +1,8 @@
 import base64
 import binascii
+import datetime
 import json
+import re
 
 from orgbilling.v1 import org_billing_service_pb2 as pb
 from orgbilling.v1 import org_billing_service_pb2_grpc, types_pb2
@@ -15,6 +17,13 @@ _PLAN = (types_pb2.Plan, "PLAN")
 _CYCLE = (types_pb2.BillingCycle, "BILLING_CYCLE")
 _RESET = (types_pb2.ResetPeriod, "RESET_PERIOD")
 _SOURCE = (types_pb2.CreditSource, "CREDIT_SOURCE")
+_INVOICE_STATUS = (types_pb2.InvoiceStatus, "INVOICE_STATUS")
+
+INVOICE_AMOUNT_MAX_CENTS = 10**13
+CURRENCY = re.compile(r"[A-Z]{3}")
+# google.protobuf.Timestamp's own range, 0001-01-01 to 9999-12-31, which a
+# PostgreSQL timestamptz holds whole.
+TIMESTAMP_SECONDS_MIN, TIMESTAMP_SECONDS_MAX = -62_135_596_800, 253_402_300_799
 
 
 def _name(kind, value: int) -> str:
@@ -212,6 +221,37 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
             pool=convert.pool(result["pool"]), replayed=result["replayed"],
         )
 
+    # Invoices.
+
+    def RecordInvoice(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.idempotency_key(request.external_invoice_id, field="external_invoice_id")
+        checks.enum("status", request.status, types_pb2.InvoiceStatus)
+        if not 0 <= request.amount_cents <= INVOICE_AMOUNT_MAX_CENTS:
+            checks.fail("amount_cents", f"must be from 0 to {INVOICE_AMOUNT_MAX_CENTS}")
+        checks.matches("currency", request.currency, CURRENCY, "an ISO 4217 code, three capital letters")
+        start = _instant(checks, request, "period_start_time")
+        end = _instant(checks, request, "period_end_time")
+        if start is not None and end is not None and end <= start:
+            checks.fail("period_end_time", "must be after period_start_time")
+        checks.done()
+        result = self._store.record_invoice(
+            request.org_id, external_invoice_id=request.external_invoice_id,
+            status=_name(_INVOICE_STATUS, request.status), amount_cents=request.amount_cents,
+            currency=request.currency, period_start=start, period_end=end,
+            request_id=current_request_id(),
+        )
+        if result["outcome"] != "OK":
+            raise refusal(result["outcome"], **{k: v for k, v in result.items()
+                                                if k in ("field", "current_status")})
+        subscription = result["subscription"]
+        return pb.RecordInvoiceResponse(
+            invoice=convert.invoice(result["invoice"]),
+            subscription=convert.subscription(subscription) if subscription else None,
+            event_id=result["event_id"], replayed=result["replayed"],
+        )
+
     def ListAllocations(self, request, context):
         checks = Checks()
         checks.identifier("org_id", request.org_id)
@@ -236,6 +276,25 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
         return pb.ListAllocationsResponse(
             allocations=[convert.allocation(a) for a in page], next_page_token=next_token
         )
+
+
+def _instant(checks: Checks, request, field: str) -> datetime.datetime | None:
+    """The Timestamp field as an aware datetime; None, with the reason in
+    checks, when it is unset, out of range or finer than a microsecond.
+    PostgreSQL keeps microseconds: a finer instant would be stored rounded,
+    so two different periods could be taken for the same one."""
+    if not request.HasField(field):
+        checks.fail(field, "must be set")
+        return None
+    stamp = getattr(request, field)
+    if not (TIMESTAMP_SECONDS_MIN <= stamp.seconds <= TIMESTAMP_SECONDS_MAX
+            and 0 <= stamp.nanos < 10**9):
+        checks.fail(field, "must be a valid timestamp, from 0001-01-01 to 9999-12-31")
+        return None
+    if stamp.nanos % 1000:
+        checks.fail(field, "must be a whole number of microseconds")
+        return None
+    return stamp.ToDatetime(tzinfo=datetime.timezone.utc)
 
 
 def _page_token(org_id: str, last_user_id: str) -> str:
