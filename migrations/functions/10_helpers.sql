@@ -8,8 +8,10 @@
 -- (DROP FUNCTION IF EXISTS name(old argument types)) before the new CREATE.
 
 -- The ledger's operations, one file per concern: 20_idempotency.sql,
--- 30_deductions.sql, 40_pools_and_allocations.sql, 50_subscriptions.sql; this
--- one holds what several of them share. Each mutation is one function, called
+-- 30_deductions.sql, 40_pools_and_allocations.sql, 50_subscriptions.sql,
+-- 55_invoices.sql; the reports' reads in 60_reporting.sql and the views for
+-- people who query the database in 70_views.sql; this one holds what several
+-- of them share. Each mutation is one function, called
 -- as one statement, so it is one short transaction with no network call
 -- inside. Rules every function follows:
 --   * locks are taken in one order: the pool row, then the allocation row, so
