@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from orgbilling.v1 import credit_service_pb2, credit_service_pb2_grpc
 from orgbilling.v1 import org_billing_service_pb2, org_billing_service_pb2_grpc
+from orgbilling.v1 import reporting_service_pb2, reporting_service_pb2_grpc
 from orgbilling.server.auth.local_admin import ensure_local_admin_key, grpcurl_example
 from orgbilling.server.auth.security import Security
 from orgbilling.server.auth.tls import add_port
@@ -29,7 +30,9 @@ from orgbilling.server.interceptors.refusal_log import RefusalLog
 from orgbilling.server.migrate import migrate
 from orgbilling.server.servicers.credit import CreditServicer
 from orgbilling.server.servicers.org_billing import OrgBillingServicer
+from orgbilling.server.servicers.reporting import ReportingServicer
 from orgbilling.server.settings import Settings
+from orgbilling.server.report_store import ReportStore
 from orgbilling.server.store import Store
 from orgbilling.server.sweeper import IdempotencySweeper
 
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = [
     credit_service_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
     org_billing_service_pb2.DESCRIPTOR.services_by_name["OrgBillingService"].full_name,
+    reporting_service_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
 ]
 
 
@@ -143,6 +147,13 @@ class OrgBillingServer:
         org_billing_service_pb2_grpc.add_OrgBillingServiceServicer_to_server(
             OrgBillingServicer(self.store, settings=settings), self.grpc_server
         )
+        # The reports read through the same pool, with the same handling.
+        reporting_servicer = ReportingServicer(
+            ReportStore(self.pool, pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
+                        statement_timeout_ms=settings.statement_timeout_ms),
+            settings=settings,
+        )
+        reporting_service_pb2_grpc.add_ReportingServiceServicer_to_server(reporting_servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.grpc_server)
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
