@@ -66,13 +66,6 @@ _DELETE_EXPIRED_RECORDS = """
 # from orgbilling.server.migrate's).
 SWEEP_LOCK_KEY = 0x6F726773776565  # "orgswee"
 
-_ALLOCATION_NOW = """
-    allocation_json(a) || CASE WHEN a.next_reset_at <= now()
-        THEN jsonb_build_object('used', 0, 'next_reset_at_us',
-                                epoch_micros(next_reset_after(a.reset_period, now())))
-        ELSE '{}'::jsonb END
-"""
-
 
 class Store:
     def __init__(self, pool: ConnectionPool, *, pool_wait_timeout_ms: int, statement_timeout_ms: int):
@@ -272,7 +265,7 @@ class Store:
     def list_allocations(self, org_id: str, *, after_user_id: str, limit: int,
                          include_revoked: bool) -> list[dict]:
         rows = self._run(lambda conn: conn.execute(
-            f"SELECT {_ALLOCATION_NOW} FROM user_credit_allocations a"
+            "SELECT allocation_json_now(a) FROM user_credit_allocations a"
             " WHERE org_id = %s AND user_id > %s AND (%s OR revoked_at IS NULL)"
             " ORDER BY user_id LIMIT %s",
             (org_id, after_user_id, include_revoked, limit),

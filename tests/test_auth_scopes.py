@@ -61,3 +61,34 @@ def test_org_ids_are_found_at_any_depth():
     assert org_ids_in(batch) == {"acme", "globex"}
     assert org_ids_in(pb.CheckCreditsRequest(org_id="acme")) == {"acme"}
     assert org_ids_in(pb.CheckCreditsRequest()) == set()
+
+
+REPORTS = ("GetUsageSummary", "GetOrgBilling", "ListAllocationUsage", "GetUserBilling", "GetSystemBilling",
+           "ListOrgSummaries", "GetOrgBillingMetrics", "ListUsage", "ListBillingHistory", "ExportUsage")
+
+
+def test_reporting_and_invoice_rpcs_need_the_documented_scopes():
+    """docs/reporting.md, "Who sees what": reports need credits.read, the
+    platform-wide ones billing.admin, RecordInvoice billing.write; all ten
+    reports are in the generated code and the table, and every report is a
+    read (the read budget of the rate limiter)."""
+    generated = every_rpc_in_the_generated_code()
+    for name in REPORTS:
+        method = f"/orgbilling.v1.ReportingService/{name}"
+        assert method in generated
+        expected = "billing.admin" if name in ("GetSystemBilling", "ListOrgSummaries") else "credits.read"
+        assert required_scope(method) == expected, method
+        assert is_read(method), method
+    assert {m for m in generated if m.startswith("/orgbilling.v1.ReportingService/")} == {
+        f"/orgbilling.v1.ReportingService/{name}" for name in REPORTS}
+    assert required_scope("/orgbilling.v1.OrgBillingService/RecordInvoice") == "billing.write"
+    assert not is_read("/orgbilling.v1.OrgBillingService/RecordInvoice")
+
+
+def test_only_get_user_billing_is_filtered_by_the_callers_orgs():
+    """The one report that names no org yet serves org-limited callers (it
+    shows them only their orgs); the platform-wide reports are not in the
+    list, so the auth interceptor refuses them to such callers."""
+    from orgbilling.server.auth.scopes import FILTERED_BY_CALLER_ORGS
+
+    assert FILTERED_BY_CALLER_ORGS == {"/orgbilling.v1.ReportingService/GetUserBilling"}

@@ -66,6 +66,17 @@ LANGUAGE sql IMMUTABLE AS $$
         'revoked', a.revoked_at IS NOT NULL)
 $$;
 
+-- An allocation as allocation_json shows it, as of now: a period whose
+-- reset time has passed shows as reset (used 0, the next reset time), since
+-- periods reset lazily, on the allocation's next charge (reset_allocation_if_due).
+CREATE OR REPLACE FUNCTION allocation_json_now(a user_credit_allocations) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT allocation_json(a) || CASE WHEN a.next_reset_at <= now()
+        THEN jsonb_build_object('used', 0, 'next_reset_at_us',
+                                epoch_micros(next_reset_after(a.reset_period, now())))
+        ELSE '{}'::jsonb END
+$$;
+
 CREATE OR REPLACE FUNCTION subscription_json(s organization_subscriptions) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
     SELECT jsonb_build_object(

@@ -212,17 +212,6 @@ AS $$
       FROM org_usage_buckets(p_org_id, p_start, p_end) AS b
 $$;
 
--- An allocation as allocation_json shows it, as of now: a period whose
--- reset time has passed shows as reset (used 0, the next reset time), since
--- periods reset lazily, on the allocation's next charge (10_helpers.sql).
-CREATE OR REPLACE FUNCTION allocation_json_now(a user_credit_allocations) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT allocation_json(a) || CASE WHEN a.next_reset_at <= now()
-        THEN jsonb_build_object('used', 0, 'next_reset_at_us',
-                                epoch_micros(next_reset_after(a.reset_period, now())))
-        ELSE '{}'::jsonb END
-$$;
-
 -- GetOrgBilling: the pool, the live subscription, live allocations and the
 -- last 30 days. No row when the organization does not exist.
 CREATE OR REPLACE FUNCTION org_billing(p_org_id text)
