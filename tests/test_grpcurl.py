@@ -22,7 +22,8 @@ def test_list_describe_and_deduct_with_grpcurl(client, token):
     client.funded_org("acme", 10_000, {"alice": 1_000})
     code, out = grpcurl(client.address, "list")
     assert code == 0, out
-    assert {"orgbilling.v1.CreditService", "orgbilling.v1.OrgBillingService", "grpc.health.v1.Health"} <= set(out.split())
+    assert {"orgbilling.v1.CreditService", "orgbilling.v1.OrgBillingService",
+            "orgbilling.v1.ReportingService", "grpc.health.v1.Health"} <= set(out.split())
 
     code, out = grpcurl(client.address, "describe", "orgbilling.v1.DeductCreditsRequest")
     assert code == 0 and "int64 amount_millicredits = 3;" in out, out
@@ -37,3 +38,32 @@ def test_list_describe_and_deduct_with_grpcurl(client, token):
     request["idempotency_key"] = "grpcurl-2"
     code, out = grpcurl(client.address, "orgbilling.v1.CreditService/DeductCredits", data=request, token=token)
     assert code != 0 and "INSUFFICIENT_CREDITS" in out and '"code": 9' in out, out  # FAILED_PRECONDITION
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_examples(section: str) -> list[tuple[str, dict]]:
+    """(method, request) of every grpcurl call in one section of the README."""
+    import re
+
+    text = README.read_text()
+    start = text.index(f"\n### {section}\n")
+    body = text[start:text.index("\n### ", start + 1)]
+    calls = re.findall(r"-d '(\{.*?\})' \\\n\s+127\.0\.0\.1:50051 (\S+)", body)
+    return [(method, json.loads(data)) for data, method in calls]
+
+
+def test_the_readmes_reporting_examples_run(client, token):
+    """Every grpcurl example of the README's Reporting section, as written,
+    answers OK: one per ReportingService RPC, and RecordInvoice."""
+    client.funded_org("acme", 10_000, {"alice": 1_000})
+    examples = readme_examples("Reporting")
+    methods = {method for method, _ in examples}
+    assert {f"orgbilling.v1.ReportingService/{name}" for name in (
+        "GetUsageSummary", "GetOrgBilling", "ListAllocationUsage", "GetUserBilling",
+        "GetSystemBilling", "ListOrgSummaries", "GetOrgBillingMetrics", "ListUsage",
+        "ListBillingHistory", "ExportUsage")} | {"orgbilling.v1.OrgBillingService/RecordInvoice"} <= methods
+    for method, request in examples:
+        code, out = grpcurl(client.address, method, data=request, token=token)
+        assert code == 0, (method, out)
