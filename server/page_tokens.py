@@ -119,3 +119,24 @@ class Layout:
 def _scope_text(value) -> str:
     """One scope value as text; None (a field left unset) differs from ''."""
     return "\x00" if value is None else f"{type(value).__name__}:{value}"
+
+
+def read_page_size(checks, value: int, *, default: int, maximum: int) -> int:
+    """A request's page_size, 0 meaning `default`; out of range is a field
+    violation in `checks`."""
+    if not 0 <= value <= maximum:
+        checks.fail("page_size", f"must be from 0 to {maximum}")
+    return value or default
+
+
+def read_position(checks, layout: Layout, token: str, *, scope: tuple,
+                  field: str = "page_token") -> tuple | None:
+    """The position a request's token continues after: None for the first
+    page; a token this layout did not make for this scope is a field
+    violation in `checks`."""
+    if not token:
+        return None
+    position = layout.decode(token, scope=scope)
+    if position is None:
+        checks.fail(field, "is not a token this call returned for the same organization and filters")
+    return position

@@ -1,13 +1,11 @@
-import base64
-import binascii
 import datetime
-import json
 import re
 
 from orgbilling.v1 import org_billing_service_pb2 as pb
 from orgbilling.v1 import org_billing_service_pb2_grpc, types_pb2
 from orgbilling.server import catalog, convert
 from orgbilling.server.errors import refusal
+from orgbilling.server.page_tokens import Layout, read_page_size, read_position
 from orgbilling.server.request_context import current_request_id, fingerprint
 from orgbilling.server.settings import Settings
 from orgbilling.server.store import Store
@@ -17,6 +15,7 @@ _PLAN = (types_pb2.Plan, "PLAN")
 _CYCLE = (types_pb2.BillingCycle, "BILLING_CYCLE")
 _RESET = (types_pb2.ResetPeriod, "RESET_PERIOD")
 _SOURCE = (types_pb2.CreditSource, "CREDIT_SOURCE")
+_ALLOCATION_PAGES = Layout("ListAllocations", "s")  # user_id of the last row
 _INVOICE_STATUS = (types_pb2.InvoiceStatus, "INVOICE_STATUS")
 
 INVOICE_AMOUNT_MAX_CENTS = 10**13
@@ -255,24 +254,22 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
     def ListAllocations(self, request, context):
         checks = Checks()
         checks.identifier("org_id", request.org_id)
-        if not 0 <= request.page_size <= self._settings.page_size_max:
-            checks.fail("page_size", f"must be from 0 to {self._settings.page_size_max}")
-        after = ""
-        if request.page_token:
-            after = _read_page_token(request.page_token, request.org_id)
-            if after is None:
-                checks.fail("page_token", "is not a token this list returned")
+        page_size = read_page_size(checks, request.page_size,
+                                   default=self._settings.page_size_default,
+                                   maximum=self._settings.page_size_max)
+        scope = (request.org_id, request.include_revoked)
+        after = read_position(checks, _ALLOCATION_PAGES, request.page_token, scope=scope)
         checks.done()
         if not self._store.org_exists(request.org_id):
             raise refusal("ORG_NOT_FOUND")
-        page_size = request.page_size or self._settings.page_size_default
         # One more than a page tells whether there is a next page.
         found = self._store.list_allocations(
-            request.org_id, after_user_id=after, limit=page_size + 1,
+            request.org_id, after_user_id=after[0] if after else "", limit=page_size + 1,
             include_revoked=request.include_revoked,
         )
         page = found[:page_size]
-        next_token = _page_token(request.org_id, page[-1]["user_id"]) if len(found) > page_size else ""
+        next_token = (_ALLOCATION_PAGES.encode((page[-1]["user_id"],), scope=scope)
+                      if len(found) > page_size else "")
         return pb.ListAllocationsResponse(
             allocations=[convert.allocation(a) for a in page], next_page_token=next_token
         )
@@ -296,17 +293,3 @@ def _instant(checks: Checks, request, field: str) -> datetime.datetime | None:
         return None
     return stamp.ToDatetime(tzinfo=datetime.timezone.utc)
 
-
-def _page_token(org_id: str, last_user_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([org_id, last_user_id]).encode()).decode()
-
-
-def _read_page_token(token: str, org_id: str) -> str | None:
-    """The user id to continue after, or None if the token is not ours."""
-    try:
-        token_org, last_user_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, binascii.Error, TypeError, UnicodeError):
-        return None
-    if token_org != org_id or not isinstance(last_user_id, str):
-        return None
-    return last_user_id

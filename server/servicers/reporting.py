@@ -11,7 +11,7 @@ from orgbilling.server import convert
 from orgbilling.server import report_convert as rc
 from orgbilling.server.auth.caller import caller_var
 from orgbilling.server.errors import org_not_permitted, refusal
-from orgbilling.server.page_tokens import Layout
+from orgbilling.server.page_tokens import Layout, read_page_size, read_position
 from orgbilling.server.report_store import NIL_UUID, ReportStore
 from orgbilling.server.settings import Settings
 from orgbilling.server.validation import Checks
@@ -105,25 +105,14 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
         self._records_bytes_max = settings.message_size_max_bytes // 2
 
     def _page_size(self, checks: Checks, value: int) -> int:
-        if not 0 <= value <= self._settings.page_size_max:
-            checks.fail("page_size", f"must be from 0 to {self._settings.page_size_max}")
-        return value or self._settings.page_size_default
+        return read_page_size(checks, value, default=self._settings.page_size_default,
+                              maximum=self._settings.page_size_max)
 
     @staticmethod
     def _top(checks: Checks, field: str, value: int) -> int:
         if not 0 <= value <= TOP_ENTRIES_MAX:
             checks.fail(field, f"must be from 0 to {TOP_ENTRIES_MAX}")
         return value or TOP_ENTRIES_DEFAULT
-
-    @staticmethod
-    def _position(checks: Checks, layout: Layout, token: str, *, scope: tuple,
-                  field: str = "page_token") -> tuple | None:
-        if not token:
-            return None
-        position = layout.decode(token, scope=scope)
-        if position is None:
-            checks.fail(field, "is not a token this call returned for the same organization and filters")
-        return position
 
     def _raise_unless_org_exists(self, org_id: str) -> None:
         if not self._store.org_exists(org_id):
@@ -261,7 +250,7 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
         checks.identifier("org_id", request.org_id)
         page_size = self._page_size(checks, request.page_size)
         scope = (request.org_id,)
-        after = self._position(checks, _ALLOCATION_PAGES, request.page_token, scope=scope)
+        after = read_position(checks, _ALLOCATION_PAGES, request.page_token, scope=scope)
         checks.done()
         found = self._store.allocations_by_use(request.org_id, after=after, limit=page_size + 1)
         if not found:
@@ -278,7 +267,7 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
     def ListOrgSummaries(self, request, context):
         checks = Checks()
         page_size = self._page_size(checks, request.page_size)
-        after = self._position(checks, _ORG_PAGES, request.page_token, scope=())
+        after = read_position(checks, _ORG_PAGES, request.page_token, scope=())
         checks.done()
         _require_every_org()
         found = self._store.org_summaries(after_org_id=after[0] if after else "", limit=page_size + 1)
@@ -308,7 +297,7 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
         page_size = self._page_size(checks, request.page_size)
         scope = (request.org_id, request.user_id, request.service_type, request.service_name,
                  *(span.given if span else ()))
-        before = self._position(checks, _USAGE_PAGES, request.page_token, scope=scope)
+        before = read_position(checks, _USAGE_PAGES, request.page_token, scope=scope)
         checks.done()
         found = self._store.list_usage(request.org_id, filters=filters, start_us=span.start_us,
                                        end_us=span.end_us, before=before, limit=page_size + 1)
@@ -333,7 +322,7 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
         span = resolve_time_range(checks, request, now_us=_now_us())
         page_size = self._page_size(checks, request.page_size)
         scope = (request.org_id, request.event_type, *(span.given if span else ()))
-        before = self._position(checks, _HISTORY_PAGES, request.page_token, scope=scope)
+        before = read_position(checks, _HISTORY_PAGES, request.page_token, scope=scope)
         checks.done()
         found = self._store.list_history(request.org_id, event_type=event_type, start_us=span.start_us,
                                          end_us=span.end_us, before=before, limit=page_size + 1)
@@ -363,7 +352,7 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
         chunk_size = request.chunk_size or CHUNK_SIZE_DEFAULT
         org_id = request.org_id
         scope = (org_id, *(span.given if span else ()))
-        resume = self._position(checks, _EXPORT_CHUNKS, request.resume_token, scope=scope,
+        resume = read_position(checks, _EXPORT_CHUNKS, request.resume_token, scope=scope,
                                 field="resume_token")
         checks.done()
         self._raise_unless_org_exists(org_id)
