@@ -18,19 +18,38 @@ _SUMMARIES = {
           FROM credit_usage_attribution WHERE {where}
          GROUP BY 1, 2, 3, 4""",
     "user_usage_daily": """
-        INSERT INTO user_usage_daily (org_id, day, user_id, service_type, service_name,
+        INSERT INTO user_usage_daily (org_id, user_id, day, service_type, service_name,
                                       used_millicredits, request_count, last_used_at)
-        SELECT org_id, (created_at AT TIME ZONE 'UTC')::date, user_id, service_type,
+        SELECT org_id, user_id, (created_at AT TIME ZONE 'UTC')::date, service_type,
                service_name, sum(amount_millicredits), count(*), max(created_at)
           FROM credit_usage_attribution WHERE {where}
          GROUP BY 1, 2, 3, 4, 5""",
     "user_usage_monthly": """
-        INSERT INTO user_usage_monthly (org_id, month, user_id, service_type, service_name,
+        INSERT INTO user_usage_monthly (org_id, user_id, month, service_type, service_name,
                                         used_millicredits, request_count, last_used_at)
-        SELECT org_id, date_trunc('month', created_at AT TIME ZONE 'UTC')::date, user_id,
+        SELECT org_id, user_id, date_trunc('month', created_at AT TIME ZONE 'UTC')::date,
                service_type, service_name, sum(amount_millicredits), count(*), max(created_at)
           FROM credit_usage_attribution WHERE {where}
          GROUP BY 1, 2, 3, 4, 5""",
+    "org_usage_running": """
+        INSERT INTO org_usage_running (org_id, day, used_millicredits_total, request_count_total)
+        SELECT org_id, day, sum(used) OVER running, sum(requests) OVER running
+          FROM (SELECT org_id, (created_at AT TIME ZONE 'UTC')::date AS day,
+                       sum(amount_millicredits) AS used, count(*) AS requests
+                  FROM credit_usage_attribution WHERE {where}
+                 GROUP BY 1, 2) AS d
+        WINDOW running AS (PARTITION BY org_id ORDER BY day)""",
+    "user_usage_running": """
+        INSERT INTO user_usage_running (org_id, user_id, day, used_millicredits_total,
+                                        request_count_total, last_used_at)
+        SELECT org_id, user_id, day, sum(used) OVER running, sum(requests) OVER running,
+               last_used_at
+          FROM (SELECT org_id, user_id, (created_at AT TIME ZONE 'UTC')::date AS day,
+                       sum(amount_millicredits) AS used, count(*) AS requests,
+                       max(created_at) AS last_used_at
+                  FROM credit_usage_attribution WHERE {where}
+                 GROUP BY 1, 2, 3) AS d
+        WINDOW running AS (PARTITION BY org_id, user_id ORDER BY day)""",
 }
 
 

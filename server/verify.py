@@ -31,6 +31,29 @@ def _summary_differences(table: str, bucket: str, per_user: bool) -> str:
             OR raw.last_used IS DISTINCT FROM summary.last_used"""
 
 
+def _running_differences(table: str, per_user: bool) -> str:
+    """The days where a running-total table disagrees with the running sums
+    of the attribution rows (and, per user, with the day's last use)."""
+    keys = "org_id, user_id" if per_user else "org_id"
+    return f"""
+        WITH raw AS (
+            SELECT {keys}, day, sum(used) OVER running AS used, sum(requests) OVER running AS requests,
+                   last_used
+              FROM (SELECT {keys}, (created_at AT TIME ZONE 'UTC')::date AS day,
+                           sum(amount_millicredits) AS used, count(*) AS requests,
+                           {"max(created_at)" if per_user else "NULL::timestamptz"} AS last_used
+                      FROM credit_usage_attribution GROUP BY {keys}, day) AS d
+            WINDOW running AS (PARTITION BY {keys} ORDER BY day)),
+        summary AS (
+            SELECT {keys}, day, used_millicredits_total AS used, request_count_total AS requests,
+                   {"last_used_at" if per_user else "NULL::timestamptz"} AS last_used
+              FROM {table})
+        SELECT * FROM raw FULL JOIN summary USING ({keys}, day)
+         WHERE raw.used IS DISTINCT FROM summary.used
+            OR raw.requests IS DISTINCT FROM summary.requests
+            OR raw.last_used IS DISTINCT FROM summary.last_used"""
+
+
 INVARIANT_QUERIES: dict[str, str] = {
     "pool total equals the sum of its credit events": """
         SELECT p.org_id, p.total_millicredits, coalesce(sum(h.credits_delta_millicredits), 0)
@@ -71,6 +94,10 @@ INVARIANT_QUERIES: dict[str, str] = {
             ("user_usage_daily", "day", True),
             ("user_usage_monthly", "month", True),
         )
+    },
+    **{
+        f"{table} equals the running sums of the attribution rows": _running_differences(table, per_user)
+        for table, per_user in (("org_usage_running", False), ("user_usage_running", True))
     },
     "no pool balance is negative": """
         SELECT org_id FROM organization_credit_pools

@@ -29,9 +29,11 @@
 -- charges of one user and service, p_amount in all. Called in the
 -- transaction that writes their attribution rows, which already holds the
 -- lock of the pool: two transactions never update the same bucket at once,
--- so the upserts neither wait nor deadlock. The bucket is the transaction's
--- start, now(), which is the rows' created_at; a transaction that started
--- earlier may take the lock later, hence greatest() for the last use.
+-- so the writes neither wait nor deadlock. The bucket is the transaction's
+-- start, now(), which is the rows' created_at. A transaction that started
+-- earlier may take the lock later, even after midnight: hence greatest() for
+-- the last use, and running totals that add to the bucket's day and to every
+-- later day already written.
 -- Scalar, with plans cached by plpgsql: the same upserts over unnest() of
 -- one-element arrays cost a lone deduction 50 us more of database CPU
 -- (measured: 345 against 295 us). No SET lines: it runs with its callers'
@@ -44,6 +46,7 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     today date := (now() AT TIME ZONE 'UTC')::date;
+    has_today boolean;
 BEGIN
     INSERT INTO usage_daily AS s (org_id, day, service_type, service_name,
                                   used_millicredits, request_count)
@@ -51,21 +54,57 @@ BEGIN
     ON CONFLICT (org_id, day, service_type, service_name) DO UPDATE
        SET used_millicredits = s.used_millicredits + p_amount,
            request_count = s.request_count + p_count;
-    INSERT INTO user_usage_daily AS s (org_id, day, user_id, service_type, service_name,
+    INSERT INTO user_usage_daily AS s (org_id, user_id, day, service_type, service_name,
                                        used_millicredits, request_count, last_used_at)
-    VALUES (p_org_id, today, p_user_id, p_service_type, p_service_name, p_amount, p_count, now())
-    ON CONFLICT (org_id, day, user_id, service_type, service_name) DO UPDATE
+    VALUES (p_org_id, p_user_id, today, p_service_type, p_service_name, p_amount, p_count, now())
+    ON CONFLICT (org_id, user_id, day, service_type, service_name) DO UPDATE
        SET used_millicredits = s.used_millicredits + p_amount,
            request_count = s.request_count + p_count,
            last_used_at = greatest(s.last_used_at, now());
-    INSERT INTO user_usage_monthly AS s (org_id, month, user_id, service_type, service_name,
+    INSERT INTO user_usage_monthly AS s (org_id, user_id, month, service_type, service_name,
                                          used_millicredits, request_count, last_used_at)
-    VALUES (p_org_id, date_trunc('month', today::timestamp)::date, p_user_id, p_service_type,
+    VALUES (p_org_id, p_user_id, date_trunc('month', today::timestamp)::date, p_service_type,
             p_service_name, p_amount, p_count, now())
-    ON CONFLICT (org_id, month, user_id, service_type, service_name) DO UPDATE
+    ON CONFLICT (org_id, user_id, month, service_type, service_name) DO UPDATE
        SET used_millicredits = s.used_millicredits + p_amount,
            request_count = s.request_count + p_count,
            last_used_at = greatest(s.last_used_at, now());
+
+    -- Running totals: add to today's row and any later one; a first charge
+    -- of the day starts today's row from the latest before it.
+    WITH updated AS (
+        UPDATE org_usage_running
+           SET used_millicredits_total = used_millicredits_total + p_amount,
+               request_count_total = request_count_total + p_count
+         WHERE org_id = p_org_id AND day >= today
+        RETURNING day)
+    SELECT coalesce(bool_or(day = today), false) INTO has_today FROM updated;
+    IF NOT has_today THEN
+        INSERT INTO org_usage_running (org_id, day, used_millicredits_total, request_count_total)
+        SELECT p_org_id, today, coalesce(max(r.used_millicredits_total), 0) + p_amount,
+               coalesce(max(r.request_count_total), 0) + p_count
+          FROM (SELECT used_millicredits_total, request_count_total FROM org_usage_running
+                 WHERE org_id = p_org_id AND day < today ORDER BY day DESC LIMIT 1) AS r;
+    END IF;
+
+    WITH updated AS (
+        UPDATE user_usage_running
+           SET used_millicredits_total = used_millicredits_total + p_amount,
+               request_count_total = request_count_total + p_count,
+               last_used_at = CASE WHEN day = today THEN greatest(last_used_at, now())
+                                   ELSE last_used_at END
+         WHERE org_id = p_org_id AND user_id = p_user_id AND day >= today
+        RETURNING day)
+    SELECT coalesce(bool_or(day = today), false) INTO has_today FROM updated;
+    IF NOT has_today THEN
+        INSERT INTO user_usage_running (org_id, user_id, day, used_millicredits_total,
+                                        request_count_total, last_used_at)
+        SELECT p_org_id, p_user_id, today, coalesce(max(r.used_millicredits_total), 0) + p_amount,
+               coalesce(max(r.request_count_total), 0) + p_count, now()
+          FROM (SELECT used_millicredits_total, request_count_total FROM user_usage_running
+                 WHERE org_id = p_org_id AND user_id = p_user_id AND day < today
+                 ORDER BY day DESC LIMIT 1) AS r;
+    END IF;
 END $$;
 
 -- Whether an amount fits the allocation and the pool. Reads only.
