@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard protos/orgbilling/v1/*.proto)
 
-.PHONY: run test protos check-generated lint-protos bench soak fuzz clean
+.PHONY: run test protos check-generated lint-protos bench seed-data bench-reports soak fuzz clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11 or newer is needed, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -35,6 +35,15 @@ lint-protos: venv
 
 bench: venv
 	$(BIN)/python -m benchmarks.run
+
+# The reporting benchmark's data (once; reused) and the benchmark itself:
+# see benchmarks/README.md. SEED_ARGS / BENCH_REPORTS_ARGS pass options,
+# e.g. SEED_ARGS="--scale 0.01".
+seed-data: venv
+	$(BIN)/python -m benchmarks.seed_data $(SEED_ARGS)
+
+bench-reports: venv
+	$(BIN)/python -m benchmarks.reports $(BENCH_REPORTS_ARGS)
 
 soak: venv
 	$(BIN)/python -m tests.bank.soak $(SOAK_ARGS)

@@ -5,6 +5,8 @@ import time
 
 import psycopg
 
+from orgbilling.server.summaries import rebuild_usage_summaries
+
 # Keys, times and (by default) deduction ids all grow with g, so every index
 # is filled in order, at its right edge: many times faster than random
 # inserts. The keys are still spread evenly over the hex key space, as uuid
@@ -61,8 +63,9 @@ def settle(url: str) -> None:
 
 
 def fill_attribution(url: str, org_id: str, user_id: str, rows: int) -> float:
-    """Adds `rows` attribution rows to org_id's user and settles the table;
-    returns the seconds taken."""
+    """Adds `rows` attribution rows to org_id's user, sums them into the
+    usage summary tables (which must equal the rows they sum, as `verify`
+    checks) and settles the table; returns the seconds taken."""
     started = time.monotonic()
     params = {"org_id": org_id, "user_id": user_id, "rows": rows}
     with psycopg.connect(url, autocommit=True) as conn:
@@ -72,5 +75,9 @@ def fill_attribution(url: str, org_id: str, user_id: str, rows: int) -> float:
             conn.execute(FILL, params)
             for statement in CHARGE:
                 conn.execute(statement, params)
+            # The server adds each charge to the summaries in its own
+            # transaction; rows written in bulk are summed here, in the same
+            # transaction as they are, for the one org they went to.
+            rebuild_usage_summaries(conn, org_ids=[org_id])
     settle(url)
     return time.monotonic() - started
