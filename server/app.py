@@ -34,7 +34,7 @@ from orgbilling.server.servicers.reporting import ReportingServicer
 from orgbilling.server.settings import Settings
 from orgbilling.server.report_store import ReportStore
 from orgbilling.server.store import Store
-from orgbilling.server.sweeper import IdempotencySweeper
+from orgbilling.server.sweeper import IdempotencySweeper, ReservationSweeper
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class OrgBillingServer:
             statement_timeout_ms=settings.statement_timeout_ms,
         )
         self.committer = GroupCommitter(
-            self.store.deduct_batch,
+            self.store.commit_group,
             lanes=settings.group_commit_lanes,
             batch_size_max=settings.group_commit_batch_size_max,
             queue_length_max=settings.group_commit_queue_length_max,
@@ -86,6 +86,11 @@ class OrgBillingServer:
             retention_ms=settings.idempotency_retention_ms,
             interval_ms=settings.sweeper_interval_ms,
             batch_size_max=settings.sweeper_batch_size_max,
+        )
+        self.reservation_sweeper = ReservationSweeper(
+            self.store,
+            interval_ms=settings.reservation_sweeper_interval_ms,
+            batch_size_max=settings.reservation_sweeper_batch_size_max,
         )
         self.health_servicer = HealthServicer(
             service_names=SERVICE_NAMES, watch_lifetime_ms=settings.open_service_stream_lifetime_ms,
@@ -141,7 +146,12 @@ class OrgBillingServer:
         )
         credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
             CreditServicer(self.store, committer=self.committer,
-                           batch_items_max=settings.deduct_batch_items_max),
+                           batch_items_max=settings.deduct_batch_items_max,
+                           reservation_ttl_default_ms=settings.reservation_ttl_default_ms,
+                           reservation_ttl_min_ms=settings.reservation_ttl_min_ms,
+                           reservation_ttl_max_ms=settings.reservation_ttl_max_ms,
+                           page_size_default=settings.page_size_default,
+                           page_size_max=settings.page_size_max),
             self.grpc_server,
         )
         org_billing_service_pb2_grpc.add_OrgBillingServiceServicer_to_server(
@@ -175,6 +185,7 @@ class OrgBillingServer:
         self.security.start()
         self.health.start()
         self.sweeper.start()
+        self.reservation_sweeper.start()
         self.grpc_server.start()
         if self.probe_server is not None:
             self.probe_server.start()
@@ -191,6 +202,7 @@ class OrgBillingServer:
         if self.probe_server is not None:
             self.probe_server.stop(0).wait()
         self.sweeper.stop()
+        self.reservation_sweeper.stop()
         self.security.stop()
         self.pool.close()
 

@@ -79,3 +79,21 @@ def invoice(i: dict) -> types_pb2.Invoice:
         create_time=_timestamp(i["created_at_us"]),
         update_time=_timestamp(i["updated_at_us"]),
     )
+
+
+def reservation(r: dict) -> types_pb2.Reservation:
+    return types_pb2.Reservation(
+        org_id=r["org_id"],
+        reservation_id=r["reservation_id"],
+        user_id=r["user_id"],
+        amount_millicredits=r["amount"],
+        state=enum_value(types_pb2.ReservationState, "RESERVATION_STATE", r["state"]),
+        service_type=r["service_type"],
+        service_name=r["service_name"],
+        metadata=r["metadata"],
+        create_time=_timestamp(r["created_at_us"]),
+        expire_time=_timestamp(r["expires_at_us"]),
+        resolve_time=_timestamp(r["resolved_at_us"]),
+        committed_millicredits=r["committed"] or 0,
+        deduction_id=r["deduction_id"] or "",
+    )

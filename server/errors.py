@@ -129,6 +129,18 @@ _OUTCOMES: dict[str, tuple[grpc.StatusCode, str]] = {
         "this payment reference was already recorded",
     ),
     "INVALID_AMOUNT": (grpc.StatusCode.INVALID_ARGUMENT, "the amount is out of range"),
+    "INVALID_TTL": (grpc.StatusCode.INVALID_ARGUMENT, "the reservation's ttl is out of range"),
+    # Reservations (35_reservations.sql). A reservation of another
+    # organization is not found either: ids are global, lookups are per org.
+    "RESERVATION_NOT_FOUND": (
+        grpc.StatusCode.NOT_FOUND,
+        "the organization has no reservation with this id",
+    ),
+    # Metadata: the reservation's `state` (COMMITTED, RELEASED or EXPIRED).
+    "RESERVATION_NOT_OPEN": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the reservation was already committed, released or expired: it resolves once",
+    ),
     # RecordInvoice (55_invoices.sql). Metadata: INVOICE_FINAL carries the
     # invoice's `current_status`; INVOICE_MISMATCH (and IDEMPOTENCY_KEY_REUSED,
     # for a recorded event) the request `field` whose value differs.

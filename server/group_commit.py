@@ -1,10 +1,14 @@
-"""Group commit: deductions waiting at the same moment share one transaction.
+"""Group commit: deductions, holds and commits of holds waiting at the same
+moment share one transaction.
 
 A transaction per deduction on a hot pool stops scaling at the pool row's
 lock. Here calls queue in a lane (chosen by org_id, so one pool always uses
 the same lane, on every replica); the first caller to find its lane idle
-becomes the lane's leader and commits everything queued, its own deduction
-first in line, as one batch (server.store.Store.deduct_batch). Whoever
+becomes the lane's leader and commits everything queued, its own item
+first in line, as one batch (server.store.Store.commit_group). Holds and
+their commits (ReserveCredits, CommitReservation) queue with the deductions:
+they take the same pool lock, so sharing it is what makes a hot allocation
+fast, and one lane keeps them all in arrival order. Whoever
 arrives while that transaction runs waits; when it ends, the leader hands the
 lane to the oldest waiter, who commits the next batch.
 
@@ -23,25 +27,28 @@ import psycopg
 
 from orgbilling.server.errors import deadline_exceeded, server_busy
 from orgbilling.server.request_context import call_deadline_var, seconds_left
-from orgbilling.server.store import Deduction, DeductionResult
+from orgbilling.server.store import Deduction, DeductionResult, Reservation, ReservationCommit
+
+# What a lane queues, and what each gets back (see Store.commit_group).
+Item = Deduction | Reservation | ReservationCommit
 
 log = logging.getLogger(__name__)
 
 
 class _Ticket:
-    """One caller's deduction, waiting in a lane.
+    """One caller's item, waiting in a lane.
 
     Its signal is a plain lock, acquired from birth and released once to wake
     the caller: Event.set and Event.wait cost several times more, and py-spy
     showed them at a fifth of the server's time on a hot pool."""
 
-    __slots__ = ("deduction", "leads", "done", "result", "error", "_signal", "_signaled")
+    __slots__ = ("item", "leads", "done", "result", "error", "_signal", "_signaled")
 
-    def __init__(self, deduction: Deduction):
-        self.deduction = deduction
+    def __init__(self, item: Item):
+        self.item = item
         self.leads = False
         self.done = False
-        self.result: DeductionResult | None = None
+        self.result: DeductionResult | dict | None = None
         self.error: BaseException | None = None
         self._signal = threading.Lock()
         self._signal.acquire()
@@ -56,11 +63,11 @@ class _Ticket:
     def wait(self, timeout_s: float | None) -> bool:
         return self._signal.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s))
 
-    def finish(self, result: DeductionResult | None = None, error: BaseException | None = None):
+    def finish(self, result: DeductionResult | dict | None = None, error: BaseException | None = None):
         self.result, self.error, self.done = result, error, True
         self.wake()
 
-    def outcome(self) -> DeductionResult:
+    def outcome(self) -> DeductionResult | dict:
         if self.error is not None:
             raise self.error
         return self.result
@@ -76,7 +83,7 @@ class _Lane:
 class GroupCommitter:
     def __init__(
         self,
-        commit_batch: Callable[[list[Deduction]], list[DeductionResult]],
+        commit_batch: Callable[[list[Item]], list[DeductionResult | dict]],
         *,
         lanes: int,
         batch_size_max: int,
@@ -93,8 +100,19 @@ class GroupCommitter:
         return self._lanes[zlib.crc32(org_id.encode()) % len(self._lanes)]
 
     def deduct(self, deduction: Deduction) -> DeductionResult:
-        lane = self._lane_of(deduction.org_id)
-        ticket = _Ticket(deduction)
+        return self._submit(deduction)
+
+    def reserve(self, reservation: Reservation) -> dict:
+        """reserve_credits' jsonb result."""
+        return self._submit(reservation)
+
+    def commit_reservation(self, commit: ReservationCommit) -> dict:
+        """commit_reservation's jsonb result."""
+        return self._submit(commit)
+
+    def _submit(self, item: Item):
+        lane = self._lane_of(item.org_id)
+        ticket = _Ticket(item)
         with lane.lock:
             if len(lane.queue) >= self._queue_length_max:
                 raise server_busy("too many deductions are waiting for this pool",
@@ -152,7 +170,7 @@ class GroupCommitter:
         # own timeouts, not the leader's deadline.
         token = call_deadline_var.set(None)
         try:
-            results = self._commit_batch([t.deduction for t in batch])
+            results = self._commit_batch([t.item for t in batch])
         except psycopg.OperationalError as error:
             # The database is unreachable or too slow: every caller hears so
             # and may retry with its key.
@@ -163,7 +181,7 @@ class GroupCommitter:
             if len(batch) == 1:
                 batch[0].finish(error=error)
                 return
-            log.exception("a batch of %d deductions failed; committing them one by one", len(batch))
+            log.exception("a batch of %d items failed; committing them one by one", len(batch))
             for ticket in batch:
                 self._commit([ticket])
             return

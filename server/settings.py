@@ -93,6 +93,15 @@ class Settings:
     idempotency_retention_ms: int = 7 * 24 * 3_600_000
     sweeper_interval_ms: int = 60_000
     sweeper_batch_size_max: int = 1000
+    # Reservations (holds): the TTL of a request that sets none, and the
+    # range a request's TTL must fall in. The expiry sweeper persists expired
+    # holds every interval, at most this many per batch (correctness never
+    # waits for it: an expired hold counts as released from its expiry).
+    reservation_ttl_default_ms: int = 300_000
+    reservation_ttl_min_ms: int = 1000
+    reservation_ttl_max_ms: int = 24 * 3_600_000
+    reservation_sweeper_interval_ms: int = 10_000
+    reservation_sweeper_batch_size_max: int = 1000
     # Page sizes of list RPCs.
     page_size_default: int = 100
     page_size_max: int = 1000
@@ -205,6 +214,15 @@ class Settings:
             raise ValueError("idempotency_retention_ms must be at least an hour (3600000)")
         if min(self.sweeper_interval_ms, self.sweeper_batch_size_max) < 1:
             raise ValueError("sweeper_interval_ms and sweeper_batch_size_max must be at least 1")
+        if not 1 <= self.reservation_ttl_min_ms <= self.reservation_ttl_default_ms <= self.reservation_ttl_max_ms:
+            raise ValueError("need 1 <= reservation_ttl_min_ms <= reservation_ttl_default_ms"
+                             " <= reservation_ttl_max_ms")
+        if self.reservation_ttl_max_ms > 366 * 24 * 3_600_000:
+            # The ledger refuses longer holds (reserve_credits): a unit mistake.
+            raise ValueError("reservation_ttl_max_ms must be at most 366 days")
+        if min(self.reservation_sweeper_interval_ms, self.reservation_sweeper_batch_size_max) < 1:
+            raise ValueError("reservation_sweeper_interval_ms and reservation_sweeper_batch_size_max"
+                             " must be at least 1")
         if self.concurrent_rpcs_max + self.open_service_streams_max >= self.worker_threads:
             raise ValueError(
                 "worker_threads must exceed concurrent_rpcs_max + open_service_streams_max:"

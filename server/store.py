@@ -42,6 +42,33 @@ class DeductionResult:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Reservation:
+    """A ReserveCredits call, checked."""
+    org_id: str
+    user_id: str
+    amount_millicredits: int
+    ttl_ms: int
+    service_type: str
+    service_name: str
+    idempotency_key: str
+    request_hash: bytes
+    request_id: str
+    metadata: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReservationCommit:
+    """A CommitReservation call, checked."""
+    org_id: str
+    reservation_id: str
+    amount_millicredits: int
+    idempotency_key: str
+    request_hash: bytes
+    request_id: str
+    metadata: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckResult:
     outcome: str
     sufficient: bool
@@ -65,6 +92,23 @@ _DELETE_EXPIRED_RECORDS = """
 # Any constant works; it only has to be the same in every replica (and differ
 # from orgbilling.server.migrate's).
 SWEEP_LOCK_KEY = 0x6F726773776565  # "orgswee"
+# The reservation expiry sweeper's, apart from the idempotency sweeper's so
+# that each runs on one replica at a time without waiting for the other.
+RESERVATION_SWEEP_LOCK_KEY = 0x6F7267686F6C64  # "orghold"
+
+# A page of an org's reservations, newest first, by the primary key. The
+# state filter is on the state as of now (reservation_json_now): an open
+# hold past its expiry is EXPIRED.
+_LIST_RESERVATIONS = """
+    SELECT reservation_json_now(r) FROM credit_reservations AS r
+     WHERE org_id = %(org_id)s
+       AND (%(before)s::uuid IS NULL OR reservation_id < %(before)s::uuid)
+       AND (%(state)s::text IS NULL
+            OR CASE WHEN r.state = 'OPEN' AND r.expires_at <= now() THEN 'EXPIRED'
+                    ELSE r.state END = %(state)s::text)
+     ORDER BY reservation_id DESC
+     LIMIT %(limit)s
+"""
 
 
 class Store:
@@ -145,15 +189,7 @@ class Store:
             # deduct_credits 0.5 ms (measured). Group commit under light load
             # and most spread-out traffic come here.
             return [self.deduct(items[0])]
-        # One array per column, sent in binary: formatting arrays as text cost
-        # 40 us per item, binary 1 us (measured on batches of 1,000).
-        params = (
-            [d.org_id for d in items], [d.user_id for d in items],
-            [d.amount_millicredits for d in items], [d.service_type for d in items],
-            [d.service_name for d in items], [d.idempotency_key for d in items],
-            [d.request_hash for d in items], [d.request_id for d in items],
-            [Jsonb(d.metadata) for d in items],
-        )
+        params = _batch_params(items)
 
         def work(conn):
             if not all_or_nothing:
@@ -169,14 +205,88 @@ class Store:
         rows = self._run(work)
         return [_deduction_result(row[1:]) for row in sorted(rows, key=lambda row: row[0])]
 
+    def commit_group(self, items: list) -> list:
+        """Group commit's batch (server.group_commit): deductions, holds and
+        commits of holds that waited in one lane, in one transaction, with the
+        semantics of running them one at a time in arrival order; one result
+        each (a DeductionResult, or a reservation function's dict).
+
+        Deductions alone take deduct_batch, set-based. A mix runs its
+        consecutive deductions as one deduct_credits_batch and each other item
+        as its own function, pipelined: one round trip, and the pool lock taken
+        once for all of them instead of once per call."""
+        if all(isinstance(item, Deduction) for item in items):
+            return self.deduct_batch(items)
+        if len(items) == 1:
+            return [self._apply_one(items[0])]
+        runs: list[list] = []
+        for item in items:
+            if isinstance(item, Deduction) and runs and isinstance(runs[-1][0], Deduction):
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+
+        def work(conn):
+            with conn.transaction():
+                # Every pool of the batch first, in org_id order as every batch
+                # takes them; the statements below then take only locks this
+                # transaction holds, so batches of several replicas cannot deadlock.
+                conn.execute(_LOCK_POOLS, (sorted({item.org_id for item in items}),))
+                with conn.pipeline():
+                    cursors = [conn.execute(*_statement(run)) for run in runs]
+                return [cursor.fetchall() for cursor in cursors]
+
+        results = []
+        for run, rows in zip(runs, self._run(work), strict=True):
+            if isinstance(run[0], Deduction):
+                results += [_deduction_result(row[1:]) for row in sorted(rows, key=lambda row: row[0])]
+            else:
+                results.append(rows[0][0])
+        return results
+
+    def _apply_one(self, item):
+        if isinstance(item, Deduction):
+            return self.deduct(item)
+        if isinstance(item, Reservation):
+            return self.reserve(item)
+        return self.commit_reservation(item)
+
     def deduct(self, d: Deduction) -> DeductionResult:
         """One deduction in its own transaction (deduct_credits)."""
-        row = self._one(
-            "SELECT * FROM deduct_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b)",
-            (d.org_id, d.user_id, d.amount_millicredits, d.service_type, d.service_name,
-             d.idempotency_key, d.request_hash, d.request_id, Jsonb(d.metadata)),
+        row = self._one(*_statement([d]))
+        return _deduction_result(row[1:])
+
+    # Reservations: each returns the jsonb outcome of its SQL function
+    # (migrations/functions/35_reservations.sql).
+
+    def reserve(self, r: Reservation) -> dict:
+        return self._json(*_statement([r]))
+
+    def commit_reservation(self, c: ReservationCommit) -> dict:
+        return self._json(*_statement([c]))
+
+    def release_reservation(self, org_id: str, *, reservation_id: str, idempotency_key: str,
+                            request_hash: bytes, request_id: str) -> dict:
+        return self._json(
+            "SELECT release_reservation(%s, %s::uuid, %s, %s, %s)",
+            (org_id, reservation_id, idempotency_key, request_hash, request_id),
         )
-        return _deduction_result(row)
+
+    def get_reservation(self, org_id: str, *, reservation_id: str) -> dict | None:
+        row = self._one(
+            "SELECT reservation_json_now(r) FROM credit_reservations AS r"
+            " WHERE org_id = %s AND reservation_id = %s::uuid",
+            (org_id, reservation_id),
+        )
+        return row[0] if row else None
+
+    def list_reservations(self, org_id: str, *, state: str | None, before_id: str | None,
+                          limit: int) -> list[dict]:
+        rows = self._run(lambda conn: conn.execute(
+            _LIST_RESERVATIONS,
+            {"org_id": org_id, "state": state, "before": before_id, "limit": limit},
+        ).fetchall())
+        return [row[0] for row in rows]
 
     # Administration: each returns the jsonb outcome of its SQL function.
 
@@ -293,9 +403,60 @@ class Store:
 
         return self._run(work)
 
+    def expire_reservations(self, *, batch_size_max: int) -> int:
+        """Persists the expiry of up to about batch_size_max expired holds
+        (all of their orgs' expired holds), in one short transaction; returns
+        how many. Returns 0 when another replica is sweeping."""
+        def work(conn):
+            with conn.transaction():
+                if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)",
+                                    (RESERVATION_SWEEP_LOCK_KEY,)).fetchone()[0]:
+                    return 0
+                return conn.execute("SELECT sweep_expired_reservations(%s)",
+                                    (batch_size_max,)).fetchone()[0]
+
+        return self._run(work)
+
     def ping(self, timeout_s: float) -> None:
         with self.pool.connection(timeout=timeout_s) as conn:
             conn.execute("SELECT 1")
+
+
+_LOCK_POOLS = "SELECT 1 FROM organization_credit_pools WHERE org_id = ANY (%s) ORDER BY org_id FOR UPDATE"
+
+
+def _statement(run: list) -> tuple[str, tuple]:
+    """The SQL and parameters of one run of a group commit's batch: a
+    deduction, several (deduct_credits_batch, rows numbered by item), a hold
+    or the commit of one. The deductions' rows all start with the item number."""
+    item = run[0]
+    if isinstance(item, Deduction):
+        if len(run) > 1:
+            return _DEDUCT_BATCH, _batch_params(run)
+        return ("SELECT 1, * FROM deduct_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b)",
+                (item.org_id, item.user_id, item.amount_millicredits, item.service_type,
+                 item.service_name, item.idempotency_key, item.request_hash, item.request_id,
+                 Jsonb(item.metadata)))
+    if isinstance(item, Reservation):
+        return ("SELECT reserve_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b, %b)",
+                (item.org_id, item.user_id, item.amount_millicredits, item.ttl_ms * 1000,
+                 item.service_type, item.service_name, item.idempotency_key, item.request_hash,
+                 item.request_id, Jsonb(item.metadata)))
+    return ("SELECT commit_reservation(%b, %b::uuid, %b, %b, %b, %b, %b)",
+            (item.org_id, item.reservation_id, item.amount_millicredits, item.idempotency_key,
+             item.request_hash, item.request_id, Jsonb(item.metadata)))
+
+
+def _batch_params(items: list[Deduction]) -> tuple:
+    # One array per column, sent in binary: formatting arrays as text cost
+    # 40 us per item, binary 1 us (measured on batches of 1,000).
+    return (
+        [d.org_id for d in items], [d.user_id for d in items],
+        [d.amount_millicredits for d in items], [d.service_type for d in items],
+        [d.service_name for d in items], [d.idempotency_key for d in items],
+        [d.request_hash for d in items], [d.request_id for d in items],
+        [Jsonb(d.metadata) for d in items],
+    )
 
 
 def _deduction_result(row) -> DeductionResult:

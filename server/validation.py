@@ -8,6 +8,8 @@ AMOUNT_MAX_MILLICREDITS = 10**15
 IDENTIFIER = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 SERVICE_TYPE = re.compile(r"[a-z0-9_.-]{1,64}")
 SERVICE_NAME = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
+# A UUID as the server writes it (8-4-4-4-12 hex digits), either case.
+UUID_TEXT = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
 METADATA_ENTRIES_MAX = 32
 METADATA_KEY_CHARS_MAX = 64
@@ -39,6 +41,21 @@ class Checks:
 
     def idempotency_key(self, value: str, field: str = "idempotency_key") -> None:
         self.matches(field, value, IDEMPOTENCY_KEY, "1 to 128 printable ASCII characters")
+
+    def uuid(self, field: str, value: str) -> None:
+        self.matches(field, value, UUID_TEXT, "a UUID (8-4-4-4-12 hexadecimal digits)")
+
+    def duration_ms(self, field: str, value, *, minimum_ms: int, maximum_ms: int) -> int | None:
+        """A google.protobuf.Duration in whole milliseconds (finer is
+        truncated), or None after a field violation when it is malformed or
+        out of [minimum_ms, maximum_ms]."""
+        valid = (-999_999_999 <= value.nanos <= 999_999_999
+                 and not (value.seconds > 0 > value.nanos or value.seconds < 0 < value.nanos))
+        milliseconds = value.seconds * 1000 + value.nanos // 1_000_000 if valid else None
+        if milliseconds is None or not minimum_ms <= milliseconds <= maximum_ms:
+            self.fail(field, f"must be from {minimum_ms / 1000:g} s to {maximum_ms / 1000:g} s")
+            return None
+        return milliseconds
 
     def amount(self, field: str, value: int, minimum: int = 1) -> None:
         if not minimum <= value <= AMOUNT_MAX_MILLICREDITS:

@@ -99,6 +99,35 @@ INVARIANT_QUERIES: dict[str, str] = {
         f"{table} equals the running sums of the attribution rows": _running_differences(table, per_user)
         for table, per_user in (("org_usage_running", False), ("user_usage_running", True))
     },
+    # Reservations (0003_reservations.sql). Reserved is the sum of OPEN rows:
+    # an expired one not yet persisted still counts on disk, and every reader
+    # and writer treats it as released (35_reservations.sql).
+    "pool reserved equals the sum of its open holds": """
+        SELECT p.org_id, p.reserved_millicredits, coalesce(sum(r.amount_millicredits), 0)
+          FROM organization_credit_pools p
+          LEFT JOIN credit_reservations r ON r.org_id = p.org_id AND r.state = 'OPEN'
+         GROUP BY p.org_id, p.reserved_millicredits
+        HAVING p.reserved_millicredits <> coalesce(sum(r.amount_millicredits), 0)""",
+    "allocation reserved equals the sum of its open holds": """
+        SELECT a.org_id, a.user_id, a.reserved_millicredits, coalesce(sum(r.amount_millicredits), 0)
+          FROM user_credit_allocations a
+          LEFT JOIN credit_reservations r
+            ON r.org_id = a.org_id AND r.user_id = a.user_id AND r.state = 'OPEN'
+         GROUP BY a.org_id, a.user_id, a.reserved_millicredits
+        HAVING a.reserved_millicredits <> coalesce(sum(r.amount_millicredits), 0)""",
+    "each committed hold has exactly its one attribution row, and only those": """
+        SELECT r.org_id, r.reservation_id, r.state, u.deduction_id, u.amount_millicredits
+          FROM credit_reservations r
+          FULL JOIN (SELECT * FROM credit_usage_attribution WHERE reservation_id IS NOT NULL) u
+            ON u.org_id = r.org_id AND u.reservation_id = r.reservation_id
+         WHERE r.reservation_id IS NULL OR u.deduction_id IS NULL AND r.state = 'COMMITTED'
+            OR u.deduction_id IS NOT NULL AND (r.state <> 'COMMITTED'
+               OR u.deduction_id <> r.deduction_id
+               OR u.amount_millicredits <> r.committed_millicredits
+               OR u.user_id <> r.user_id)""",
+    "no expired hold resolved at another time than its expiry": """
+        SELECT org_id, reservation_id FROM credit_reservations
+         WHERE state = 'EXPIRED' AND resolved_at <> expires_at""",
     "no pool balance is negative": """
         SELECT org_id FROM organization_credit_pools
          WHERE used_millicredits + reserved_millicredits

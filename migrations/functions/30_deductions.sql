@@ -117,6 +117,8 @@ DECLARE
     p organization_credit_pools;
     a user_credit_allocations;
     used_this_period bigint;
+    expired_pool bigint := 0;
+    expired_user bigint := 0;
 BEGIN
     IF p_amount IS NULL OR p_amount < 1 OR p_amount > 1000000000000000 THEN
         outcome := 'INVALID_AMOUNT'; RETURN NEXT; RETURN;
@@ -131,9 +133,16 @@ BEGIN
         outcome := 'ALLOCATION_NOT_FOUND'; RETURN NEXT; RETURN;
     END IF;
     used_this_period := CASE WHEN a.next_reset_at <= now() THEN 0 ELSE a.used_millicredits END;
-    allocation_remaining := greatest(0, a.limit_millicredits - used_this_period - a.reserved_millicredits);
+    -- Holds past their expiry count for nothing, persisted or not
+    -- (35_reservations.sql); none can be open where nothing is reserved.
+    IF p.reserved_millicredits > 0 THEN
+        SELECT e.pool_expired, e.user_expired INTO expired_pool, expired_user
+          FROM expired_holds(p_org_id, p_user_id) AS e;
+    END IF;
+    allocation_remaining := greatest(0, a.limit_millicredits - used_this_period
+                                        - (a.reserved_millicredits - expired_user));
     pool_spendable := greatest(0, p.total_millicredits + p.overage_limit_millicredits
-                                  - p.used_millicredits - p.reserved_millicredits);
+                                  - p.used_millicredits - (p.reserved_millicredits - expired_pool));
     sufficient := p_amount <= least(allocation_remaining, pool_spendable);
     outcome := 'OK';
     RETURN NEXT;
@@ -169,6 +178,11 @@ BEGIN
     SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
     IF NOT FOUND THEN
         outcome := 'ORG_NOT_FOUND'; RETURN NEXT; RETURN;
+    END IF;
+    -- Expired holds give their credits back before anything is read
+    -- (35_reservations.sql); a pool with nothing reserved has none.
+    IF p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
+        SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
     END IF;
 
     SELECT * INTO prior FROM credit_usage_attribution
@@ -316,6 +330,10 @@ BEGIN
 
     PERFORM 1 FROM organization_credit_pools
      WHERE org_id = ANY (p_org_ids) ORDER BY org_id FOR UPDATE;
+    -- Expired holds give their credits back before anything is read
+    -- (35_reservations.sql), under the pool locks just taken.
+    PERFORM release_expired_holds(org_id) FROM organization_credit_pools
+     WHERE org_id = ANY (p_org_ids) AND reserved_millicredits > 0;
     PERFORM 1 FROM user_credit_allocations
      WHERE (org_id, user_id) IN (SELECT * FROM unnest(p_org_ids, p_user_ids))
      ORDER BY org_id, user_id FOR UPDATE;

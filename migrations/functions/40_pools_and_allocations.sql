@@ -34,6 +34,10 @@ BEGIN
     IF NOT FOUND THEN
         RETURN '{"outcome": "ORG_NOT_FOUND"}';
     END IF;
+    -- A removal is bounded by what is reserved: expired holds no longer are.
+    IF p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
+        SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
+    END IF;
     prior := idempotency_lookup(p_org_id, p_idempotency_key, 'AddCredits', p_request_hash);
     IF prior IS NOT NULL THEN
         RETURN prior;

@@ -1,17 +1,34 @@
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import credit_service_pb2_grpc
+from orgbilling.v1 import types_pb2
+from orgbilling.server import convert
 from orgbilling.server.errors import ServiceError, batch_not_applied, refusal
 from orgbilling.server.group_commit import GroupCommitter
+from orgbilling.server.page_tokens import Layout, read_page_size, read_position
 from orgbilling.server.request_context import current_request_id, fingerprint
-from orgbilling.server.store import Deduction, DeductionResult, Store
+from orgbilling.server.store import (
+    Deduction, DeductionResult, Reservation, ReservationCommit, Store,
+)
 from orgbilling.server.validation import Checks
+
+# ListReservations pages end at a reservation id (newest first).
+RESERVATIONS_PAGE = Layout("reservations", "u")
 
 
 class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
-    def __init__(self, store: Store, *, committer: GroupCommitter, batch_items_max: int):
+    def __init__(self, store: Store, *, committer: GroupCommitter, batch_items_max: int,
+                 reservation_ttl_default_ms: int, reservation_ttl_min_ms: int,
+                 reservation_ttl_max_ms: int, page_size_default: int, page_size_max: int):
         self._store = store
         self._committer = committer
         self._batch_items_max = batch_items_max
+        self._ttl_default_ms = reservation_ttl_default_ms
+        self._ttl_min_ms = reservation_ttl_min_ms
+        self._ttl_max_ms = reservation_ttl_max_ms
+        self._page_size_default = page_size_default
+        self._page_size_max = page_size_max
 
     def CheckCredits(self, request, context):
         checks = Checks()
@@ -60,6 +77,127 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
                 for result, item in zip(results, request.deductions)
             ]
         )
+
+    # Reservations (holds).
+
+    def ReserveCredits(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.identifier("user_id", request.user_id)
+        checks.amount("amount_millicredits", request.amount_millicredits)
+        ttl_ms = self._ttl_default_ms
+        if request.HasField("ttl"):
+            ttl_ms = checks.duration_ms("ttl", request.ttl, minimum_ms=self._ttl_min_ms,
+                                        maximum_ms=self._ttl_max_ms)
+        checks.service_type("service_type", request.service_type)
+        checks.service_name("service_name", request.service_name)
+        checks.idempotency_key(request.idempotency_key)
+        checks.metadata("metadata", request.metadata)
+        checks.done()
+        result = self._committer.reserve(Reservation(
+            org_id=request.org_id, user_id=request.user_id,
+            amount_millicredits=request.amount_millicredits, ttl_ms=ttl_ms,
+            service_type=request.service_type, service_name=request.service_name,
+            idempotency_key=request.idempotency_key, request_hash=fingerprint(request),
+            request_id=current_request_id(), metadata=dict(request.metadata),
+        ))
+        if result["outcome"] != "OK":
+            raise reservation_refusal(result, request.amount_millicredits)
+        expire_time = Timestamp()
+        expire_time.FromMicroseconds(result["expires_at_us"])
+        return pb.ReserveCreditsResponse(
+            reservation_id=result["reservation_id"], expire_time=expire_time,
+            allocation_remaining_millicredits=result["allocation_remaining"],
+            pool_spendable_millicredits=result["pool_spendable"], replayed=result["replayed"],
+        )
+
+    def CommitReservation(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.uuid("reservation_id", request.reservation_id)
+        checks.amount("amount_millicredits", request.amount_millicredits)
+        checks.metadata("metadata", request.metadata)
+        checks.idempotency_key(request.idempotency_key)
+        checks.done()
+        result = self._committer.commit_reservation(ReservationCommit(
+            org_id=request.org_id, reservation_id=request.reservation_id,
+            amount_millicredits=request.amount_millicredits,
+            idempotency_key=request.idempotency_key, request_hash=fingerprint(request),
+            request_id=current_request_id(), metadata=dict(request.metadata),
+        ))
+        if result["outcome"] != "OK":
+            raise reservation_refusal(result, request.amount_millicredits)
+        return pb.CommitReservationResponse(
+            deduction_id=result["deduction_id"],
+            allocation_remaining_millicredits=result["allocation_remaining"],
+            pool_spendable_millicredits=result["pool_spendable"], replayed=result["replayed"],
+        )
+
+    def ReleaseReservation(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.uuid("reservation_id", request.reservation_id)
+        checks.idempotency_key(request.idempotency_key)
+        checks.done()
+        result = self._store.release_reservation(
+            request.org_id, reservation_id=request.reservation_id,
+            idempotency_key=request.idempotency_key, request_hash=fingerprint(request),
+            request_id=current_request_id(),
+        )
+        if result["outcome"] != "OK":
+            raise reservation_refusal(result, None)
+        return pb.ReleaseReservationResponse(
+            allocation_remaining_millicredits=result["allocation_remaining"],
+            pool_spendable_millicredits=result["pool_spendable"], replayed=result["replayed"],
+        )
+
+    def GetReservation(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.uuid("reservation_id", request.reservation_id)
+        checks.done()
+        found = self._store.get_reservation(request.org_id, reservation_id=request.reservation_id)
+        if found is None:
+            raise refusal("RESERVATION_NOT_FOUND")
+        return pb.GetReservationResponse(reservation=convert.reservation(found))
+
+    def ListReservations(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        if request.state not in types_pb2.ReservationState.values():
+            checks.fail("state", "must be a ReservationState")
+        page_size = read_page_size(checks, request.page_size, default=self._page_size_default,
+                                   maximum=self._page_size_max)
+        scope = (request.org_id, request.state)
+        position = read_position(checks, RESERVATIONS_PAGE, request.page_token, scope=scope)
+        checks.done()
+        state = (None if request.state == types_pb2.RESERVATION_STATE_UNSPECIFIED
+                 else convert.enum_name(types_pb2.ReservationState, "RESERVATION_STATE", request.state))
+        rows = self._store.list_reservations(
+            request.org_id, state=state, before_id=position[0] if position else None,
+            limit=page_size + 1,
+        )
+        page = rows[:page_size]
+        next_token = (RESERVATIONS_PAGE.encode((page[-1]["reservation_id"],), scope=scope)
+                      if len(rows) > page_size else "")
+        return pb.ListReservationsResponse(
+            reservations=[convert.reservation(r) for r in page], next_page_token=next_token)
+
+
+def reservation_refusal(result: dict, requested: int | None) -> ServiceError:
+    """The error for a refused reserve, commit or release (35_reservations.sql)."""
+    outcome = result["outcome"]
+    if outcome == "INSUFFICIENT_CREDITS":
+        remaining, spendable = result["allocation_remaining"], result["pool_spendable"]
+        extra = {"held_millicredits": result["held"]} if "held" in result else {}
+        return refusal(
+            outcome, available_millicredits=min(remaining, spendable),
+            requested_millicredits=requested, allocation_remaining_millicredits=remaining,
+            pool_spendable_millicredits=spendable, **extra,
+        )
+    if outcome == "RESERVATION_NOT_OPEN":
+        return refusal(outcome, state=result["state"])
+    return refusal(outcome)
 
 
 def check_deduction(checks: Checks, request, prefix: str = "") -> None:

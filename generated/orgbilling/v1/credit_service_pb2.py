@@ -22,9 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from orgbilling.v1 import types_pb2 as orgbilling_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"orgbilling/v1/credit_service.proto\x12\rorgbilling.v1\"S\n\x13\x43heckCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\"z\n\x14\x43heckCreditsResponse\x12\x12\n\nsufficient\x18\x01 \x01(\x08\x12)\n!allocation_remaining_millicredits\x18\x02 \x01(\x03\x12#\n\x1bpool_spendable_millicredits\x18\x03 \x01(\x03\"\x8f\x02\n\x14\x44\x65\x64uctCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\x12\x14\n\x0cservice_type\x18\x04 \x01(\t\x12\x14\n\x0cservice_name\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x43\n\x08metadata\x18\x07 \x03(\x0b\x32\x31.orgbilling.v1.DeductCreditsRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x15\x44\x65\x64uctCreditsResponse\x12\x14\n\x0c\x64\x65\x64uction_id\x18\x01 \x01(\t\x12)\n!allocation_remaining_millicredits\x18\x02 \x01(\x03\x12#\n\x1bpool_spendable_millicredits\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"l\n\x19\x44\x65\x64uctCreditsBatchRequest\x12\x37\n\ndeductions\x18\x01 \x03(\x0b\x32#.orgbilling.v1.DeductCreditsRequest\x12\x16\n\x0e\x61ll_or_nothing\x18\x02 \x01(\x08\"V\n\x1a\x44\x65\x64uctCreditsBatchResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\'.orgbilling.v1.DeductCreditsBatchResult\"\x98\x01\n\x18\x44\x65\x64uctCreditsBatchResult\x12\x39\n\tdeduction\x18\x01 \x01(\x0b\x32$.orgbilling.v1.DeductCreditsResponseH\x00\x12\x37\n\x05\x65rror\x18\x02 \x01(\x0b\x32&.orgbilling.v1.DeductCreditsBatchErrorH\x00\x42\x08\n\x06result\"\xc1\x01\n\x17\x44\x65\x64uctCreditsBatchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x46\n\x08metadata\x18\x04 \x03(\x0b\x32\x34.orgbilling.v1.DeductCreditsBatchError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xaf\x02\n\rCreditService\x12W\n\x0c\x43heckCredits\x12\".orgbilling.v1.CheckCreditsRequest\x1a#.orgbilling.v1.CheckCreditsResponse\x12Z\n\rDeductCredits\x12#.orgbilling.v1.DeductCreditsRequest\x1a$.orgbilling.v1.DeductCreditsResponse\x12i\n\x12\x44\x65\x64uctCreditsBatch\x12(.orgbilling.v1.DeductCreditsBatchRequest\x1a).orgbilling.v1.DeductCreditsBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"orgbilling/v1/credit_service.proto\x12\rorgbilling.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19orgbilling/v1/types.proto\"S\n\x13\x43heckCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\"z\n\x14\x43heckCreditsResponse\x12\x12\n\nsufficient\x18\x01 \x01(\x08\x12)\n!allocation_remaining_millicredits\x18\x02 \x01(\x03\x12#\n\x1bpool_spendable_millicredits\x18\x03 \x01(\x03\"\x8f\x02\n\x14\x44\x65\x64uctCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\x12\x14\n\x0cservice_type\x18\x04 \x01(\t\x12\x14\n\x0cservice_name\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x43\n\x08metadata\x18\x07 \x03(\x0b\x32\x31.orgbilling.v1.DeductCreditsRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x15\x44\x65\x64uctCreditsResponse\x12\x14\n\x0c\x64\x65\x64uction_id\x18\x01 \x01(\t\x12)\n!allocation_remaining_millicredits\x18\x02 \x01(\x03\x12#\n\x1bpool_spendable_millicredits\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"l\n\x19\x44\x65\x64uctCreditsBatchRequest\x12\x37\n\ndeductions\x18\x01 \x03(\x0b\x32#.orgbilling.v1.DeductCreditsRequest\x12\x16\n\x0e\x61ll_or_nothing\x18\x02 \x01(\x08\"V\n\x1a\x44\x65\x64uctCreditsBatchResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\'.orgbilling.v1.DeductCreditsBatchResult\"\x98\x01\n\x18\x44\x65\x64uctCreditsBatchResult\x12\x39\n\tdeduction\x18\x01 \x01(\x0b\x32$.orgbilling.v1.DeductCreditsResponseH\x00\x12\x37\n\x05\x65rror\x18\x02 \x01(\x0b\x32&.orgbilling.v1.DeductCreditsBatchErrorH\x00\x42\x08\n\x06result\"\xc1\x01\n\x17\x44\x65\x64uctCreditsBatchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x46\n\x08metadata\x18\x04 \x03(\x0b\x32\x34.orgbilling.v1.DeductCreditsBatchError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb9\x02\n\x15ReserveCreditsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cservice_type\x18\x05 \x01(\t\x12\x14\n\x0cservice_name\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x44\n\x08metadata\x18\x08 \x03(\x0b\x32\x32.orgbilling.v1.ReserveCreditsRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc3\x01\n\x16ReserveCreditsResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n!allocation_remaining_millicredits\x18\x03 \x01(\x03\x12#\n\x1bpool_spendable_millicredits\x18\x04 \x01(\x03\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"\xf2\x01\n\x18\x43ommitReservationRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61mount_millicredits\x18\x03 \x01(\x03\x12G\n\x08metadata\x18\x04 \x03(\x0b\x32\x35.orgbilling.v1.CommitReservationRequest.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x19\x43ommitReservationResponse\x12\x14\n\x0c\x64\x65\x64uction_id\x18\x01 \x01(\t\x12)\n!allocation_remaining_millicredits\x18\x02 \x01(\x03\x12#\n\x1bpool_spendable_millicredits\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"\\\n\x19ReleaseReservationRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"~\n\x1aReleaseReservationResponse\x12)\n!allocation_remaining_millicredits\x18\x01 \x01(\x03\x12#\n\x1bpool_spendable_millicredits\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"?\n\x15GetReservationRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\"I\n\x16GetReservationResponse\x12/\n\x0breservation\x18\x01 \x01(\x0b\x32\x1a.orgbilling.v1.Reservation\"\x80\x01\n\x17ListReservationsRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.orgbilling.v1.ReservationState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"e\n\x18ListReservationsResponse\x12\x30\n\x0creservations\x18\x01 \x03(\x0b\x32\x1a.orgbilling.v1.Reservation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa5\x06\n\rCreditService\x12W\n\x0c\x43heckCredits\x12\".orgbilling.v1.CheckCreditsRequest\x1a#.orgbilling.v1.CheckCreditsResponse\x12Z\n\rDeductCredits\x12#.orgbilling.v1.DeductCreditsRequest\x1a$.orgbilling.v1.DeductCreditsResponse\x12i\n\x12\x44\x65\x64uctCreditsBatch\x12(.orgbilling.v1.DeductCreditsBatchRequest\x1a).orgbilling.v1.DeductCreditsBatchResponse\x12]\n\x0eReserveCredits\x12$.orgbilling.v1.ReserveCreditsRequest\x1a%.orgbilling.v1.ReserveCreditsResponse\x12\x66\n\x11\x43ommitReservation\x12\'.orgbilling.v1.CommitReservationRequest\x1a(.orgbilling.v1.CommitReservationResponse\x12i\n\x12ReleaseReservation\x12(.orgbilling.v1.ReleaseReservationRequest\x1a).orgbilling.v1.ReleaseReservationResponse\x12]\n\x0eGetReservation\x12$.orgbilling.v1.GetReservationRequest\x1a%.orgbilling.v1.GetReservationResponse\x12\x63\n\x10ListReservations\x12&.orgbilling.v1.ListReservationsRequest\x1a\'.orgbilling.v1.ListReservationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +38,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEDUCTCREDITSREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_DEDUCTCREDITSBATCHERROR_METADATAENTRY']._loaded_options = None
   _globals['_DEDUCTCREDITSBATCHERROR_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_CHECKCREDITSREQUEST']._serialized_start=53
-  _globals['_CHECKCREDITSREQUEST']._serialized_end=136
-  _globals['_CHECKCREDITSRESPONSE']._serialized_start=138
-  _globals['_CHECKCREDITSRESPONSE']._serialized_end=260
-  _globals['_DEDUCTCREDITSREQUEST']._serialized_start=263
-  _globals['_DEDUCTCREDITSREQUEST']._serialized_end=534
-  _globals['_DEDUCTCREDITSREQUEST_METADATAENTRY']._serialized_start=487
-  _globals['_DEDUCTCREDITSREQUEST_METADATAENTRY']._serialized_end=534
-  _globals['_DEDUCTCREDITSRESPONSE']._serialized_start=537
-  _globals['_DEDUCTCREDITSRESPONSE']._serialized_end=680
-  _globals['_DEDUCTCREDITSBATCHREQUEST']._serialized_start=682
-  _globals['_DEDUCTCREDITSBATCHREQUEST']._serialized_end=790
-  _globals['_DEDUCTCREDITSBATCHRESPONSE']._serialized_start=792
-  _globals['_DEDUCTCREDITSBATCHRESPONSE']._serialized_end=878
-  _globals['_DEDUCTCREDITSBATCHRESULT']._serialized_start=881
-  _globals['_DEDUCTCREDITSBATCHRESULT']._serialized_end=1033
-  _globals['_DEDUCTCREDITSBATCHERROR']._serialized_start=1036
-  _globals['_DEDUCTCREDITSBATCHERROR']._serialized_end=1229
-  _globals['_DEDUCTCREDITSBATCHERROR_METADATAENTRY']._serialized_start=487
-  _globals['_DEDUCTCREDITSBATCHERROR_METADATAENTRY']._serialized_end=534
-  _globals['_CREDITSERVICE']._serialized_start=1232
-  _globals['_CREDITSERVICE']._serialized_end=1535
+  _globals['_RESERVECREDITSREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_RESERVECREDITSREQUEST_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_COMMITRESERVATIONREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_COMMITRESERVATIONREQUEST_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_CHECKCREDITSREQUEST']._serialized_start=145
+  _globals['_CHECKCREDITSREQUEST']._serialized_end=228
+  _globals['_CHECKCREDITSRESPONSE']._serialized_start=230
+  _globals['_CHECKCREDITSRESPONSE']._serialized_end=352
+  _globals['_DEDUCTCREDITSREQUEST']._serialized_start=355
+  _globals['_DEDUCTCREDITSREQUEST']._serialized_end=626
+  _globals['_DEDUCTCREDITSREQUEST_METADATAENTRY']._serialized_start=579
+  _globals['_DEDUCTCREDITSREQUEST_METADATAENTRY']._serialized_end=626
+  _globals['_DEDUCTCREDITSRESPONSE']._serialized_start=629
+  _globals['_DEDUCTCREDITSRESPONSE']._serialized_end=772
+  _globals['_DEDUCTCREDITSBATCHREQUEST']._serialized_start=774
+  _globals['_DEDUCTCREDITSBATCHREQUEST']._serialized_end=882
+  _globals['_DEDUCTCREDITSBATCHRESPONSE']._serialized_start=884
+  _globals['_DEDUCTCREDITSBATCHRESPONSE']._serialized_end=970
+  _globals['_DEDUCTCREDITSBATCHRESULT']._serialized_start=973
+  _globals['_DEDUCTCREDITSBATCHRESULT']._serialized_end=1125
+  _globals['_DEDUCTCREDITSBATCHERROR']._serialized_start=1128
+  _globals['_DEDUCTCREDITSBATCHERROR']._serialized_end=1321
+  _globals['_DEDUCTCREDITSBATCHERROR_METADATAENTRY']._serialized_start=579
+  _globals['_DEDUCTCREDITSBATCHERROR_METADATAENTRY']._serialized_end=626
+  _globals['_RESERVECREDITSREQUEST']._serialized_start=1324
+  _globals['_RESERVECREDITSREQUEST']._serialized_end=1637
+  _globals['_RESERVECREDITSREQUEST_METADATAENTRY']._serialized_start=579
+  _globals['_RESERVECREDITSREQUEST_METADATAENTRY']._serialized_end=626
+  _globals['_RESERVECREDITSRESPONSE']._serialized_start=1640
+  _globals['_RESERVECREDITSRESPONSE']._serialized_end=1835
+  _globals['_COMMITRESERVATIONREQUEST']._serialized_start=1838
+  _globals['_COMMITRESERVATIONREQUEST']._serialized_end=2080
+  _globals['_COMMITRESERVATIONREQUEST_METADATAENTRY']._serialized_start=579
+  _globals['_COMMITRESERVATIONREQUEST_METADATAENTRY']._serialized_end=626
+  _globals['_COMMITRESERVATIONRESPONSE']._serialized_start=2083
+  _globals['_COMMITRESERVATIONRESPONSE']._serialized_end=2230
+  _globals['_RELEASERESERVATIONREQUEST']._serialized_start=2232
+  _globals['_RELEASERESERVATIONREQUEST']._serialized_end=2324
+  _globals['_RELEASERESERVATIONRESPONSE']._serialized_start=2326
+  _globals['_RELEASERESERVATIONRESPONSE']._serialized_end=2452
+  _globals['_GETRESERVATIONREQUEST']._serialized_start=2454
+  _globals['_GETRESERVATIONREQUEST']._serialized_end=2517
+  _globals['_GETRESERVATIONRESPONSE']._serialized_start=2519
+  _globals['_GETRESERVATIONRESPONSE']._serialized_end=2592
+  _globals['_LISTRESERVATIONSREQUEST']._serialized_start=2595
+  _globals['_LISTRESERVATIONSREQUEST']._serialized_end=2723
+  _globals['_LISTRESERVATIONSRESPONSE']._serialized_start=2725
+  _globals['_LISTRESERVATIONSRESPONSE']._serialized_end=2826
+  _globals['_CREDITSERVICE']._serialized_start=2829
+  _globals['_CREDITSERVICE']._serialized_end=3634
 # @@protoc_insertion_point(module_scope)

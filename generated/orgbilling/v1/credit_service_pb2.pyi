@@ -1,3 +1,8 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from orgbilling.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -103,3 +108,131 @@ class DeductCreditsBatchError(_message.Message):
     message: str
     metadata: _containers.ScalarMap[str, str]
     def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ReserveCreditsRequest(_message.Message):
+    __slots__ = ("org_id", "user_id", "amount_millicredits", "ttl", "service_type", "service_name", "idempotency_key", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    user_id: str
+    amount_millicredits: int
+    ttl: _duration_pb2.Duration
+    service_type: str
+    service_name: str
+    idempotency_key: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, org_id: _Optional[str] = ..., user_id: _Optional[str] = ..., amount_millicredits: _Optional[int] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., service_type: _Optional[str] = ..., service_name: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ReserveCreditsResponse(_message.Message):
+    __slots__ = ("reservation_id", "expire_time", "allocation_remaining_millicredits", "pool_spendable_millicredits", "replayed")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_REMAINING_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    POOL_SPENDABLE_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    expire_time: _timestamp_pb2.Timestamp
+    allocation_remaining_millicredits: int
+    pool_spendable_millicredits: int
+    replayed: bool
+    def __init__(self, reservation_id: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allocation_remaining_millicredits: _Optional[int] = ..., pool_spendable_millicredits: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class CommitReservationRequest(_message.Message):
+    __slots__ = ("org_id", "reservation_id", "amount_millicredits", "metadata", "idempotency_key")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    reservation_id: str
+    amount_millicredits: int
+    metadata: _containers.ScalarMap[str, str]
+    idempotency_key: str
+    def __init__(self, org_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., amount_millicredits: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class CommitReservationResponse(_message.Message):
+    __slots__ = ("deduction_id", "allocation_remaining_millicredits", "pool_spendable_millicredits", "replayed")
+    DEDUCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_REMAINING_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    POOL_SPENDABLE_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    deduction_id: str
+    allocation_remaining_millicredits: int
+    pool_spendable_millicredits: int
+    replayed: bool
+    def __init__(self, deduction_id: _Optional[str] = ..., allocation_remaining_millicredits: _Optional[int] = ..., pool_spendable_millicredits: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class ReleaseReservationRequest(_message.Message):
+    __slots__ = ("org_id", "reservation_id", "idempotency_key")
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    reservation_id: str
+    idempotency_key: str
+    def __init__(self, org_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class ReleaseReservationResponse(_message.Message):
+    __slots__ = ("allocation_remaining_millicredits", "pool_spendable_millicredits", "replayed")
+    ALLOCATION_REMAINING_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    POOL_SPENDABLE_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    allocation_remaining_millicredits: int
+    pool_spendable_millicredits: int
+    replayed: bool
+    def __init__(self, allocation_remaining_millicredits: _Optional[int] = ..., pool_spendable_millicredits: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class GetReservationRequest(_message.Message):
+    __slots__ = ("org_id", "reservation_id")
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    reservation_id: str
+    def __init__(self, org_id: _Optional[str] = ..., reservation_id: _Optional[str] = ...) -> None: ...
+
+class GetReservationResponse(_message.Message):
+    __slots__ = ("reservation",)
+    RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    reservation: _types_pb2.Reservation
+    def __init__(self, reservation: _Optional[_Union[_types_pb2.Reservation, _Mapping]] = ...) -> None: ...
+
+class ListReservationsRequest(_message.Message):
+    __slots__ = ("org_id", "state", "page_size", "page_token")
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    state: _types_pb2.ReservationState
+    page_size: int
+    page_token: str
+    def __init__(self, org_id: _Optional[str] = ..., state: _Optional[_Union[_types_pb2.ReservationState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListReservationsResponse(_message.Message):
+    __slots__ = ("reservations", "next_page_token")
+    RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    reservations: _containers.RepeatedCompositeFieldContainer[_types_pb2.Reservation]
+    next_page_token: str
+    def __init__(self, reservations: _Optional[_Iterable[_Union[_types_pb2.Reservation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

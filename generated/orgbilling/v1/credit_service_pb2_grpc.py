@@ -51,6 +51,31 @@ class CreditServiceStub:
                 request_serializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchRequest.SerializeToString,
                 response_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchResponse.FromString,
                 _registered_method=True)
+        self.ReserveCredits = channel.unary_unary(
+                '/orgbilling.v1.CreditService/ReserveCredits',
+                request_serializer=orgbilling_dot_v1_dot_credit__service__pb2.ReserveCreditsRequest.SerializeToString,
+                response_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.ReserveCreditsResponse.FromString,
+                _registered_method=True)
+        self.CommitReservation = channel.unary_unary(
+                '/orgbilling.v1.CreditService/CommitReservation',
+                request_serializer=orgbilling_dot_v1_dot_credit__service__pb2.CommitReservationRequest.SerializeToString,
+                response_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.CommitReservationResponse.FromString,
+                _registered_method=True)
+        self.ReleaseReservation = channel.unary_unary(
+                '/orgbilling.v1.CreditService/ReleaseReservation',
+                request_serializer=orgbilling_dot_v1_dot_credit__service__pb2.ReleaseReservationRequest.SerializeToString,
+                response_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.ReleaseReservationResponse.FromString,
+                _registered_method=True)
+        self.GetReservation = channel.unary_unary(
+                '/orgbilling.v1.CreditService/GetReservation',
+                request_serializer=orgbilling_dot_v1_dot_credit__service__pb2.GetReservationRequest.SerializeToString,
+                response_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.GetReservationResponse.FromString,
+                _registered_method=True)
+        self.ListReservations = channel.unary_unary(
+                '/orgbilling.v1.CreditService/ListReservations',
+                request_serializer=orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsRequest.SerializeToString,
+                response_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsResponse.FromString,
+                _registered_method=True)
 
 
 class CreditServiceServicer:
@@ -82,6 +107,45 @@ class CreditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveCredits(self, request, context):
+        """Holds an amount against a user's allocation and the organization's pool
+        for a bounded time, for an operation whose cost is known only after it
+        runs: what is held cannot be spent by anyone else. Refused exactly as
+        DeductCredits would refuse a charge of the same amount.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitReservation(self, request, context):
+        """Charges the actual amount for an open reservation and releases the rest,
+        in one transaction, recording one deduction linked to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseReservation(self, request, context):
+        """Releases an open reservation whole: nothing is charged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReservation(self, request, context):
+        """Shows one reservation, as of now: one past its expiry shows as expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReservations(self, request, context):
+        """Lists an organization's reservations, newest first, for operators.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CreditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +163,31 @@ def add_CreditServiceServicer_to_server(servicer, server):
                     servicer.DeductCreditsBatch,
                     request_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchRequest.FromString,
                     response_serializer=orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchResponse.SerializeToString,
+            ),
+            'ReserveCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveCredits,
+                    request_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.ReserveCreditsRequest.FromString,
+                    response_serializer=orgbilling_dot_v1_dot_credit__service__pb2.ReserveCreditsResponse.SerializeToString,
+            ),
+            'CommitReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitReservation,
+                    request_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.CommitReservationRequest.FromString,
+                    response_serializer=orgbilling_dot_v1_dot_credit__service__pb2.CommitReservationResponse.SerializeToString,
+            ),
+            'ReleaseReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseReservation,
+                    request_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.ReleaseReservationRequest.FromString,
+                    response_serializer=orgbilling_dot_v1_dot_credit__service__pb2.ReleaseReservationResponse.SerializeToString,
+            ),
+            'GetReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReservation,
+                    request_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.GetReservationRequest.FromString,
+                    response_serializer=orgbilling_dot_v1_dot_credit__service__pb2.GetReservationResponse.SerializeToString,
+            ),
+            'ListReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReservations,
+                    request_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsRequest.FromString,
+                    response_serializer=orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +273,141 @@ class CreditService:
             '/orgbilling.v1.CreditService/DeductCreditsBatch',
             orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchRequest.SerializeToString,
             orgbilling_dot_v1_dot_credit__service__pb2.DeductCreditsBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orgbilling.v1.CreditService/ReserveCredits',
+            orgbilling_dot_v1_dot_credit__service__pb2.ReserveCreditsRequest.SerializeToString,
+            orgbilling_dot_v1_dot_credit__service__pb2.ReserveCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orgbilling.v1.CreditService/CommitReservation',
+            orgbilling_dot_v1_dot_credit__service__pb2.CommitReservationRequest.SerializeToString,
+            orgbilling_dot_v1_dot_credit__service__pb2.CommitReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orgbilling.v1.CreditService/ReleaseReservation',
+            orgbilling_dot_v1_dot_credit__service__pb2.ReleaseReservationRequest.SerializeToString,
+            orgbilling_dot_v1_dot_credit__service__pb2.ReleaseReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orgbilling.v1.CreditService/GetReservation',
+            orgbilling_dot_v1_dot_credit__service__pb2.GetReservationRequest.SerializeToString,
+            orgbilling_dot_v1_dot_credit__service__pb2.GetReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orgbilling.v1.CreditService/ListReservations',
+            orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsRequest.SerializeToString,
+            orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -59,6 +60,14 @@ class InvoiceStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVOICE_STATUS_PAID: _ClassVar[InvoiceStatus]
     INVOICE_STATUS_FAILED: _ClassVar[InvoiceStatus]
     INVOICE_STATUS_VOIDED: _ClassVar[InvoiceStatus]
+
+class ReservationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESERVATION_STATE_UNSPECIFIED: _ClassVar[ReservationState]
+    RESERVATION_STATE_OPEN: _ClassVar[ReservationState]
+    RESERVATION_STATE_COMMITTED: _ClassVar[ReservationState]
+    RESERVATION_STATE_RELEASED: _ClassVar[ReservationState]
+    RESERVATION_STATE_EXPIRED: _ClassVar[ReservationState]
 PLAN_UNSPECIFIED: Plan
 PLAN_PLATFORM: Plan
 PLAN_BYOK: Plan
@@ -89,6 +98,11 @@ INVOICE_STATUS_CREATED: InvoiceStatus
 INVOICE_STATUS_PAID: InvoiceStatus
 INVOICE_STATUS_FAILED: InvoiceStatus
 INVOICE_STATUS_VOIDED: InvoiceStatus
+RESERVATION_STATE_UNSPECIFIED: ReservationState
+RESERVATION_STATE_OPEN: ReservationState
+RESERVATION_STATE_COMMITTED: ReservationState
+RESERVATION_STATE_RELEASED: ReservationState
+RESERVATION_STATE_EXPIRED: ReservationState
 
 class Subscription(_message.Message):
     __slots__ = ("org_id", "subscription_id", "plan", "billing_cycle", "status", "price_cents", "currency", "current_period_start", "current_period_end", "trial_end", "external_customer_id", "external_subscription_id", "create_time", "cancel_time")
@@ -185,3 +199,40 @@ class Invoice(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     def __init__(self, org_id: _Optional[str] = ..., external_invoice_id: _Optional[str] = ..., status: _Optional[_Union[InvoiceStatus, str]] = ..., amount_cents: _Optional[int] = ..., currency: _Optional[str] = ..., period_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., period_end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Reservation(_message.Message):
+    __slots__ = ("org_id", "reservation_id", "user_id", "amount_millicredits", "state", "service_type", "service_name", "metadata", "create_time", "expire_time", "resolve_time", "committed_millicredits", "deduction_id")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESOLVE_TIME_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    DEDUCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    reservation_id: str
+    user_id: str
+    amount_millicredits: int
+    state: ReservationState
+    service_type: str
+    service_name: str
+    metadata: _containers.ScalarMap[str, str]
+    create_time: _timestamp_pb2.Timestamp
+    expire_time: _timestamp_pb2.Timestamp
+    resolve_time: _timestamp_pb2.Timestamp
+    committed_millicredits: int
+    deduction_id: str
+    def __init__(self, org_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., user_id: _Optional[str] = ..., amount_millicredits: _Optional[int] = ..., state: _Optional[_Union[ReservationState, str]] = ..., service_type: _Optional[str] = ..., service_name: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolve_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., committed_millicredits: _Optional[int] = ..., deduction_id: _Optional[str] = ...) -> None: ...
