@@ -1,5 +1,6 @@
-"""Conservation: after a random mix of operations, every pool's and
-allocation's totals equal the sums of their history and attribution rows."""
+"""Conservation: after a random mix of operations (holds among them), every
+pool's and allocation's totals equal the sums of their history, attribution
+rows and open holds."""
 
 import random
 
@@ -21,16 +22,34 @@ def test_random_mix_keeps_every_invariant(client, database_url):
     for org in orgs:
         client.funded_org(org, 50_000, {})
     used_keys = []
+    holds = []  # (org, reservation_id) of holds made so far, however they ended
     for _ in range(600):
         org, user = rng.choice(orgs), rng.choice(users)
         roll = rng.random()
         try:
-            if roll < 0.55:
+            if roll < 0.4:
                 key = rng.choice(used_keys) if used_keys and rng.random() < 0.1 else new_key()
                 used_keys.append(key)
                 client.credits.DeductCredits(pb.DeductCreditsRequest(
                     org_id=org, user_id=user, amount_millicredits=rng.randint(1, 3_000),
                     service_type="llm", service_name="mix", idempotency_key=key))
+            elif roll < 0.55:
+                # Holds: made, committed (less or more than held), released,
+                # or left open to expire; some resolved twice (refused).
+                if holds and rng.random() < 0.6:
+                    hold_org, reservation_id = rng.choice(holds)
+                    if rng.random() < 0.6:
+                        client.credits.CommitReservation(pb.CommitReservationRequest(
+                            org_id=hold_org, reservation_id=reservation_id,
+                            amount_millicredits=rng.randint(1, 4_000), idempotency_key=new_key()))
+                    else:
+                        client.credits.ReleaseReservation(pb.ReleaseReservationRequest(
+                            org_id=hold_org, reservation_id=reservation_id, idempotency_key=new_key()))
+                else:
+                    held = client.credits.ReserveCredits(pb.ReserveCreditsRequest(
+                        org_id=org, user_id=user, amount_millicredits=rng.randint(1, 3_000),
+                        service_type="llm", service_name="mix", idempotency_key=new_key()))
+                    holds.append((org, held.reservation_id))
             elif roll < 0.75:
                 client.allocate(org, user, rng.randint(0, 20_000),
                                 reset_period=rng.choice([t.RESET_PERIOD_NEVER, t.RESET_PERIOD_DAILY]))
@@ -55,6 +74,10 @@ def test_random_mix_keeps_every_invariant(client, database_url):
             with psycopg.connect(database_url) as conn:
                 conn.execute("UPDATE user_credit_allocations SET next_reset_at = now()"
                              " WHERE reset_period = 'DAILY'")
+        if rng.random() < 0.02:
+            with psycopg.connect(database_url) as conn:  # some open holds expire
+                conn.execute("UPDATE credit_reservations SET expires_at = now()"
+                             " WHERE state = 'OPEN' AND random() < 0.5")
     assert violations(database_url) == {}, f"seed {seed}"
     with psycopg.connect(database_url) as conn:
         deductions = conn.execute("SELECT count(*) FROM credit_usage_attribution").fetchone()[0]

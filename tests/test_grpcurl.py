@@ -67,3 +67,28 @@ def test_the_readmes_reporting_examples_run(client, token):
     for method, request in examples:
         code, out = grpcurl(client.address, method, data=request, token=token)
         assert code == 0, (method, out)
+
+
+def test_the_readmes_reservation_examples_run(client, token):
+    """The README's Reservations section as written: the hold, its commit
+    (with the id the hold returned), the release refused since the hold is
+    committed, and the reads."""
+    client.funded_org("acme", 10_000_000, {"alice": 1_000_000})
+    examples = readme_examples("Reservations")
+    assert [method.rsplit("/", 1)[1] for method, _ in examples] == [
+        "ReserveCredits", "CommitReservation", "ReleaseReservation", "GetReservation", "ListReservations"]
+    (reserve_method, reserve_request), *rest = examples
+    code, out = grpcurl(client.address, reserve_method, data=reserve_request, token=token)
+    assert code == 0, out
+    reservation_id = json.loads(out)["reservation_id"]
+    for method, request in rest:
+        request = {key: reservation_id if value == "'$RESERVATION_ID'" else value
+                   for key, value in request.items()}
+        code, out = grpcurl(client.address, method, data=request, token=token)
+        if method.endswith("/ReleaseReservation"):
+            assert code != 0 and "RESERVATION_NOT_OPEN" in out and "COMMITTED" in out, out
+        else:
+            assert code == 0, (method, out)
+    assert "RESERVATION_STATE_COMMITTED" in grpcurl(
+        client.address, "orgbilling.v1.CreditService/GetReservation",
+        data={"org_id": "acme", "reservation_id": reservation_id}, token=token)[1]
