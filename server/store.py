@@ -357,7 +357,7 @@ class Store:
 
     def get_pool(self, org_id: str) -> dict | None:
         row = self._one(
-            "SELECT pool_json(p) FROM organization_credit_pools p WHERE org_id = %s", (org_id,)
+            "SELECT pool_json_now(p) FROM organization_credit_pools p WHERE org_id = %s", (org_id,)
         )
         return row[0] if row else None
 

@@ -349,6 +349,10 @@ def test_expiry_is_exact_for_checks_deductions_holds_and_reads(client, database_
     shown = get(client, alive)
     assert shown.state == t.RESERVATION_STATE_EXPIRED and shown.resolve_time == shown.expire_time
     assert balances(database_url) == (0, 600, 0, 600)
+    pool = client.billing.GetCreditPool(billing_pb.GetCreditPoolRequest(org_id="acme")).pool
+    assert (pool.reserved_millicredits, pool.spendable_millicredits) == (0, 10_000)
+    allocations = client.billing.ListAllocations(billing_pb.ListAllocationsRequest(org_id="acme"))
+    assert [a.reserved_millicredits for a in allocations.allocations] == [0, 0]
     # A charge by another user of the org persists it first: pool and allocation.
     deduct(client, 1_000, user="bob")
     assert balances(database_url) == (0, 0, 1_000, 0)

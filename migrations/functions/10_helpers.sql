@@ -68,12 +68,31 @@ $$;
 
 -- An allocation as allocation_json shows it, as of now: a period whose
 -- reset time has passed shows as reset (used 0, the next reset time), since
--- periods reset lazily, on the allocation's next charge (reset_allocation_if_due).
+-- periods reset lazily, on the allocation's next charge (reset_allocation_if_due);
+-- and holds past their expiry are not reserved any more, persisted or not
+-- (35_reservations.sql).
 CREATE OR REPLACE FUNCTION allocation_json_now(a user_credit_allocations) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
     SELECT allocation_json(a) || CASE WHEN a.next_reset_at <= now()
         THEN jsonb_build_object('used', 0, 'next_reset_at_us',
                                 epoch_micros(next_reset_after(a.reset_period, now())))
+        ELSE '{}'::jsonb END
+        || CASE WHEN a.reserved_millicredits > 0
+        THEN jsonb_build_object('reserved', a.reserved_millicredits - (
+            SELECT coalesce(sum(r.amount_millicredits), 0) FROM credit_reservations AS r
+             WHERE r.org_id = a.org_id AND r.user_id = a.user_id AND r.state = 'OPEN'
+               AND r.expires_at <= now()))
+        ELSE '{}'::jsonb END
+$$;
+
+-- A pool as pool_json shows it, as of now: holds past their expiry are not
+-- reserved any more, persisted or not (35_reservations.sql).
+CREATE OR REPLACE FUNCTION pool_json_now(p organization_credit_pools) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT pool_json(p) || CASE WHEN p.reserved_millicredits > 0
+        THEN jsonb_build_object('reserved', p.reserved_millicredits - (
+            SELECT coalesce(sum(r.amount_millicredits), 0) FROM credit_reservations AS r
+             WHERE r.org_id = p.org_id AND r.state = 'OPEN' AND r.expires_at <= now()))
         ELSE '{}'::jsonb END
 $$;
 

@@ -33,6 +33,13 @@ DECLARE
     expired_count integer;
     expired_amount bigint;
 BEGIN
+    -- The common case, a probe of the open holds' index, costs the hot path
+    -- little; the writes below only when there is something to write.
+    PERFORM 1 FROM credit_reservations
+     WHERE org_id = p_org_id AND state = 'OPEN' AND expires_at <= now() LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
     WITH expired AS (
         UPDATE credit_reservations
            SET state = 'EXPIRED', resolved_at = expires_at

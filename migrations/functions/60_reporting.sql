@@ -257,7 +257,7 @@ CREATE OR REPLACE FUNCTION org_billing(p_org_id text)
 RETURNS TABLE (pool jsonb, subscription jsonb, allocation_count bigint,
                used_millicredits bigint, request_count bigint, active_users bigint)
 LANGUAGE sql STABLE AS $$
-    SELECT pool_json(p),
+    SELECT pool_json_now(p),
            (SELECT subscription_json(s) FROM organization_subscriptions AS s
              WHERE s.org_id = p.org_id AND s.status IN ('TRIALING', 'ACTIVE', 'PAST_DUE')),
            (SELECT count(*) FROM user_credit_allocations AS a
