@@ -113,6 +113,11 @@ def targets(results: dict) -> list[dict]:
         max(r["deductions_per_s"] for r in batch) if batch else None, 50_000, True, "/s")
     add(f"big table ({big['rows_added']:,} rows) p50 / empty p50" if big else "big table p50 / empty p50",
         big["p50_ratio"] if big else None, 1.2, False, "x")
+    pair = find(rows, "reserve_commit_hot", top)
+    # Issue 11: a reserve and its commit take one round trip more than a
+    # deduction, and no more server work than that.
+    add(f"reserve+commit @{top} time / hot deduct @{top} time",
+        ratio(hot["calls_per_s"], pair["calls_per_s"]) if hot and pair else None, 2.2, False, "x")
     add("server peak RSS", results["server_peak_rss_mb"], 200.0, False, "MB")
     return found
 

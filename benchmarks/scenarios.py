@@ -163,6 +163,30 @@ def deduct_credits_batch(org_id: str, size: int) -> Callable[[Stubs], OneCall]:
     return make
 
 
+def reserve_then_commit(org_id: str) -> Callable[[Stubs], OneCall]:
+    """Each call is a pair: ReserveCredits of 2 millicredits, then
+    CommitReservation of 1 (the rest released), as a caller that learns its
+    cost afterwards makes them."""
+
+    def make(stubs: Stubs) -> OneCall:
+        async def call():
+            held = await stubs.credits.ReserveCredits(
+                credit_pb.ReserveCreditsRequest(
+                    org_id=org_id, user_id=USER_ID, amount_millicredits=2, service_type="llm",
+                    service_name="bench", idempotency_key=os.urandom(16).hex(),
+                    metadata={"model": "bench-model"}),
+                metadata=CALL_METADATA, timeout=CALL_TIMEOUT_S)
+            return await stubs.credits.CommitReservation(
+                credit_pb.CommitReservationRequest(
+                    org_id=org_id, reservation_id=held.reservation_id, amount_millicredits=1,
+                    idempotency_key=os.urandom(16).hex(), metadata={"tokens": "100"}),
+                metadata=CALL_METADATA, timeout=CALL_TIMEOUT_S)
+
+        return call
+
+    return make
+
+
 def server_has_rpc(name: str) -> bool:
     """Whether the generated code (so the contract) has this CreditService RPC."""
     return name in credit_pb.DESCRIPTOR.services_by_name["CreditService"].methods_by_name
@@ -187,6 +211,13 @@ if server_has_rpc("DeductCreditsBatch"):
                  # More callers only queue on the pool's lock; each call
                  # would take longer than the measured window.
                  max_callers=16)
+    )
+
+# Issue 11's holds: a reserve and its commit, counted as one call.
+if server_has_rpc("ReserveCredits"):
+    SCENARIOS.append(
+        Scenario("reserve_commit_hot", "ReserveCredits then CommitReservation, on the hot allocation",
+                 reserve_then_commit(HOT_ORG), deductions_per_call=1)
     )
 
 # Measured alone at one caller, before and after the attribution table grows.
