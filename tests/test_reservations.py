@@ -433,11 +433,14 @@ def test_the_running_sweeper_persists_expiries(start_server, database_url, token
 # Concurrency.
 
 def test_threads_reserving_committing_releasing_and_deducting_at_once_never_overdraw(
-        client, database_url, server):
-    """24 threads on one allocation, through the real server (group commit
-    on): no overdraft, every hold ends in exactly one state, and the ledger
-    balances."""
+        client, database_url, server, start_server, token):
+    """24 threads on one allocation, through two replicas of the real server
+    (group commit on): no overdraft, every hold ends in exactly one state,
+    and the ledger balances."""
+    from tests.support import Client
     client.funded_org("acme", 1_000_000, {"alice": 20_000})
+    replica = start_server(database_url)
+    other_client = Client(f"127.0.0.1:{replica.port}", token=token)
     barrier = threading.Barrier(24)
     outcomes = {}
     lock = threading.Lock()
@@ -456,6 +459,7 @@ def test_threads_reserving_committing_releasing_and_deducting_at_once_never_over
 
     def work(seed):
         rng = random.Random(seed)
+        client = other_client if seed % 2 else first_client
         barrier.wait()
         for _ in range(25):
             try:
@@ -476,9 +480,13 @@ def test_threads_reserving_committing_releasing_and_deducting_at_once_never_over
                 assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
                 note(error.code().name)
 
-    with concurrent.futures.ThreadPoolExecutor(24) as pool:
-        for future in [pool.submit(work, n) for n in range(24)]:
-            future.result(timeout=300)
+    first_client = client
+    try:
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            for future in [pool.submit(work, n) for n in range(24)]:
+                future.result(timeout=300)
+    finally:
+        other_client.close()
     assert outcomes.get("reserved", 0) > 50 and outcomes.get("committed", 0) > 20, outcomes
     assert violations(database_url) == {}
     with psycopg.connect(database_url) as conn:
