@@ -34,6 +34,7 @@ class LedgerSnapshot:
     attributions: dict[str, list[tuple]]  # key -> [(org, user, amount, deduction_id)]
     history: dict[str, list[tuple]]  # key -> [(org, event_type, user, delta, event_id, details)]
     records: dict[str, list[tuple]]  # key -> [(org, operation, outcome)]
+    reservations: dict[str, list[tuple]]  # key of the hold -> [(org, user, amount, reservation_id)]
     pools: dict[str, tuple[int, int]]  # org -> (total, used)
     allocations: dict[tuple[str, str], int]  # (org, user) -> used
 
@@ -53,6 +54,9 @@ def read_snapshot(database_url: str) -> LedgerSnapshot:
                 records=_by_key(conn.execute(
                     "SELECT idempotency_key, org_id, operation, result ->> 'outcome'"
                     " FROM idempotency_records")),
+                reservations=_by_key(conn.execute(
+                    "SELECT idempotency_key, org_id, user_id, amount_millicredits, reservation_id::text"
+                    " FROM credit_reservations")),
                 pools={org: (total, used) for org, total, used in conn.execute(
                     "SELECT org_id, total_millicredits, used_millicredits FROM organization_credit_pools")},
                 allocations={(org, user): used for org, user, used in conn.execute(
@@ -94,7 +98,7 @@ def check(history: History, database_url: str, final: bool) -> list[str]:
 
 
 def phantom_effects(ledger: LedgerSnapshot, known: dict[str, Operation]) -> list[str]:
-    keys = set(ledger.attributions) | set(ledger.history) | set(ledger.records)
+    keys = set(ledger.attributions) | set(ledger.history) | set(ledger.records) | set(ledger.reservations)
     return [f"an effect of key {key!r}, which no caller sent" for key in sorted(keys - set(known))]
 
 
@@ -104,21 +108,25 @@ def effect_problems(operation: Operation, ledger: LedgerSnapshot) -> list[str]:
     that is an answer, not an effect."""
     key = operation.idempotency_key
     attributions = ledger.attributions.get(key, [])
+    holds = ledger.reservations.get(key, [])
     history = ledger.history.get(key, [])
     records = [r for r in ledger.records.get(key, []) if r[2] == "OK"]
     refusals = [r for r in ledger.records.get(key, []) if r[2] != "OK"]
     if operation.method == "CheckCredits":
         return ["a check left an effect"] if attributions or history or records or refusals else []
-    applied = bool(attributions or history or records)
+    applied = bool(attributions or history or records or holds)
     problems = remembered_refusal_problems(operation, refusals, applied)
     if operation.outcome is Outcome.REFUSED:
-        return problems + ([f"refused, but applied: {attributions or history or records}"] if applied else [])
+        return problems + ([f"refused, but applied: {attributions or history or records or holds}"]
+                           if applied else [])
     if operation.outcome is Outcome.INDETERMINATE and not applied:
         return problems  # it may yet happen, or never
     if not applied:
         return problems + ["acknowledged, but not applied"]
-    if operation.method == "DeductCredits":
-        return problems + deduction_problems(operation, attributions, history, records)
+    if operation.method in ("DeductCredits", "CommitReservation"):
+        return problems + deduction_problems(operation, attributions, history, records + holds)
+    if operation.method in ("ReserveCredits", "ReleaseReservation"):
+        return problems + hold_problems(operation, attributions, history, records, holds)
     return problems + administrative_problems(operation, attributions, history, records)
 
 
@@ -152,6 +160,27 @@ def deduction_problems(operation: Operation, attributions, history, records) -> 
                             f" of {operation.org_id}/{operation.user_id}")
         if operation.outcome is Outcome.ACKNOWLEDGED and deduction_id != operation.effect_id:
             problems.append(f"deduction {deduction_id}, acknowledged as {operation.effect_id}")
+    return problems
+
+
+def hold_problems(operation: Operation, attributions, history, records, holds) -> list[str]:
+    """A hold writes one reservation and one idempotency record, both or
+    neither; a release one record; neither charges anything."""
+    problems = []
+    if attributions or history:
+        problems.append(f"left a charge {attributions} or history {history}")
+    expected_holds = 1 if operation.method == "ReserveCredits" else 0
+    if len(records) != 1 or len(holds) != expected_holds:
+        problems.append(f"{len(records)} records and {len(holds)} holds, not 1 and {expected_holds}")
+    for org, user, amount, reservation_id in holds:
+        if (org, user, amount) != (operation.org_id, operation.user_id, operation.amount_millicredits):
+            problems.append(f"held {amount} of {org}/{user}, asked {operation.amount_millicredits}"
+                            f" of {operation.org_id}/{operation.user_id}")
+        if operation.outcome is Outcome.ACKNOWLEDGED and reservation_id != operation.effect_id:
+            problems.append(f"reservation {reservation_id}, acknowledged as {operation.effect_id}")
+    for org, recorded_operation, _outcome in records:
+        if (org, recorded_operation) != (operation.org_id, operation.method):
+            problems.append(f"record of {recorded_operation} in {org}")
     return problems
 
 
@@ -206,7 +235,7 @@ def balance_problems(operations, ledger: LedgerSnapshot) -> list[str]:
             continue
         if operation.method == "AddCredits":
             added[operation.org_id] += operation.amount_millicredits
-        elif operation.method == "DeductCredits":
+        elif operation.method in ("DeductCredits", "CommitReservation"):
             charged_pool[operation.org_id] += operation.amount_millicredits
             charged_user[(operation.org_id, operation.user_id)] += operation.amount_millicredits
     problems = []

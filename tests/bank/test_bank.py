@@ -1,7 +1,8 @@
 """The bank test, short: replicas are killed, PostgreSQL restarts, backends
 are terminated and the link to the database stalls and drops while callers
-charge and fund accounts; no acknowledged charge is lost or applied twice,
-no refused one is applied, no balance goes negative."""
+charge, hold (then commit, release or let expire) and fund accounts; no
+acknowledged charge or hold is lost or applied twice, no refused one is
+applied, no balance goes negative."""
 
 import os
 

@@ -1,6 +1,7 @@
-"""The callers: a seeded random mix of charges, checks, top-ups and
-allocation changes over a few organizations, each operation retried with
-its own key until it resolves."""
+"""The callers: a seeded random mix of charges, holds (reserved, then
+committed, released or left to expire), checks, top-ups and allocation
+changes over a few organizations, each operation retried with its own key
+until it resolves."""
 
 import dataclasses
 import random
@@ -20,11 +21,13 @@ from tests.support import error_reason
 
 SERVICE_OF_METHOD = {
     "CheckCredits": "credits", "DeductCredits": "credits",
+    "ReserveCredits": "credits", "CommitReservation": "credits", "ReleaseReservation": "credits",
     "CreateSubscription": "billing", "AddCredits": "billing",
     "AllocateCredits": "billing", "RevokeAllocation": "billing",
 }
 MUTATIONS = frozenset({"DeductCredits", "CreateSubscription", "AddCredits",
-                       "AllocateCredits", "RevokeAllocation"})
+                       "AllocateCredits", "RevokeAllocation", "ReserveCredits",
+                       "CommitReservation", "ReleaseReservation"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +43,7 @@ class WorkloadShape:
     initial_limit_millicredits: int = 40_000
     # Relative weights of the kinds of operation.
     mix: tuple[tuple[str, int], ...] = (
-        ("deduct", 57), ("check", 15), ("add", 8),
+        ("deduct", 57), ("hold", 12), ("check", 15), ("add", 8),
         ("allocate_raise", 10), ("allocate_lower", 6), ("revoke", 4),
     )
     # The deadline of one attempt, in seconds, with weights: the short ones
@@ -105,6 +108,35 @@ class OperationFactory:
             org_id=org_id, user_id=user_id, amount_millicredits=amount, service_type="llm",
             service_name="bank", idempotency_key=key, metadata={"workload": "bank"},
         ), amount
+
+    def _hold(self, rng, org_id, user_id, key):
+        # Short TTLs among them, so that some holds expire under the callers.
+        amount = rng.randint(1, 4_000)
+        request = credit_pb.ReserveCreditsRequest(
+            org_id=org_id, user_id=user_id, amount_millicredits=amount, service_type="llm",
+            service_name="bank", idempotency_key=key, metadata={"workload": "bank"})
+        request.ttl.FromSeconds(rng.choice([1, 2, 30]))
+        return "ReserveCredits", request, amount
+
+    def follow_up(self, rng: random.Random, hold: Operation) -> Operation | None:
+        """What becomes of an acknowledged hold: a commit (of less or more
+        than held), a release, or nothing (it expires)."""
+        roll = rng.random()
+        if roll >= 0.85:
+            return None
+        self._numbers += 1
+        key = f"{self._key_prefix}-{self._numbers}"
+        if roll < 0.55:
+            amount = rng.randint(1, hold.amount_millicredits * 3 // 2 + 1)
+            method, kind = "CommitReservation", "commit"
+            request = credit_pb.CommitReservationRequest(
+                org_id=hold.org_id, reservation_id=hold.effect_id, amount_millicredits=amount,
+                idempotency_key=key, metadata={"tokens": str(amount)})
+        else:
+            amount, method, kind = 0, "ReleaseReservation", "release"
+            request = credit_pb.ReleaseReservationRequest(
+                org_id=hold.org_id, reservation_id=hold.effect_id, idempotency_key=key)
+        return Operation(self._numbers, kind, method, request, hold.org_id, hold.user_id, amount, key)
 
     def _check(self, rng, org_id, user_id, key):
         amount = rng.randint(1, 4_000)
@@ -224,8 +256,9 @@ class Settler:
             self._history.count("acknowledged as a replay" if operation.indeterminate_attempts
                                 else "replayed on the first attempt")
         self._history.resolve(operation, Outcome.ACKNOWLEDGED,
-                              effect_id=getattr(response, "deduction_id", "") or getattr(response, "event_id", ""))
-        if operation.method == "DeductCredits" and not response.replayed:
+                              effect_id=getattr(response, "deduction_id", "") or getattr(response, "event_id", "")
+                              or getattr(response, "reservation_id", ""))
+        if operation.method in ("DeductCredits", "CommitReservation") and not response.replayed:
             self._hints.charged(operation.org_id, operation.user_id, operation.amount_millicredits)
         elif operation.method == "AllocateCredits":
             self._hints.saw(operation.org_id, operation.user_id, response.allocation.used_millicredits)
@@ -234,11 +267,13 @@ class Settler:
 def ack_problems(operation: Operation, response) -> list[str]:
     """What an acknowledgement alone shows to be wrong."""
     problems = []
-    if operation.method == "DeductCredits":
+    if operation.method in ("DeductCredits", "CommitReservation", "ReserveCredits"):
         if min(response.allocation_remaining_millicredits, response.pool_spendable_millicredits) < 0:
             problems.append(f"negative balance after a charge: {response}")
-        if not response.deduction_id:
+        if operation.method != "ReserveCredits" and not response.deduction_id:
             problems.append("acknowledged without a deduction_id")
+        if operation.method == "ReserveCredits" and not response.reservation_id:
+            problems.append("acknowledged without a reservation_id")
     elif operation.method == "AddCredits":
         if response.added_millicredits != operation.amount_millicredits:
             problems.append(f"added {response.added_millicredits}, asked {operation.amount_millicredits}")
@@ -273,5 +308,11 @@ class Caller(threading.Thread):
                 self._history.begin(operation)
                 if not self._settler.settle(operation, self._timing_rng, self._stopping.is_set):
                     self.unresolved.append(operation)
+                elif operation.method == "ReserveCredits" and operation.outcome is Outcome.ACKNOWLEDGED:
+                    follow_up = self._factory.follow_up(self._operations_rng, operation)
+                    if follow_up is not None:
+                        self._history.begin(follow_up)
+                        if not self._settler.settle(follow_up, self._timing_rng, self._stopping.is_set):
+                            self.unresolved.append(follow_up)
         except BaseException as error:  # noqa: BLE001: reported by the run, not lost in a thread
             self.error = error
