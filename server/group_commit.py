@@ -1,12 +1,13 @@
-"""Group commit: deductions, holds and commits of holds waiting at the same
-moment share one transaction.
+"""Group commit: deductions, holds and the commits and releases of holds
+waiting at the same moment share one transaction.
 
 A transaction per deduction on a hot pool stops scaling at the pool row's
 lock. Here calls queue in a lane (chosen by org_id, so one pool always uses
 the same lane, on every replica); the first caller to find its lane idle
 becomes the lane's leader and commits everything queued, its own item
 first in line, as one batch (server.store.Store.commit_group). Holds and
-their commits (ReserveCredits, CommitReservation) queue with the deductions:
+their ends (ReserveCredits, CommitReservation, ReleaseReservation) queue with
+the deductions:
 they take the same pool lock, so sharing it is what makes a hot allocation
 fast, and one lane keeps them all in arrival order. Whoever
 arrives while that transaction runs waits; when it ends, the leader hands the
@@ -27,10 +28,12 @@ import psycopg
 
 from orgbilling.server.errors import deadline_exceeded, server_busy
 from orgbilling.server.request_context import call_deadline_var, seconds_left
-from orgbilling.server.store import Deduction, DeductionResult, Reservation, ReservationCommit
+from orgbilling.server.store import (
+    Deduction, DeductionResult, Reservation, ReservationCommit, ReservationRelease,
+)
 
 # What a lane queues, and what each gets back (see Store.commit_group).
-Item = Deduction | Reservation | ReservationCommit
+Item = Deduction | Reservation | ReservationCommit | ReservationRelease
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,10 @@ class GroupCommitter:
     def commit_reservation(self, commit: ReservationCommit) -> dict:
         """commit_reservation's jsonb result."""
         return self._submit(commit)
+
+    def release_reservation(self, release: ReservationRelease) -> dict:
+        """release_reservation's jsonb result."""
+        return self._submit(release)
 
     def _submit(self, item: Item):
         lane = self._lane_of(item.org_id)

@@ -69,6 +69,16 @@ class ReservationCommit:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ReservationRelease:
+    """A ReleaseReservation call, checked."""
+    org_id: str
+    reservation_id: str
+    idempotency_key: str
+    request_hash: bytes
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckResult:
     outcome: str
     sufficient: bool
@@ -207,7 +217,7 @@ class Store:
 
     def commit_group(self, items: list) -> list:
         """Group commit's batch (server.group_commit): deductions, holds and
-        commits of holds that waited in one lane, in one transaction, with the
+        their commits and releases that waited in one lane, in one transaction, with the
         semantics of running them one at a time in arrival order; one result
         each (a DeductionResult, or a reservation function's dict).
 
@@ -249,7 +259,9 @@ class Store:
             return self.deduct(item)
         if isinstance(item, Reservation):
             return self.reserve(item)
-        return self.commit_reservation(item)
+        if isinstance(item, ReservationCommit):
+            return self.commit_reservation(item)
+        return self.release_reservation(item)
 
     def deduct(self, d: Deduction) -> DeductionResult:
         """One deduction in its own transaction (deduct_credits)."""
@@ -265,12 +277,8 @@ class Store:
     def commit_reservation(self, c: ReservationCommit) -> dict:
         return self._json(*_statement([c]))
 
-    def release_reservation(self, org_id: str, *, reservation_id: str, idempotency_key: str,
-                            request_hash: bytes, request_id: str) -> dict:
-        return self._json(
-            "SELECT release_reservation(%s, %s::uuid, %s, %s, %s)",
-            (org_id, reservation_id, idempotency_key, request_hash, request_id),
-        )
+    def release_reservation(self, r: ReservationRelease) -> dict:
+        return self._json(*_statement([r]))
 
     def get_reservation(self, org_id: str, *, reservation_id: str) -> dict | None:
         row = self._one(
@@ -427,8 +435,8 @@ _LOCK_POOLS = "SELECT 1 FROM organization_credit_pools WHERE org_id = ANY (%s) O
 
 def _statement(run: list) -> tuple[str, tuple]:
     """The SQL and parameters of one run of a group commit's batch: a
-    deduction, several (deduct_credits_batch, rows numbered by item), a hold
-    or the commit of one. The deductions' rows all start with the item number."""
+    deduction, several (deduct_credits_batch, rows numbered by item), a hold,
+    or the commit or release of one. The deductions' rows all start with the item number."""
     item = run[0]
     if isinstance(item, Deduction):
         if len(run) > 1:
@@ -442,9 +450,13 @@ def _statement(run: list) -> tuple[str, tuple]:
                 (item.org_id, item.user_id, item.amount_millicredits, item.ttl_ms * 1000,
                  item.service_type, item.service_name, item.idempotency_key, item.request_hash,
                  item.request_id, Jsonb(item.metadata)))
-    return ("SELECT commit_reservation(%b, %b::uuid, %b, %b, %b, %b, %b)",
-            (item.org_id, item.reservation_id, item.amount_millicredits, item.idempotency_key,
-             item.request_hash, item.request_id, Jsonb(item.metadata)))
+    if isinstance(item, ReservationCommit):
+        return ("SELECT commit_reservation(%b, %b::uuid, %b, %b, %b, %b, %b)",
+                (item.org_id, item.reservation_id, item.amount_millicredits, item.idempotency_key,
+                 item.request_hash, item.request_id, Jsonb(item.metadata)))
+    return ("SELECT release_reservation(%b, %b::uuid, %b, %b, %b)",
+            (item.org_id, item.reservation_id, item.idempotency_key, item.request_hash,
+             item.request_id))
 
 
 def _batch_params(items: list[Deduction]) -> tuple:

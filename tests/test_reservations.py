@@ -505,10 +505,11 @@ def test_threads_reserving_committing_releasing_and_deducting_at_once_never_over
 def test_a_mixed_group_commit_batch_runs_in_arrival_order(client, database_url, server):
     """Store.commit_group with deductions, holds and a commit: each sees what
     the ones before it left, in one transaction."""
-    from orgbilling.server.store import Deduction, Reservation, ReservationCommit
+    from orgbilling.server.store import Deduction, Reservation, ReservationCommit, ReservationRelease
 
     client.funded_org("acme", 10_000, {"alice": 1_000})
     held = reserve(client, 100).reservation_id
+    released = reserve(client, 50).reservation_id
 
     def deduction(amount):
         return Deduction(org_id="acme", user_id="alice", amount_millicredits=amount, service_type="llm",
@@ -525,10 +526,13 @@ def test_a_mixed_group_commit_batch_runs_in_arrival_order(client, database_url, 
         ReservationCommit(org_id="acme", reservation_id=held, amount_millicredits=150,
                           idempotency_key=new_key(), request_hash=b"c", request_id="", metadata={}),
         hold(300), deduction(1),
+        ReservationRelease(org_id="acme", reservation_id=released, idempotency_key=new_key(),
+                           request_hash=b"r", request_id=""),
     ])
-    assert [r.allocation_remaining_millicredits for r in results[:2]] == [700, 600]
-    assert results[2]["allocation_remaining"] == 300
-    assert results[3]["allocation_remaining"] == 250  # 150 charged, its 100 released
+    assert [r.allocation_remaining_millicredits for r in results[:2]] == [650, 550]
+    assert results[2]["allocation_remaining"] == 250
+    assert results[3]["allocation_remaining"] == 200  # 150 charged, its 100 released
     assert results[4]["outcome"] == "INSUFFICIENT_CREDITS"
-    assert results[5].allocation_remaining_millicredits == 249
+    assert results[5].allocation_remaining_millicredits == 199
+    assert results[6]["allocation_remaining"] == 249
     assert violations(database_url) == {}

@@ -9,7 +9,7 @@ from orgbilling.server.group_commit import GroupCommitter
 from orgbilling.server.page_tokens import Layout, read_page_size, read_position
 from orgbilling.server.request_context import current_request_id, fingerprint
 from orgbilling.server.store import (
-    Deduction, DeductionResult, Reservation, ReservationCommit, Store,
+    Deduction, DeductionResult, Reservation, ReservationCommit, ReservationRelease, Store,
 )
 from orgbilling.server.validation import Checks
 
@@ -139,11 +139,11 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         checks.uuid("reservation_id", request.reservation_id)
         checks.idempotency_key(request.idempotency_key)
         checks.done()
-        result = self._store.release_reservation(
-            request.org_id, reservation_id=request.reservation_id,
+        result = self._committer.release_reservation(ReservationRelease(
+            org_id=request.org_id, reservation_id=request.reservation_id,
             idempotency_key=request.idempotency_key, request_hash=fingerprint(request),
             request_id=current_request_id(),
-        )
+        ))
         if result["outcome"] != "OK":
             raise reservation_refusal(result, None)
         return pb.ReleaseReservationResponse(
