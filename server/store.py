@@ -1,6 +1,7 @@
 """The one place the server speaks SQL. Every method is one statement, so one
-short transaction; the ledger's logic lives in the SQL functions of
-migrations/, called here.
+short transaction (but commit_group: group commit's one transaction of
+several ledger calls, pipelined, with no round trip between them); the
+ledger's logic lives in the SQL functions of migrations/, called here.
 
 Refusals come back as outcomes (see server.errors.refusal); database failures
 come back as psycopg exceptions, which the error interceptor maps to
