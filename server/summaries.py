@@ -4,7 +4,8 @@ The server never needs this: every charge adds to the summaries in its own
 transaction (add_usage_to_summaries, migrations/functions/30_deductions.sql).
 Bulk loaders do: rows written straight into credit_usage_attribution, at times
 of their choosing (benchmarks' seed data, tests of time ranges), then
-summarized here in one pass, with the same buckets as the ledger's function.
+summarized here in one pass, with the same buckets as the ledger's function. Refunds (negative rows,
+0004_refunds.sql) are summed in but count no request.
 """
 
 import psycopg
@@ -14,28 +15,28 @@ _SUMMARIES = {
         INSERT INTO usage_daily (org_id, day, service_type, service_name,
                                  used_millicredits, request_count)
         SELECT org_id, (created_at AT TIME ZONE 'UTC')::date, service_type, service_name,
-               sum(amount_millicredits), count(*)
+               sum(amount_millicredits), count(*) FILTER (WHERE refund_of IS NULL)
           FROM credit_usage_attribution WHERE {where}
          GROUP BY 1, 2, 3, 4""",
     "user_usage_daily": """
         INSERT INTO user_usage_daily (org_id, user_id, day, service_type, service_name,
                                       used_millicredits, request_count, last_used_at)
         SELECT org_id, user_id, (created_at AT TIME ZONE 'UTC')::date, service_type,
-               service_name, sum(amount_millicredits), count(*), max(created_at)
+               service_name, sum(amount_millicredits), count(*) FILTER (WHERE refund_of IS NULL), max(created_at)
           FROM credit_usage_attribution WHERE {where}
          GROUP BY 1, 2, 3, 4, 5""",
     "user_usage_monthly": """
         INSERT INTO user_usage_monthly (org_id, user_id, month, service_type, service_name,
                                         used_millicredits, request_count, last_used_at)
         SELECT org_id, user_id, date_trunc('month', created_at AT TIME ZONE 'UTC')::date,
-               service_type, service_name, sum(amount_millicredits), count(*), max(created_at)
+               service_type, service_name, sum(amount_millicredits), count(*) FILTER (WHERE refund_of IS NULL), max(created_at)
           FROM credit_usage_attribution WHERE {where}
          GROUP BY 1, 2, 3, 4, 5""",
     "org_usage_running": """
         INSERT INTO org_usage_running (org_id, day, used_millicredits_total, request_count_total)
         SELECT org_id, day, sum(used) OVER running, sum(requests) OVER running
           FROM (SELECT org_id, (created_at AT TIME ZONE 'UTC')::date AS day,
-                       sum(amount_millicredits) AS used, count(*) AS requests
+                       sum(amount_millicredits) AS used, count(*) FILTER (WHERE refund_of IS NULL) AS requests
                   FROM credit_usage_attribution WHERE {where}
                  GROUP BY 1, 2) AS d
         WINDOW running AS (PARTITION BY org_id ORDER BY day)""",
@@ -45,7 +46,7 @@ _SUMMARIES = {
         SELECT org_id, user_id, day, sum(used) OVER running, sum(requests) OVER running,
                last_used_at
           FROM (SELECT org_id, user_id, (created_at AT TIME ZONE 'UTC')::date AS day,
-                       sum(amount_millicredits) AS used, count(*) AS requests,
+                       sum(amount_millicredits) AS used, count(*) FILTER (WHERE refund_of IS NULL) AS requests,
                        max(created_at) AS last_used_at
                   FROM credit_usage_attribution WHERE {where}
                  GROUP BY 1, 2, 3) AS d

@@ -6,6 +6,10 @@ returns none from all of them.
 
 import psycopg
 
+# Refunds are attribution rows too (negative amounts, 0004_refunds.sql): they
+# count in every sum and last use, but are no request.
+_REQUESTS = "count(*) FILTER (WHERE refund_of IS NULL)"
+
 
 def _summary_differences(table: str, bucket: str, per_user: bool) -> str:
     """The buckets where a summary table and the attribution rows it sums
@@ -16,7 +20,7 @@ def _summary_differences(table: str, bucket: str, per_user: bool) -> str:
         WITH raw AS (
             SELECT org_id, date_trunc('{bucket}', created_at AT TIME ZONE 'UTC')::date AS bucket,
                    {user} AS user_id, service_type, service_name,
-                   sum(amount_millicredits) AS used, count(*) AS requests,
+                   sum(amount_millicredits) AS used, {_REQUESTS} AS requests,
                    {"max(created_at)" if per_user else "NULL::timestamptz"} AS last_used
               FROM credit_usage_attribution
              GROUP BY 1, 2, 3, 4, 5),
@@ -40,7 +44,7 @@ def _running_differences(table: str, per_user: bool) -> str:
             SELECT {keys}, day, sum(used) OVER running AS used, sum(requests) OVER running AS requests,
                    last_used
               FROM (SELECT {keys}, (created_at AT TIME ZONE 'UTC')::date AS day,
-                           sum(amount_millicredits) AS used, count(*) AS requests,
+                           sum(amount_millicredits) AS used, {_REQUESTS} AS requests,
                            {"max(created_at)" if per_user else "NULL::timestamptz"} AS last_used
                       FROM credit_usage_attribution GROUP BY {keys}, day) AS d
             WINDOW running AS (PARTITION BY {keys} ORDER BY day)),
@@ -61,7 +65,7 @@ INVARIANT_QUERIES: dict[str, str] = {
           LEFT JOIN org_billing_history h ON h.org_id = p.org_id
          GROUP BY p.org_id, p.total_millicredits
         HAVING p.total_millicredits <> coalesce(sum(h.credits_delta_millicredits), 0)""",
-    "pool used equals the sum of its attributions": """
+    "pool used equals the sum of its attributions net of refunds": """
         SELECT p.org_id, p.used_millicredits, coalesce(sum(u.amount_millicredits), 0)
           FROM organization_credit_pools p
           LEFT JOIN credit_usage_attribution u ON u.org_id = p.org_id
@@ -79,14 +83,38 @@ INVARIANT_QUERIES: dict[str, str] = {
           LEFT JOIN user_credit_allocations a ON a.org_id = p.org_id
          GROUP BY p.org_id, p.reserved_millicredits
         HAVING p.reserved_millicredits <> coalesce(sum(a.reserved_millicredits), 0)""",
-    "allocation used equals its attributions of this period": """
-        SELECT a.org_id, a.user_id, a.used_millicredits, coalesce(sum(u.amount_millicredits), 0)
+    # A refund belongs to the period it was made in, and takes off that
+    # period's used what it recorded (all of it for a deduction of the same
+    # period, at most what was used for an earlier one: 37_refunds.sql).
+    "allocation used equals this period's charges less this period's refunds": """
+        SELECT a.org_id, a.user_id, a.used_millicredits, coalesce(sum(u.charged), 0)
           FROM user_credit_allocations a
-          LEFT JOIN credit_usage_attribution u
-            ON u.org_id = a.org_id AND u.user_id = a.user_id
-           AND u.allocation_period = a.period_number
+          LEFT JOIN LATERAL (
+              SELECT CASE WHEN c.refund_of IS NULL THEN c.amount_millicredits
+                          ELSE -c.allocation_refund_millicredits END AS charged
+                FROM credit_usage_attribution c
+               WHERE c.org_id = a.org_id AND c.user_id = a.user_id
+                 AND c.allocation_period = a.period_number) u ON true
          GROUP BY a.org_id, a.user_id, a.used_millicredits
-        HAVING a.used_millicredits <> coalesce(sum(u.amount_millicredits), 0)""",
+        HAVING a.used_millicredits <> coalesce(sum(u.charged), 0)""",
+    "no deduction is refunded more than it charged, and each refund is its deduction's": """
+        SELECT r.org_id, r.refund_of, d.deduction_id, d.amount_millicredits, -sum(r.amount_millicredits)
+          FROM credit_usage_attribution r
+          LEFT JOIN credit_usage_attribution d
+            ON d.org_id = r.org_id AND d.deduction_id = r.refund_of AND d.refund_of IS NULL
+           AND d.user_id = r.user_id AND d.service_type = r.service_type
+           AND d.service_name = r.service_name
+         WHERE r.refund_of IS NOT NULL
+         GROUP BY r.org_id, r.refund_of, d.deduction_id, d.amount_millicredits
+        HAVING d.deduction_id IS NULL OR -sum(r.amount_millicredits) > d.amount_millicredits""",
+    "each refund has exactly its one REFUND event in billing history": """
+        SELECT r.org_id, r.deduction_id, h.event_id
+          FROM (SELECT * FROM credit_usage_attribution WHERE refund_of IS NOT NULL) r
+          FULL JOIN (SELECT * FROM org_billing_history WHERE event_type = 'REFUND') h
+            ON h.org_id = r.org_id AND (h.details ->> 'refund_id')::uuid = r.deduction_id
+           AND (h.details ->> 'deduction_id')::uuid = r.refund_of
+           AND (h.details ->> 'amount_millicredits')::bigint = -r.amount_millicredits
+         WHERE r.deduction_id IS NULL OR h.event_id IS NULL""",
     **{
         f"{table} equals the attribution rows it sums": _summary_differences(table, bucket, per_user)
         for table, bucket, per_user in (

@@ -18,9 +18,10 @@ CREATE OR REPLACE FUNCTION idempotency_family(p_operation text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     CASE p_operation
-        -- Holds join the deductions: a caller's key names one charge, however
-        -- it is made (0001_baseline.sql).
-        WHEN 'DeductCredits', 'ReserveCredits', 'CommitReservation', 'ReleaseReservation'
+        -- Holds and refunds join the deductions: a caller's key names one
+        -- charge (or its refund), however it is made (0001_baseline.sql).
+        WHEN 'DeductCredits', 'ReserveCredits', 'CommitReservation', 'ReleaseReservation',
+             'RefundCredits'
             THEN RETURN 'deductions';
         WHEN 'AddCredits' THEN RETURN 'credits';
         WHEN 'AllocateCredits', 'RevokeAllocation' THEN RETURN 'allocations';

@@ -87,7 +87,7 @@ $$;
 
 -- An organization's usage in a range, by UTC day and service: a row per
 -- summary row of a whole day, a row per raw row of a partial one. Callers
--- sum them.
+-- sum them. A refund's row (0004_refunds.sql) is negative usage and no request.
 CREATE OR REPLACE FUNCTION org_usage_buckets(p_org_id text, p_start timestamptz, p_end timestamptz)
 RETURNS TABLE (day date, service_type text, service_name text,
                used_millicredits bigint, request_count bigint)
@@ -98,7 +98,7 @@ LANGUAGE sql STABLE AS $$
         ON u.org_id = p_org_id AND u.day >= r.days_from AND u.day < r.days_to
     UNION ALL
     SELECT (e.created_at AT TIME ZONE 'UTC')::date, e.service_type, e.service_name,
-           e.amount_millicredits, 1
+           e.amount_millicredits, CASE WHEN e.refund_of IS NULL THEN 1 ELSE 0 END
       FROM usage_edge_rows(p_org_id, p_start, p_end) AS e
 $$;
 
@@ -159,7 +159,8 @@ LANGUAGE sql STABLE AS $$
                 ON a.org_id = p_org_id AND r.days_from < r.days_to
              CROSS JOIN LATERAL user_usage_over_days(p_org_id, a.user_id, r.days_from, r.days_to) AS d
             UNION ALL
-            SELECT e.user_id, e.amount_millicredits, 1, e.created_at
+            SELECT e.user_id, e.amount_millicredits,
+                   CASE WHEN e.refund_of IS NULL THEN 1 ELSE 0 END, e.created_at
               FROM usage_edge_rows(p_org_id, p_start, p_end) AS e) AS u
      GROUP BY u.user_id
     HAVING sum(u.requests) > 0
