@@ -141,6 +141,18 @@ _OUTCOMES: dict[str, tuple[grpc.StatusCode, str]] = {
         grpc.StatusCode.FAILED_PRECONDITION,
         "the reservation was already committed, released or expired: it resolves once",
     ),
+    # Refunds (37_refunds.sql). A deduction of another organization is not
+    # found either, nor is a refund's own id: only deductions are refunded.
+    "DEDUCTION_NOT_FOUND": (
+        grpc.StatusCode.NOT_FOUND,
+        "the organization has no deduction with this id",
+    ),
+    # Metadata: `refundable_millicredits`, what the deduction may still give
+    # back, and `requested_millicredits`.
+    "REFUND_EXCEEDS_DEDUCTION": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the refunds of a deduction may not add up to more than it charged",
+    ),
     # RecordInvoice (55_invoices.sql). Metadata: INVOICE_FINAL carries the
     # invoice's `current_status`; INVOICE_MISMATCH (and IDEMPOTENCY_KEY_REUSED,
     # for a recorded event) the request `field` whose value differs.

@@ -80,6 +80,18 @@ class ReservationRelease:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Refund:
+    """A RefundCredits call, checked."""
+    org_id: str
+    deduction_id: str
+    amount_millicredits: int
+    reason: str
+    idempotency_key: str
+    request_hash: bytes
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckResult:
     outcome: str
     sufficient: bool
@@ -296,6 +308,15 @@ class Store:
             {"org_id": org_id, "state": state, "before": before_id, "limit": limit},
         ).fetchall())
         return [row[0] for row in rows]
+
+    def refund(self, r: Refund) -> dict:
+        """One refund in its own transaction: refunds are rare, so they skip
+        group commit (migrations/functions/37_refunds.sql)."""
+        return self._json(
+            "SELECT refund_credits(%s, %s::uuid, %s, %s, %s, %s, %s)",
+            (r.org_id, r.deduction_id, r.amount_millicredits, r.reason, r.idempotency_key,
+             r.request_hash, r.request_id),
+        )
 
     # Administration: each returns the jsonb outcome of its SQL function.
 

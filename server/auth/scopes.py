@@ -32,6 +32,8 @@ METHOD_SCOPES: dict[str, str] = {
     "/orgbilling.v1.CreditService/ReleaseReservation": CREDITS_DEDUCT,
     "/orgbilling.v1.CreditService/GetReservation": CREDITS_READ,
     "/orgbilling.v1.CreditService/ListReservations": CREDITS_READ,
+    # Giving credits back is an operator's decision, not a metered caller's.
+    "/orgbilling.v1.CreditService/RefundCredits": CREDITS_MANAGE,
     "/orgbilling.v1.OrgBillingService/CreateSubscription": CREDITS_MANAGE,
     "/orgbilling.v1.OrgBillingService/GetSubscription": CREDITS_READ,
     "/orgbilling.v1.OrgBillingService/ChangePlan": CREDITS_MANAGE,

@@ -9,12 +9,13 @@ from orgbilling.server.group_commit import GroupCommitter
 from orgbilling.server.page_tokens import Layout, read_page_size, read_position
 from orgbilling.server.request_context import current_request_id, fingerprint
 from orgbilling.server.store import (
-    Deduction, DeductionResult, Reservation, ReservationCommit, ReservationRelease, Store,
+    Deduction, DeductionResult, Refund, Reservation, ReservationCommit, ReservationRelease, Store,
 )
 from orgbilling.server.validation import Checks
 
 # ListReservations pages end at a reservation id (newest first).
 RESERVATIONS_PAGE = Layout("reservations", "u")
+REFUND_REASON_CHARS_MAX = 256
 
 
 class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
@@ -182,6 +183,36 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
                       if len(rows) > page_size else "")
         return pb.ListReservationsResponse(
             reservations=[convert.reservation(r) for r in page], next_page_token=next_token)
+
+
+    # Refunds.
+
+    def RefundCredits(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.uuid("deduction_id", request.deduction_id)
+        checks.amount("amount_millicredits", request.amount_millicredits)
+        if not request.reason:
+            checks.fail("reason", f"must be 1 to {REFUND_REASON_CHARS_MAX} characters")
+        checks.text("reason", request.reason, chars_max=REFUND_REASON_CHARS_MAX)
+        checks.idempotency_key(request.idempotency_key)
+        checks.done()
+        result = self._store.refund(Refund(
+            org_id=request.org_id, deduction_id=request.deduction_id,
+            amount_millicredits=request.amount_millicredits, reason=request.reason,
+            idempotency_key=request.idempotency_key, request_hash=fingerprint(request),
+            request_id=current_request_id(),
+        ))
+        if result["outcome"] == "REFUND_EXCEEDS_DEDUCTION":
+            raise refusal(result["outcome"], refundable_millicredits=result["refundable"],
+                          requested_millicredits=request.amount_millicredits)
+        if result["outcome"] != "OK":
+            raise refusal(result["outcome"])
+        return pb.RefundCreditsResponse(
+            refund_id=result["refund_id"],
+            allocation_remaining_millicredits=result["allocation_remaining"],
+            pool_spendable_millicredits=result["pool_spendable"], replayed=result["replayed"],
+        )
 
 
 def reservation_refusal(result: dict, requested: int | None) -> ServiceError:

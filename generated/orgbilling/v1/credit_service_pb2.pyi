@@ -236,3 +236,29 @@ class ListReservationsResponse(_message.Message):
     reservations: _containers.RepeatedCompositeFieldContainer[_types_pb2.Reservation]
     next_page_token: str
     def __init__(self, reservations: _Optional[_Iterable[_Union[_types_pb2.Reservation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RefundCreditsRequest(_message.Message):
+    __slots__ = ("org_id", "deduction_id", "amount_millicredits", "reason", "idempotency_key")
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    DEDUCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    deduction_id: str
+    amount_millicredits: int
+    reason: str
+    idempotency_key: str
+    def __init__(self, org_id: _Optional[str] = ..., deduction_id: _Optional[str] = ..., amount_millicredits: _Optional[int] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class RefundCreditsResponse(_message.Message):
+    __slots__ = ("refund_id", "allocation_remaining_millicredits", "pool_spendable_millicredits", "replayed")
+    REFUND_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_REMAINING_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    POOL_SPENDABLE_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    refund_id: str
+    allocation_remaining_millicredits: int
+    pool_spendable_millicredits: int
+    replayed: bool
+    def __init__(self, refund_id: _Optional[str] = ..., allocation_remaining_millicredits: _Optional[int] = ..., pool_spendable_millicredits: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...

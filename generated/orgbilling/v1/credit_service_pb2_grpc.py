@@ -76,6 +76,11 @@ class CreditServiceStub:
                 request_serializer=orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsRequest.SerializeToString,
                 response_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsResponse.FromString,
                 _registered_method=True)
+        self.RefundCredits = channel.unary_unary(
+                '/orgbilling.v1.CreditService/RefundCredits',
+                request_serializer=orgbilling_dot_v1_dot_credit__service__pb2.RefundCreditsRequest.SerializeToString,
+                response_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.RefundCreditsResponse.FromString,
+                _registered_method=True)
 
 
 class CreditServiceServicer:
@@ -146,6 +151,15 @@ class CreditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefundCredits(self, request, context):
+        """Gives all or part of one deduction back to the user's allocation and the
+        organization's pool, recorded as negative usage linked to it; the
+        refunds of one deduction never add up to more than it charged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CreditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +202,11 @@ def add_CreditServiceServicer_to_server(servicer, server):
                     servicer.ListReservations,
                     request_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsRequest.FromString,
                     response_serializer=orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsResponse.SerializeToString,
+            ),
+            'RefundCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefundCredits,
+                    request_deserializer=orgbilling_dot_v1_dot_credit__service__pb2.RefundCreditsRequest.FromString,
+                    response_serializer=orgbilling_dot_v1_dot_credit__service__pb2.RefundCreditsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,6 +427,33 @@ class CreditService:
             '/orgbilling.v1.CreditService/ListReservations',
             orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsRequest.SerializeToString,
             orgbilling_dot_v1_dot_credit__service__pb2.ListReservationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefundCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orgbilling.v1.CreditService/RefundCredits',
+            orgbilling_dot_v1_dot_credit__service__pb2.RefundCreditsRequest.SerializeToString,
+            orgbilling_dot_v1_dot_credit__service__pb2.RefundCreditsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,6 +28,7 @@ class BillingEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BILLING_EVENT_TYPE_INVOICE_PAID: _ClassVar[BillingEventType]
     BILLING_EVENT_TYPE_INVOICE_PAYMENT_FAILED: _ClassVar[BillingEventType]
     BILLING_EVENT_TYPE_INVOICE_VOIDED: _ClassVar[BillingEventType]
+    BILLING_EVENT_TYPE_REFUND: _ClassVar[BillingEventType]
 BILLING_EVENT_TYPE_UNSPECIFIED: BillingEventType
 BILLING_EVENT_TYPE_SUBSCRIPTION_CREATED: BillingEventType
 BILLING_EVENT_TYPE_SUBSCRIPTION_UPGRADED: BillingEventType
@@ -42,6 +43,7 @@ BILLING_EVENT_TYPE_INVOICE_CREATED: BillingEventType
 BILLING_EVENT_TYPE_INVOICE_PAID: BillingEventType
 BILLING_EVENT_TYPE_INVOICE_PAYMENT_FAILED: BillingEventType
 BILLING_EVENT_TYPE_INVOICE_VOIDED: BillingEventType
+BILLING_EVENT_TYPE_REFUND: BillingEventType
 
 class TimeRange(_message.Message):
     __slots__ = ("start_time", "end_time")
