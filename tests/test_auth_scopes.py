@@ -51,6 +51,15 @@ def test_scopes_follow_the_issue():
     assert not is_read("/orgbilling.v1.CreditService/DeductCredits")
 
 
+def test_refunds_need_credits_manage_and_are_writes():
+    """Giving credits back is an operator's decision: a metered caller with
+    credits.deduct may not refund what it charged."""
+    method = "/orgbilling.v1.CreditService/RefundCredits"
+    assert method in every_rpc_in_the_generated_code()
+    assert required_scope(method) == "credits.manage"
+    assert not is_read(method)
+
+
 def test_org_ids_are_found_at_any_depth():
     """A batch names one org per deduction; a restricted credential must be
     allowed on all of them."""
