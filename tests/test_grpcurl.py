@@ -92,3 +92,25 @@ def test_the_readmes_reservation_examples_run(client, token):
     assert "RESERVATION_STATE_COMMITTED" in grpcurl(
         client.address, "orgbilling.v1.CreditService/GetReservation",
         data={"org_id": "acme", "reservation_id": reservation_id}, token=token)[1]
+
+
+def test_the_readmes_refund_examples_run(client, token):
+    """The README's Refunds section as written: the deduction, its partial
+    refund (with the id the deduction returned), and the REFUND event."""
+    client.funded_org("acme", 10_000_000, {"alice": 1_000_000})
+    examples = readme_examples("Refunds")
+    assert [method.rsplit("/", 1)[1] for method, _ in examples] == [
+        "DeductCredits", "RefundCredits", "ListBillingHistory"]
+    (deduct_method, deduct_request), *rest = examples
+    code, out = grpcurl(client.address, deduct_method, data=deduct_request, token=token)
+    assert code == 0, out
+    deduction_id = json.loads(out)["deduction_id"]
+    outs = []
+    for method, request in rest:
+        request = {key: deduction_id if value == "'$DEDUCTION_ID'" else value
+                   for key, value in request.items()}
+        code, out = grpcurl(client.address, method, data=request, token=token)
+        assert code == 0, (method, out)
+        outs.append(out)
+    assert "refund_id" in outs[0]
+    assert deduction_id in outs[1] and "BILLING_EVENT_TYPE_REFUND" in outs[1]
