@@ -93,5 +93,5 @@ def test_verify_finds_a_tampered_ledger(client, database_url):
     found = violations(database_url)
     assert set(found) == {
         "pool total equals the sum of its credit events",
-        "allocation used equals its attributions of this period",
+        "allocation used equals this period's charges less this period's refunds",
     }
