@@ -303,3 +303,15 @@ def test_concurrent_refunds_of_one_deduction_never_exceed_its_charge(client, dat
     assert refunded == 980
     assert balances(database_url) == (520, 520)
     assert violations(database_url) == {}
+
+
+def test_verify_finds_a_refund_beyond_its_charge_or_without_its_event(client, database_url):
+    """The refund checks can fail: a refund edited behind the ledger's back is reported."""
+    client.funded_org("acme", 10_000, {"alice": 1_000})
+    charged = deduct(client, 300)
+    refund(client, charged.deduction_id, 100)
+    sql(database_url, "UPDATE credit_usage_attribution SET amount_millicredits = -400,"
+                      " allocation_refund_millicredits = 100 WHERE refund_of IS NOT NULL")
+    found = violations(database_url)
+    assert {"no deduction is refunded more than it charged, and each refund is its deduction's",
+            "each refund has exactly its one REFUND event in billing history"} <= set(found)
