@@ -221,19 +221,18 @@ def test_every_rpc_refuses_bad_credentials_and_writes_nothing(
 
 def test_the_same_calls_with_good_credentials_get_past_auth(jwt_server, channel, database_url,
                                                             identity_provider):
-    """The control for the matrix: an all-scopes key, an all-scopes JWT and an
-    acme-only key on acme all reach the servicer, whose answer (validation,
-    not found...) is anything but UNAUTHENTICATED or PERMISSION_DENIED. The
-    exception: an RPC that names no org and spans them all (GetSystemBilling,
-    ListOrgSummaries) is refused to the acme-only callers, ORG_NOT_PERMITTED;
-    GetUserBilling, filtered to the caller's orgs, is not."""
-    everywhere = [
-        bearer(admin_token(database_url)),
-        bearer(identity_provider.token(ALL_SCOPES)),
-    ]
-    acme_only = [
-        bearer(api_key(database_url, sorted(ALL_SCOPES), org_ids=[OWN_ORG])),
-        bearer(identity_provider.token(ALL_SCOPES, org_ids=[OWN_ORG])),
+    """The control for the matrix: an all-scopes key for every org, and an
+    all-scopes key and an all-scopes JWT limited to acme, on acme, all reach
+    the servicer, whose answer (validation, not found...) is anything but
+    UNAUTHENTICATED or PERMISSION_DENIED. The exception: an RPC that names no
+    org and spans them all (GetSystemBilling, ListOrgSummaries) is refused to
+    the acme-only callers, ORG_NOT_PERMITTED; GetUserBilling, filtered to the
+    caller's orgs, is not. (A JWT always lists its orgs here: the server
+    requires the claim.)"""
+    credentials = [  # (metadata, limited to acme)
+        (bearer(admin_token(database_url)), False),
+        (bearer(api_key(database_url, sorted(ALL_SCOPES), org_ids=[OWN_ORG])), True),
+        (bearer(identity_provider.token(ALL_SCOPES, org_ids=[OWN_ORG])), True),
     ]
     jwt_server.security.key_ring.refresh()
     rpcs = rpcs_by_reflection(channel)
@@ -241,8 +240,8 @@ def test_the_same_calls_with_good_credentials_get_past_auth(jwt_server, channel,
     assert spanning >= {"/orgbilling.v1.ReportingService/GetSystemBilling",
                         "/orgbilling.v1.ReportingService/ListOrgSummaries"}
     for rpc in rpcs:
-        for metadata in everywhere + acme_only:
-            refused_for_orgs = rpc.path in spanning and metadata in acme_only
+        for number, (metadata, limited) in enumerate(credentials):
+            refused_for_orgs = rpc.path in spanning and limited
             try:
                 rpc.call(channel, naming_org(rpc.request_class, OWN_ORG), metadata)
                 assert not refused_for_orgs, f"{rpc.path} answered a caller limited to {OWN_ORG}"
@@ -252,7 +251,8 @@ def test_the_same_calls_with_good_credentials_get_past_auth(jwt_server, channel,
                     assert error_info(error).reason == "ORG_NOT_PERMITTED", rpc.path
                 else:
                     assert error.code() not in (grpc.StatusCode.UNAUTHENTICATED,
-                                                grpc.StatusCode.PERMISSION_DENIED), (rpc.path, error.details())
+                                                grpc.StatusCode.PERMISSION_DENIED), (
+                        rpc.path, f"credential {number}", error.details())
 
 
 def test_a_valid_deduction_by_a_caller_without_the_scope_charges_nothing(jwt_server, database_url):
