@@ -30,6 +30,9 @@ def pool(p: dict) -> types_pb2.CreditPool:
         reserved_millicredits=p["reserved"],
         overage_limit_millicredits=p["overage_limit"],
         spendable_millicredits=max(0, p["total"] + p["overage_limit"] - p["used"] - p["reserved"]),
+        # Results stored before 0005_overage.sql (replays) have no rate.
+        overage_rate_millicents_per_credit=p.get("overage_rate", 0),
+        overage_used_millicredits=max(0, p["used"] + p["reserved"] - p["total"]),
         unallocated_millicredits=max(0, p["total"] - p["allocated"]),
     )
 

@@ -153,6 +153,13 @@ _OUTCOMES: dict[str, tuple[grpc.StatusCode, str]] = {
         grpc.StatusCode.FAILED_PRECONDITION,
         "the refunds of a deduction may not add up to more than it charged",
     ),
+    # SetOverage (40_pools_and_allocations.sql). Metadata: `in_use_millicredits`,
+    # the overage in use now (used plus reserved beyond total), the least
+    # limit allowed, and `requested_millicredits`.
+    "OVERAGE_IN_USE": (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the overage limit may not be below the overage in use",
+    ),
     # RecordInvoice (55_invoices.sql). Metadata: INVOICE_FINAL carries the
     # invoice's `current_status`; INVOICE_MISMATCH (and IDEMPOTENCY_KEY_REUSED,
     # for a recorded event) the request `field` whose value differs.

@@ -81,7 +81,8 @@ _LIST_HISTORY = """
 _ORG_SUMMARIES = """
     SELECT org_id, plan, status, total_millicredits AS total,
            allocated_millicredits AS allocated, lifetime_used_millicredits AS used,
-           reserved_millicredits AS reserved, overage_limit_millicredits AS overage_limit
+           reserved_millicredits AS reserved, overage_limit_millicredits AS overage_limit,
+           overage_rate_millicents_per_credit AS overage_rate
       FROM org_billing_summary
      WHERE org_id > %s
      ORDER BY org_id

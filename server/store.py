@@ -330,6 +330,15 @@ class Store:
              currency, reason, idempotency_key, request_hash, request_id),
         )
 
+    def set_overage(self, org_id: str, *, limit_millicredits: int,
+                    rate_millicents_per_credit: int, idempotency_key: str,
+                    request_hash: bytes, request_id: str) -> dict:
+        return self._json(
+            "SELECT set_pool_overage(%s, %s, %s, %s, %s, %s)",
+            (org_id, limit_millicredits, rate_millicents_per_credit, idempotency_key,
+             request_hash, request_id),
+        )
+
     def allocate(self, org_id: str, *, user_id: str, limit_millicredits: int, reset_period: str,
                  idempotency_key: str, request_hash: bytes, request_id: str) -> dict:
         return self._json(

@@ -50,7 +50,8 @@ LANGUAGE sql IMMUTABLE AS $$
         'allocated', p.allocated_millicredits,
         'used', p.used_millicredits,
         'reserved', p.reserved_millicredits,
-        'overage_limit', p.overage_limit_millicredits)
+        'overage_limit', p.overage_limit_millicredits,
+        'overage_rate', p.overage_rate_millicents_per_credit)
 $$;
 
 CREATE OR REPLACE FUNCTION allocation_json(a user_credit_allocations) RETURNS jsonb

@@ -23,7 +23,9 @@ BEGIN
         WHEN 'DeductCredits', 'ReserveCredits', 'CommitReservation', 'ReleaseReservation',
              'RefundCredits'
             THEN RETURN 'deductions';
-        WHEN 'AddCredits' THEN RETURN 'credits';
+        -- Overage is credit the org may spend before paying: the same family
+        -- (and the same scope, credits.grant) as adding credits.
+        WHEN 'AddCredits', 'SetOverage' THEN RETURN 'credits';
         WHEN 'AllocateCredits', 'RevokeAllocation' THEN RETURN 'allocations';
         WHEN 'CreateSubscription', 'ChangePlan', 'CancelSubscription' THEN RETURN 'subscriptions';
         ELSE RAISE EXCEPTION 'operation % has no idempotency family', p_operation;

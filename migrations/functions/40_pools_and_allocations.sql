@@ -188,3 +188,59 @@ BEGIN
     RETURN idempotency_remember(p_org_id, p_idempotency_key, 'RevokeAllocation', p_request_hash,
         jsonb_build_object('outcome', 'OK', 'allocation', allocation_json(a), 'pool', pool_json(p)));
 END $$;
+
+-- Sets a pool's overage: how far past its total it may be spent (the limit,
+-- 0 for none) and at what rate (millicents per credit, 0005_overage.sql).
+-- The limit may not go below the overage in use now, used plus reserved
+-- beyond total (the pool's CHECK would refuse it anyway; this names the
+-- amount): the org must first add credits, or wait for its holds to end.
+-- On OK the result also has event_id and pool.
+CREATE OR REPLACE FUNCTION set_pool_overage(
+    p_org_id text, p_limit bigint, p_rate bigint,
+    p_idempotency_key text, p_request_hash bytea, p_request_id text)
+RETURNS jsonb LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
+DECLARE
+    p organization_credit_pools;
+    prior jsonb;
+    in_use bigint;
+    event uuid;
+BEGIN
+    IF p_limit IS NULL OR p_limit < 0 OR p_limit > 1000000000000000
+       OR p_rate IS NULL OR p_rate < 0 OR p_rate > 1000000000 THEN
+        RETURN '{"outcome": "INVALID_AMOUNT"}';
+    END IF;
+    SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN '{"outcome": "ORG_NOT_FOUND"}';
+    END IF;
+    -- What is in use counts holds: expired ones no longer are.
+    IF p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
+        SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
+    END IF;
+    prior := idempotency_lookup(p_org_id, p_idempotency_key, 'SetOverage', p_request_hash);
+    IF prior IS NOT NULL THEN
+        RETURN prior;
+    END IF;
+    in_use := greatest(0, p.used_millicredits + p.reserved_millicredits - p.total_millicredits);
+    IF p_limit < in_use THEN
+        RETURN idempotency_remember(p_org_id, p_idempotency_key, 'SetOverage', p_request_hash,
+            jsonb_build_object('outcome', 'OVERAGE_IN_USE', 'in_use', in_use, 'requested', p_limit));
+    END IF;
+    INSERT INTO org_billing_history (org_id, event_type, details, idempotency_key, request_id)
+    VALUES (p_org_id, 'OVERAGE_CHANGED',
+            jsonb_build_object('old_limit', p.overage_limit_millicredits, 'new_limit', p_limit,
+                               'old_rate', p.overage_rate_millicents_per_credit, 'new_rate', p_rate,
+                               'in_use', in_use),
+            p_idempotency_key, p_request_id)
+    RETURNING event_id INTO event;
+    UPDATE organization_credit_pools
+       SET overage_limit_millicredits = p_limit,
+           overage_rate_millicents_per_credit = p_rate,
+           updated_at = now()
+     WHERE org_id = p_org_id
+    RETURNING * INTO p;
+    RETURN idempotency_remember(p_org_id, p_idempotency_key, 'SetOverage', p_request_hash,
+        jsonb_build_object('outcome', 'OK', 'event_id', event, 'pool', pool_json(p)));
+END $$;

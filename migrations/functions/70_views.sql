@@ -33,6 +33,10 @@ SELECT o.org_id,
        p.used_millicredits,
        p.reserved_millicredits,
        p.overage_limit_millicredits,
+       p.overage_rate_millicents_per_credit,
+       -- The overage in use now: used and reserved beyond total.
+       greatest(0, p.used_millicredits + p.reserved_millicredits
+                   - p.total_millicredits) AS overage_used_millicredits,
        greatest(0, p.total_millicredits + p.overage_limit_millicredits
                    - p.used_millicredits - p.reserved_millicredits) AS spendable_millicredits,
        greatest(0, p.total_millicredits - p.allocated_millicredits) AS unallocated_millicredits,

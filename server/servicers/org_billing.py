@@ -19,6 +19,8 @@ _ALLOCATION_PAGES = Layout("ListAllocations", "s")  # user_id of the last row
 _INVOICE_STATUS = (types_pb2.InvoiceStatus, "INVOICE_STATUS")
 
 INVOICE_AMOUNT_MAX_CENTS = 10**13
+# Millicents per credit: 10,000 dollars a credit (0005_overage.sql).
+OVERAGE_RATE_MAX = 10**9
 CURRENCY = re.compile(r"[A-Z]{3}")
 # google.protobuf.Timestamp's own range, 0001-01-01 to 9999-12-31, which a
 # PostgreSQL timestamptz holds whole.
@@ -31,7 +33,7 @@ def _name(kind, value: int) -> str:
 
 def _raise_unless_ok(result: dict) -> dict:
     if result["outcome"] != "OK":
-        details = {k: v for k, v in result.items() if k in ("available", "requested")}
+        details = {k: v for k, v in result.items() if k in ("available", "requested", "in_use")}
         raise refusal(result["outcome"], **{f"{k}_millicredits": v for k, v in details.items()})
     return result
 
@@ -177,6 +179,27 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
         return pb.AddCreditsResponse(
             pool=convert.pool(result["pool"]), event_id=result["event_id"],
             added_millicredits=result["added"], replayed=result["replayed"],
+        )
+
+    def SetOverage(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        checks.amount("overage_limit_millicredits", request.overage_limit_millicredits, minimum=0)
+        if not 0 <= request.overage_rate_millicents_per_credit <= OVERAGE_RATE_MAX:
+            checks.fail("overage_rate_millicents_per_credit", f"must be from 0 to {OVERAGE_RATE_MAX}")
+        checks.idempotency_key(request.idempotency_key)
+        checks.done()
+        result = _raise_unless_ok(
+            self._store.set_overage(
+                request.org_id, limit_millicredits=request.overage_limit_millicredits,
+                rate_millicents_per_credit=request.overage_rate_millicents_per_credit,
+                idempotency_key=request.idempotency_key, request_hash=fingerprint(request),
+                request_id=current_request_id(),
+            )
+        )
+        return pb.SetOverageResponse(
+            pool=convert.pool(result["pool"]), event_id=result["event_id"],
+            replayed=result["replayed"],
         )
 
     # Allocations.

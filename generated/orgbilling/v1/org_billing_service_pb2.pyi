@@ -132,6 +132,28 @@ class AddCreditsResponse(_message.Message):
     replayed: bool
     def __init__(self, pool: _Optional[_Union[_types_pb2.CreditPool, _Mapping]] = ..., event_id: _Optional[str] = ..., added_millicredits: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
+class SetOverageRequest(_message.Message):
+    __slots__ = ("org_id", "overage_limit_millicredits", "overage_rate_millicents_per_credit", "idempotency_key")
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    OVERAGE_LIMIT_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    OVERAGE_RATE_MILLICENTS_PER_CREDIT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    overage_limit_millicredits: int
+    overage_rate_millicents_per_credit: int
+    idempotency_key: str
+    def __init__(self, org_id: _Optional[str] = ..., overage_limit_millicredits: _Optional[int] = ..., overage_rate_millicents_per_credit: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class SetOverageResponse(_message.Message):
+    __slots__ = ("pool", "event_id", "replayed")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    pool: _types_pb2.CreditPool
+    event_id: str
+    replayed: bool
+    def __init__(self, pool: _Optional[_Union[_types_pb2.CreditPool, _Mapping]] = ..., event_id: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
 class AllocateCreditsRequest(_message.Message):
     __slots__ = ("org_id", "user_id", "limit_millicredits", "reset_period", "idempotency_key")
     ORG_ID_FIELD_NUMBER: _ClassVar[int]

@@ -65,6 +65,11 @@ class OrgBillingServiceStub:
                 request_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.AddCreditsRequest.SerializeToString,
                 response_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.AddCreditsResponse.FromString,
                 _registered_method=True)
+        self.SetOverage = channel.unary_unary(
+                '/orgbilling.v1.OrgBillingService/SetOverage',
+                request_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageRequest.SerializeToString,
+                response_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageResponse.FromString,
+                _registered_method=True)
         self.AllocateCredits = channel.unary_unary(
                 '/orgbilling.v1.OrgBillingService/AllocateCredits',
                 request_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.AllocateCreditsRequest.SerializeToString,
@@ -134,6 +139,14 @@ class OrgBillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetOverage(self, request, context):
+        """Sets how far past its total a pool may be spent (its overage limit) and
+        at what rate. Recorded in billing history as OVERAGE_CHANGED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AllocateCredits(self, request, context):
         """Sets a user's limit: a first allocation, a raise or a cut.
         """
@@ -196,6 +209,11 @@ def add_OrgBillingServiceServicer_to_server(servicer, server):
                     servicer.AddCredits,
                     request_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.AddCreditsRequest.FromString,
                     response_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.AddCreditsResponse.SerializeToString,
+            ),
+            'SetOverage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOverage,
+                    request_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageRequest.FromString,
+                    response_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageResponse.SerializeToString,
             ),
             'AllocateCredits': grpc.unary_unary_rpc_method_handler(
                     servicer.AllocateCredits,
@@ -381,6 +399,33 @@ class OrgBillingService:
             '/orgbilling.v1.OrgBillingService/AddCredits',
             orgbilling_dot_v1_dot_org__billing__service__pb2.AddCreditsRequest.SerializeToString,
             orgbilling_dot_v1_dot_org__billing__service__pb2.AddCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOverage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orgbilling.v1.OrgBillingService/SetOverage',
+            orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageRequest.SerializeToString,
+            orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -137,7 +137,7 @@ class Subscription(_message.Message):
     def __init__(self, org_id: _Optional[str] = ..., subscription_id: _Optional[str] = ..., plan: _Optional[_Union[Plan, str]] = ..., billing_cycle: _Optional[_Union[BillingCycle, str]] = ..., status: _Optional[_Union[SubscriptionStatus, str]] = ..., price_cents: _Optional[int] = ..., currency: _Optional[str] = ..., current_period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trial_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., external_customer_id: _Optional[str] = ..., external_subscription_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreditPool(_message.Message):
-    __slots__ = ("org_id", "total_millicredits", "allocated_millicredits", "used_millicredits", "reserved_millicredits", "spendable_millicredits", "unallocated_millicredits", "overage_limit_millicredits")
+    __slots__ = ("org_id", "total_millicredits", "allocated_millicredits", "used_millicredits", "reserved_millicredits", "spendable_millicredits", "unallocated_millicredits", "overage_limit_millicredits", "overage_rate_millicents_per_credit", "overage_used_millicredits")
     ORG_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,8 @@ class CreditPool(_message.Message):
     SPENDABLE_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
     UNALLOCATED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
     OVERAGE_LIMIT_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    OVERAGE_RATE_MILLICENTS_PER_CREDIT_FIELD_NUMBER: _ClassVar[int]
+    OVERAGE_USED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
     org_id: str
     total_millicredits: int
     allocated_millicredits: int
@@ -154,7 +156,9 @@ class CreditPool(_message.Message):
     spendable_millicredits: int
     unallocated_millicredits: int
     overage_limit_millicredits: int
-    def __init__(self, org_id: _Optional[str] = ..., total_millicredits: _Optional[int] = ..., allocated_millicredits: _Optional[int] = ..., used_millicredits: _Optional[int] = ..., reserved_millicredits: _Optional[int] = ..., spendable_millicredits: _Optional[int] = ..., unallocated_millicredits: _Optional[int] = ..., overage_limit_millicredits: _Optional[int] = ...) -> None: ...
+    overage_rate_millicents_per_credit: int
+    overage_used_millicredits: int
+    def __init__(self, org_id: _Optional[str] = ..., total_millicredits: _Optional[int] = ..., allocated_millicredits: _Optional[int] = ..., used_millicredits: _Optional[int] = ..., reserved_millicredits: _Optional[int] = ..., spendable_millicredits: _Optional[int] = ..., unallocated_millicredits: _Optional[int] = ..., overage_limit_millicredits: _Optional[int] = ..., overage_rate_millicents_per_credit: _Optional[int] = ..., overage_used_millicredits: _Optional[int] = ...) -> None: ...
 
 class Allocation(_message.Message):
     __slots__ = ("org_id", "user_id", "limit_millicredits", "used_millicredits", "reserved_millicredits", "remaining_millicredits", "reset_period", "next_reset_time", "revoked")
