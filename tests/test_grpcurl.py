@@ -114,3 +114,19 @@ def test_the_readmes_refund_examples_run(client, token):
         outs.append(out)
     assert "refund_id" in outs[0]
     assert deduction_id in outs[1] and "BILLING_EVENT_TYPE_REFUND" in outs[1]
+
+
+def test_the_readmes_overage_examples_run(client, token):
+    """The README's Overage section as written: set, the OVERAGE_CHANGED
+    events, and removal."""
+    client.funded_org("acme", 10_000_000, {"alice": 1_000_000})
+    examples = readme_examples("Overage")
+    assert [method.rsplit("/", 1)[1] for method, _ in examples] == [
+        "SetOverage", "ListBillingHistory", "SetOverage"]
+    outs = []
+    for method, request in examples:
+        code, out = grpcurl(client.address, method, data=request, token=token)
+        assert code == 0, (method, out)
+        outs.append(out)
+    assert '"overage_limit_millicredits": "50000"' in outs[0]
+    assert "BILLING_EVENT_TYPE_OVERAGE_CHANGED" in outs[1]
