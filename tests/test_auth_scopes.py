@@ -43,6 +43,8 @@ def test_scopes_follow_the_issue():
     assert required_scope("/orgbilling.v1.CreditService/DeductCredits") == "credits.deduct"
     assert required_scope("/orgbilling.v1.CreditService/DeductCreditsBatch") == "credits.deduct"
     assert required_scope("/orgbilling.v1.OrgBillingService/AddCredits") == "credits.grant"
+    # Overage is credit spent before it is paid for: granted like credits.
+    assert required_scope("/orgbilling.v1.OrgBillingService/SetOverage") == "credits.grant"
     assert required_scope("/orgbilling.v1.OrgBillingService/AllocateCredits") == "credits.manage"
     assert required_scope("/orgbilling.v1.OrgBillingService/ListAllocations") == "credits.read"
     assert required_scope("/grpc.health.v1.Health/Check") == ""
