@@ -64,6 +64,23 @@ BEGIN
     RETURN expired_count;
 END $$;
 
+-- Locks an org's pool for a change, its expired holds persisted first
+-- (release_expired_holds), so that no balance read after it counts them; a
+-- NULL row when the org has no pool. Every writer but the hot path starts
+-- here; deduct_credits writes the same steps inline (a call costs it).
+CREATE OR REPLACE FUNCTION lock_pool(p_org_id text) RETURNS organization_credit_pools
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    p organization_credit_pools;
+BEGIN
+    SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
+    IF FOUND AND p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
+        SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
+    END IF;
+    RETURN p;
+END $$;
+
 -- What the org's expired but not yet persisted holds still count in its
 -- reserved balances: for the pool, and for one user's allocation. For
 -- readers, who lock nothing and so persist nothing.
@@ -125,12 +142,9 @@ BEGIN
     IF p_ttl_us IS NULL OR p_ttl_us < 1 OR p_ttl_us > 31622400000000 THEN
         RETURN '{"outcome": "INVALID_TTL"}';
     END IF;
-    SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
-    IF NOT FOUND THEN
+    p := lock_pool(p_org_id);
+    IF p.org_id IS NULL THEN
         RETURN '{"outcome": "ORG_NOT_FOUND"}';
-    END IF;
-    IF p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
-        SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
     END IF;
 
     -- A key of the deductions family used by a deduction or a commit.
@@ -212,12 +226,9 @@ BEGIN
     IF p_amount IS NULL OR p_amount < 1 OR p_amount > 1000000000000000 THEN
         RETURN '{"outcome": "INVALID_AMOUNT"}';
     END IF;
-    SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
-    IF NOT FOUND THEN
+    p := lock_pool(p_org_id);
+    IF p.org_id IS NULL THEN
         RETURN '{"outcome": "ORG_NOT_FOUND"}';
-    END IF;
-    IF p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
-        SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
     END IF;
 
     -- A successful commit's key is in its attribution row, like a deduction's;
@@ -315,12 +326,9 @@ DECLARE
     r credit_reservations;
     prior jsonb;
 BEGIN
-    SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
-    IF NOT FOUND THEN
+    p := lock_pool(p_org_id);
+    IF p.org_id IS NULL THEN
         RETURN '{"outcome": "ORG_NOT_FOUND"}';
-    END IF;
-    IF p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
-        SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
     END IF;
     PERFORM 1 FROM credit_usage_attribution
      WHERE org_id = p_org_id AND idempotency_key = p_idempotency_key;

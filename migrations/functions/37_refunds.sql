@@ -46,12 +46,9 @@ BEGIN
     IF p_amount IS NULL OR p_amount < 1 OR p_amount > 1000000000000000 THEN
         RETURN '{"outcome": "INVALID_AMOUNT"}';
     END IF;
-    SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
-    IF NOT FOUND THEN
+    p := lock_pool(p_org_id);
+    IF p.org_id IS NULL THEN
         RETURN '{"outcome": "ORG_NOT_FOUND"}';
-    END IF;
-    IF p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
-        SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
     END IF;
 
     -- A refund's key is in its row, like a deduction's; the deduction must

@@ -30,13 +30,9 @@ BEGIN
        OR (p_amount < 0 AND p_source <> 'ADJUSTMENT') THEN
         RETURN '{"outcome": "INVALID_AMOUNT"}';
     END IF;
-    SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
-    IF NOT FOUND THEN
+    p := lock_pool(p_org_id);
+    IF p.org_id IS NULL THEN
         RETURN '{"outcome": "ORG_NOT_FOUND"}';
-    END IF;
-    -- A removal is bounded by what is reserved: expired holds no longer are.
-    IF p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
-        SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
     END IF;
     prior := idempotency_lookup(p_org_id, p_idempotency_key, 'AddCredits', p_request_hash);
     IF prior IS NOT NULL THEN
@@ -211,13 +207,9 @@ BEGIN
        OR p_rate IS NULL OR p_rate < 0 OR p_rate > 1000000000 THEN
         RETURN '{"outcome": "INVALID_AMOUNT"}';
     END IF;
-    SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
-    IF NOT FOUND THEN
+    p := lock_pool(p_org_id);
+    IF p.org_id IS NULL THEN
         RETURN '{"outcome": "ORG_NOT_FOUND"}';
-    END IF;
-    -- What is in use counts holds: expired ones no longer are.
-    IF p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
-        SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
     END IF;
     prior := idempotency_lookup(p_org_id, p_idempotency_key, 'SetOverage', p_request_hash);
     IF prior IS NOT NULL THEN
