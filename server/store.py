@@ -127,7 +127,7 @@ _LIST_RESERVATIONS = """
      WHERE org_id = %(org_id)s
        AND (%(before)s::uuid IS NULL OR reservation_id < %(before)s::uuid)
        AND (%(state)s::text IS NULL
-            OR CASE WHEN r.state = 'OPEN' AND r.expires_at <= now() THEN 'EXPIRED'
+            OR CASE WHEN r.state = 'OPEN' AND r.expires_at <= ledger_now() THEN 'EXPIRED'
                     ELSE r.state END = %(state)s::text)
      ORDER BY reservation_id DESC
      LIMIT %(limit)s

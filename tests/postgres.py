@@ -117,8 +117,13 @@ class Postgres:
         if not self._template_ready:
             self.create_database(TEMPLATE_DATABASE)
             self._template_ready = True
-        return self.create_database(f"test_{os.getpid()}_{next(_database_numbers)}",
-                                    template=TEMPLATE_DATABASE)
+        name = f"test_{os.getpid()}_{next(_database_numbers)}"
+        url = self.create_database(name, template=TEMPLATE_DATABASE)
+        # The ledger's clock follows ledger_clock when a test fills it
+        # (migrations/0006_ledger_clock.sql, tests/support.py freeze_clock).
+        with self.admin_connection() as conn:
+            conn.execute(f"ALTER DATABASE {name} SET orgbilling.test_clock = 'on'")
+        return url
 
     def admin_connection(self, url: str | None = None, connect_timeout_s: int = 5) -> psycopg.Connection:
         return psycopg.connect(

@@ -3,10 +3,12 @@ a failed call's google.rpc.Status details."""
 
 import collections
 import contextlib
+import datetime
 import uuid
 from pathlib import Path
 
 import grpc
+import psycopg
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -113,6 +115,18 @@ class Client:
             self.grant(org_id, pool_millicredits)
         for user_id, limit in users.items():
             self.allocate(org_id, user_id, limit)
+
+
+def set_ledger_clock(database_url: str, at: "datetime.datetime | None") -> None:
+    """Freezes the ledger's clock (ledger_now(), 0006_ledger_clock.sql) at
+    the instant at, for every connection of every replica from their next
+    statement; None lets it run with the real time again."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        if at is None:
+            conn.execute("DELETE FROM ledger_clock")
+        else:
+            conn.execute("INSERT INTO ledger_clock (frozen_at) VALUES (%s)"
+                         " ON CONFLICT (only_row) DO UPDATE SET frozen_at = excluded.frozen_at", (at,))
 
 
 def new_key() -> str:

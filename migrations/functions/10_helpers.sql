@@ -74,15 +74,15 @@ $$;
 -- (35_reservations.sql).
 CREATE OR REPLACE FUNCTION allocation_json_now(a user_credit_allocations) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
-    SELECT allocation_json(a) || CASE WHEN a.next_reset_at <= now()
+    SELECT allocation_json(a) || CASE WHEN a.next_reset_at <= ledger_now()
         THEN jsonb_build_object('used', 0, 'next_reset_at_us',
-                                epoch_micros(next_reset_after(a.reset_period, now())))
+                                epoch_micros(next_reset_after(a.reset_period, ledger_now())))
         ELSE '{}'::jsonb END
         || CASE WHEN a.reserved_millicredits > 0
         THEN jsonb_build_object('reserved', a.reserved_millicredits - (
             SELECT coalesce(sum(r.amount_millicredits), 0) FROM credit_reservations AS r
              WHERE r.org_id = a.org_id AND r.user_id = a.user_id AND r.state = 'OPEN'
-               AND r.expires_at <= now()))
+               AND r.expires_at <= ledger_now()))
         ELSE '{}'::jsonb END
 $$;
 
@@ -93,7 +93,7 @@ LANGUAGE sql STABLE AS $$
     SELECT pool_json(p) || CASE WHEN p.reserved_millicredits > 0
         THEN jsonb_build_object('reserved', p.reserved_millicredits - (
             SELECT coalesce(sum(r.amount_millicredits), 0) FROM credit_reservations AS r
-             WHERE r.org_id = p.org_id AND r.state = 'OPEN' AND r.expires_at <= now()))
+             WHERE r.org_id = p.org_id AND r.state = 'OPEN' AND r.expires_at <= ledger_now()))
         ELSE '{}'::jsonb END
 $$;
 
@@ -125,14 +125,14 @@ LANGUAGE plpgsql AS $$
 DECLARE
     used_before bigint := a.used_millicredits;
 BEGIN
-    IF a.next_reset_at IS NULL OR a.next_reset_at > now() THEN
+    IF a.next_reset_at IS NULL OR a.next_reset_at > ledger_now() THEN
         RETURN a;
     END IF;
     UPDATE user_credit_allocations
        SET used_millicredits = 0,
            period_number = period_number + 1,
-           next_reset_at = next_reset_after(reset_period, now()),
-           updated_at = now()
+           next_reset_at = next_reset_after(reset_period, ledger_now()),
+           updated_at = ledger_now()
      WHERE org_id = a.org_id AND user_id = a.user_id
     RETURNING * INTO a;
     INSERT INTO org_billing_history (org_id, event_type, user_id, details)

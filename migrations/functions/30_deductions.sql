@@ -30,7 +30,7 @@
 -- transaction that writes their attribution rows, which already holds the
 -- lock of the pool: two transactions never update the same bucket at once,
 -- so the writes neither wait nor deadlock. The bucket is the transaction's
--- start, now(), which is the rows' created_at. A transaction that started
+-- start, ledger_now(), which is the rows' created_at. A transaction that started
 -- earlier may take the lock later, even after midnight: hence greatest() for
 -- the last use, and running totals that add to the bucket's day and to every
 -- later day already written.
@@ -45,7 +45,7 @@ RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    today date := (now() AT TIME ZONE 'UTC')::date;
+    today date := (ledger_now() AT TIME ZONE 'UTC')::date;
     has_today boolean;
 BEGIN
     INSERT INTO usage_daily AS s (org_id, day, service_type, service_name,
@@ -56,19 +56,19 @@ BEGIN
            request_count = s.request_count + p_count;
     INSERT INTO user_usage_daily AS s (org_id, user_id, day, service_type, service_name,
                                        used_millicredits, request_count, last_used_at)
-    VALUES (p_org_id, p_user_id, today, p_service_type, p_service_name, p_amount, p_count, now())
+    VALUES (p_org_id, p_user_id, today, p_service_type, p_service_name, p_amount, p_count, ledger_now())
     ON CONFLICT (org_id, user_id, day, service_type, service_name) DO UPDATE
        SET used_millicredits = s.used_millicredits + p_amount,
            request_count = s.request_count + p_count,
-           last_used_at = greatest(s.last_used_at, now());
+           last_used_at = greatest(s.last_used_at, ledger_now());
     INSERT INTO user_usage_monthly AS s (org_id, user_id, month, service_type, service_name,
                                          used_millicredits, request_count, last_used_at)
     VALUES (p_org_id, p_user_id, date_trunc('month', today::timestamp)::date, p_service_type,
-            p_service_name, p_amount, p_count, now())
+            p_service_name, p_amount, p_count, ledger_now())
     ON CONFLICT (org_id, user_id, month, service_type, service_name) DO UPDATE
        SET used_millicredits = s.used_millicredits + p_amount,
            request_count = s.request_count + p_count,
-           last_used_at = greatest(s.last_used_at, now());
+           last_used_at = greatest(s.last_used_at, ledger_now());
 
     -- Running totals: add to today's row and any later one; a first charge
     -- of the day starts today's row from the latest before it.
@@ -91,7 +91,7 @@ BEGIN
         UPDATE user_usage_running
            SET used_millicredits_total = used_millicredits_total + p_amount,
                request_count_total = request_count_total + p_count,
-               last_used_at = CASE WHEN day = today THEN greatest(last_used_at, now())
+               last_used_at = CASE WHEN day = today THEN greatest(last_used_at, ledger_now())
                                    ELSE last_used_at END
          WHERE org_id = p_org_id AND user_id = p_user_id AND day >= today
         RETURNING day)
@@ -100,7 +100,7 @@ BEGIN
         INSERT INTO user_usage_running (org_id, user_id, day, used_millicredits_total,
                                         request_count_total, last_used_at)
         SELECT p_org_id, p_user_id, today, coalesce(max(r.used_millicredits_total), 0) + p_amount,
-               coalesce(max(r.request_count_total), 0) + p_count, now()
+               coalesce(max(r.request_count_total), 0) + p_count, ledger_now()
           FROM (SELECT used_millicredits_total, request_count_total FROM user_usage_running
                  WHERE org_id = p_org_id AND user_id = p_user_id AND day < today
                  ORDER BY day DESC LIMIT 1) AS r;
@@ -132,7 +132,7 @@ BEGIN
     IF NOT FOUND THEN
         outcome := 'ALLOCATION_NOT_FOUND'; RETURN NEXT; RETURN;
     END IF;
-    used_this_period := CASE WHEN a.next_reset_at <= now() THEN 0 ELSE a.used_millicredits END;
+    used_this_period := CASE WHEN a.next_reset_at <= ledger_now() THEN 0 ELSE a.used_millicredits END;
     -- Holds past their expiry count for nothing, persisted or not
     -- (35_reservations.sql); none can be open where nothing is reserved.
     IF p.reserved_millicredits > 0 THEN
@@ -221,7 +221,7 @@ BEGIN
                                            outcome, NULL, NULL);
         RETURN NEXT; RETURN;
     END IF;
-    IF a.next_reset_at <= now() THEN
+    IF a.next_reset_at <= ledger_now() THEN
         a := reset_allocation_if_due(a);
     END IF;
 
@@ -238,10 +238,10 @@ BEGIN
     END IF;
 
     UPDATE user_credit_allocations
-       SET used_millicredits = used_millicredits + p_amount, updated_at = now()
+       SET used_millicredits = used_millicredits + p_amount, updated_at = ledger_now()
      WHERE org_id = p_org_id AND user_id = p_user_id;
     UPDATE organization_credit_pools
-       SET used_millicredits = used_millicredits + p_amount, updated_at = now()
+       SET used_millicredits = used_millicredits + p_amount, updated_at = ledger_now()
      WHERE org_id = p_org_id;
     allocation_remaining := remaining - p_amount;
     pool_spendable := spendable - p_amount;
@@ -340,7 +340,7 @@ BEGIN
     -- Periods due for a reset start again before anything is charged to them.
     PERFORM reset_allocation_if_due(a) FROM user_credit_allocations AS a
      WHERE (a.org_id, a.user_id) IN (SELECT * FROM unnest(p_org_ids, p_user_ids))
-       AND a.next_reset_at <= now();
+       AND a.next_reset_at <= ledger_now();
 
     FOR d IN
         WITH items AS (
@@ -506,11 +506,11 @@ BEGIN
       JOIN unnest(refused_n, refused_result) AS f(n, result) ON f.n = i.n;
 
     UPDATE user_credit_allocations AS a
-       SET used_millicredits = f.used, updated_at = now()
+       SET used_millicredits = f.used, updated_at = ledger_now()
       FROM unnest(f_alloc_org, f_alloc_user, f_alloc_used) AS f(org_id, user_id, used)
      WHERE a.org_id = f.org_id AND a.user_id = f.user_id AND a.used_millicredits <> f.used;
     UPDATE organization_credit_pools AS p
-       SET used_millicredits = f.used, updated_at = now()
+       SET used_millicredits = f.used, updated_at = ledger_now()
       FROM unnest(f_org, f_pool_used) AS f(org_id, used)
      WHERE p.org_id = f.org_id AND p.used_millicredits <> f.used;
 

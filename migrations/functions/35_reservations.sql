@@ -36,21 +36,21 @@ BEGIN
     -- The common case, a probe of the open holds' index, costs the hot path
     -- little; the writes below only when there is something to write.
     PERFORM 1 FROM credit_reservations
-     WHERE org_id = p_org_id AND state = 'OPEN' AND expires_at <= now() LIMIT 1;
+     WHERE org_id = p_org_id AND state = 'OPEN' AND expires_at <= ledger_now() LIMIT 1;
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
     WITH expired AS (
         UPDATE credit_reservations
            SET state = 'EXPIRED', resolved_at = expires_at
-         WHERE org_id = p_org_id AND state = 'OPEN' AND expires_at <= now()
+         WHERE org_id = p_org_id AND state = 'OPEN' AND expires_at <= ledger_now()
         RETURNING user_id, amount_millicredits),
     per_user AS (
         SELECT user_id, sum(amount_millicredits)::bigint AS amount, count(*)::integer AS holds
           FROM expired GROUP BY user_id),
     allocations AS (
         UPDATE user_credit_allocations AS a
-           SET reserved_millicredits = a.reserved_millicredits - u.amount, updated_at = now()
+           SET reserved_millicredits = a.reserved_millicredits - u.amount, updated_at = ledger_now()
           FROM per_user AS u
          WHERE a.org_id = p_org_id AND a.user_id = u.user_id
         RETURNING u.amount, u.holds)
@@ -58,7 +58,7 @@ BEGIN
       INTO expired_count, expired_amount FROM allocations;
     IF expired_count > 0 THEN
         UPDATE organization_credit_pools
-           SET reserved_millicredits = reserved_millicredits - expired_amount, updated_at = now()
+           SET reserved_millicredits = reserved_millicredits - expired_amount, updated_at = ledger_now()
          WHERE org_id = p_org_id;
     END IF;
     RETURN expired_count;
@@ -90,7 +90,7 @@ LANGUAGE sql STABLE AS $$
     SELECT coalesce(sum(amount_millicredits), 0)::bigint,
            coalesce(sum(amount_millicredits) FILTER (WHERE user_id = p_user_id), 0)::bigint
       FROM credit_reservations
-     WHERE org_id = p_org_id AND state = 'OPEN' AND expires_at <= now()
+     WHERE org_id = p_org_id AND state = 'OPEN' AND expires_at <= ledger_now()
 $$;
 
 -- A reservation as the API shows it, as of now: an OPEN hold past its
@@ -102,13 +102,13 @@ LANGUAGE sql STABLE AS $$
         'reservation_id', r.reservation_id,
         'user_id', r.user_id,
         'amount', r.amount_millicredits,
-        'state', CASE WHEN r.state = 'OPEN' AND r.expires_at <= now() THEN 'EXPIRED' ELSE r.state END,
+        'state', CASE WHEN r.state = 'OPEN' AND r.expires_at <= ledger_now() THEN 'EXPIRED' ELSE r.state END,
         'service_type', r.service_type,
         'service_name', r.service_name,
         'metadata', r.metadata,
         'created_at_us', epoch_micros(r.created_at),
         'expires_at_us', epoch_micros(r.expires_at),
-        'resolved_at_us', epoch_micros(CASE WHEN r.state = 'OPEN' AND r.expires_at <= now()
+        'resolved_at_us', epoch_micros(CASE WHEN r.state = 'OPEN' AND r.expires_at <= ledger_now()
                                             THEN r.expires_at ELSE r.resolved_at END),
         'committed', r.committed_millicredits,
         'deduction_id', r.deduction_id)
@@ -164,7 +164,7 @@ BEGIN
         RETURN idempotency_remember(p_org_id, p_idempotency_key, 'ReserveCredits', p_request_hash,
                                     '{"outcome": "ALLOCATION_NOT_FOUND"}');
     END IF;
-    IF a.next_reset_at <= now() THEN
+    IF a.next_reset_at <= ledger_now() THEN
         a := reset_allocation_if_due(a);
     END IF;
 
@@ -179,17 +179,17 @@ BEGIN
     END IF;
 
     UPDATE user_credit_allocations
-       SET reserved_millicredits = reserved_millicredits + p_amount, updated_at = now()
+       SET reserved_millicredits = reserved_millicredits + p_amount, updated_at = ledger_now()
      WHERE org_id = p_org_id AND user_id = p_user_id;
     UPDATE organization_credit_pools
-       SET reserved_millicredits = reserved_millicredits + p_amount, updated_at = now()
+       SET reserved_millicredits = reserved_millicredits + p_amount, updated_at = ledger_now()
      WHERE org_id = p_org_id;
     INSERT INTO credit_reservations (
         org_id, user_id, amount_millicredits, service_type, service_name, idempotency_key,
         request_id, metadata, expires_at)
     VALUES (
         p_org_id, p_user_id, p_amount, p_service_type, p_service_name, p_idempotency_key,
-        p_request_id, p_metadata, now() + p_ttl_us * interval '1 microsecond')
+        p_request_id, p_metadata, ledger_now() + p_ttl_us * interval '1 microsecond')
     RETURNING * INTO r;
     RETURN idempotency_remember(p_org_id, p_idempotency_key, 'ReserveCredits', p_request_hash,
         jsonb_build_object('outcome', 'OK', 'reservation_id', r.reservation_id,
@@ -261,7 +261,7 @@ BEGIN
     END IF;
     SELECT * INTO a FROM user_credit_allocations
      WHERE org_id = p_org_id AND user_id = r.user_id FOR UPDATE;
-    IF a.next_reset_at <= now() THEN
+    IF a.next_reset_at <= ledger_now() THEN
         a := reset_allocation_if_due(a);
     END IF;
 
@@ -280,12 +280,12 @@ BEGIN
     UPDATE user_credit_allocations
        SET used_millicredits = used_millicredits + p_amount,
            reserved_millicredits = reserved_millicredits - r.amount_millicredits,
-           updated_at = now()
+           updated_at = ledger_now()
      WHERE org_id = p_org_id AND user_id = r.user_id;
     UPDATE organization_credit_pools
        SET used_millicredits = used_millicredits + p_amount,
            reserved_millicredits = reserved_millicredits - r.amount_millicredits,
-           updated_at = now()
+           updated_at = ledger_now()
      WHERE org_id = p_org_id;
     -- Below zero only when the limit was cut under a hold committed in full.
     remaining := greatest(0, remaining - p_amount);
@@ -301,7 +301,7 @@ BEGIN
     RETURNING deduction_id INTO charged;
     PERFORM add_usage_to_summaries(p_org_id, r.user_id, r.service_type, r.service_name, p_amount, 1);
     UPDATE credit_reservations
-       SET state = 'COMMITTED', resolved_at = now(), committed_millicredits = p_amount,
+       SET state = 'COMMITTED', resolved_at = ledger_now(), committed_millicredits = p_amount,
            deduction_id = charged
      WHERE org_id = p_org_id AND reservation_id = p_reservation_id;
     RETURN jsonb_build_object('outcome', 'OK', 'deduction_id', charged,
@@ -351,21 +351,21 @@ BEGIN
                                     jsonb_build_object('outcome', 'RESERVATION_NOT_OPEN', 'state', r.state));
     END IF;
     UPDATE user_credit_allocations
-       SET reserved_millicredits = reserved_millicredits - r.amount_millicredits, updated_at = now()
+       SET reserved_millicredits = reserved_millicredits - r.amount_millicredits, updated_at = ledger_now()
      WHERE org_id = p_org_id AND user_id = r.user_id
     RETURNING * INTO a;
     UPDATE organization_credit_pools
-       SET reserved_millicredits = reserved_millicredits - r.amount_millicredits, updated_at = now()
+       SET reserved_millicredits = reserved_millicredits - r.amount_millicredits, updated_at = ledger_now()
      WHERE org_id = p_org_id
     RETURNING * INTO p;
     UPDATE credit_reservations
-       SET state = 'RELEASED', resolved_at = now()
+       SET state = 'RELEASED', resolved_at = ledger_now()
      WHERE org_id = p_org_id AND reservation_id = p_reservation_id;
     RETURN idempotency_remember(p_org_id, p_idempotency_key, 'ReleaseReservation', p_request_hash,
         jsonb_build_object(
             'outcome', 'OK',
             'allocation_remaining', greatest(0, a.limit_millicredits
-                - CASE WHEN a.next_reset_at <= now() THEN 0 ELSE a.used_millicredits END
+                - CASE WHEN a.next_reset_at <= ledger_now() THEN 0 ELSE a.used_millicredits END
                 - a.reserved_millicredits),
             'pool_spendable', greatest(0, p.total_millicredits + p.overage_limit_millicredits
                                           - p.used_millicredits - p.reserved_millicredits)));
@@ -387,7 +387,7 @@ DECLARE
 BEGIN
     SELECT array_agg(DISTINCT e.org_id) INTO orgs
       FROM (SELECT org_id FROM credit_reservations
-             WHERE state = 'OPEN' AND expires_at <= now()
+             WHERE state = 'OPEN' AND expires_at <= ledger_now()
              ORDER BY expires_at LIMIT p_holds_max) AS e;
     IF orgs IS NULL THEN
         RETURN 0;

@@ -87,7 +87,7 @@ BEGIN
 
     SELECT * INTO a FROM user_credit_allocations
      WHERE org_id = p_org_id AND user_id = d.user_id FOR UPDATE;
-    IF a.next_reset_at <= now() THEN
+    IF a.next_reset_at <= ledger_now() THEN
         a := reset_allocation_if_due(a);
     END IF;
     -- The whole amount when the deduction is of this period (its charge is
@@ -95,11 +95,11 @@ BEGIN
     allocation_part := least(p_amount, a.used_millicredits);
 
     UPDATE user_credit_allocations
-       SET used_millicredits = used_millicredits - allocation_part, updated_at = now()
+       SET used_millicredits = used_millicredits - allocation_part, updated_at = ledger_now()
      WHERE org_id = p_org_id AND user_id = d.user_id
     RETURNING * INTO a;
     UPDATE organization_credit_pools
-       SET used_millicredits = used_millicredits - p_amount, updated_at = now()
+       SET used_millicredits = used_millicredits - p_amount, updated_at = ledger_now()
      WHERE org_id = p_org_id
     RETURNING * INTO p;
     -- A limit lowered under what is used leaves nothing to spend, not less.

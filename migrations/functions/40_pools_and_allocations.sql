@@ -62,7 +62,7 @@ BEGIN
     END IF;
 
     UPDATE organization_credit_pools
-       SET total_millicredits = total_millicredits + p_amount, updated_at = now()
+       SET total_millicredits = total_millicredits + p_amount, updated_at = ledger_now()
      WHERE org_id = p_org_id
     RETURNING * INTO p;
     INSERT INTO org_billing_history (
@@ -119,21 +119,21 @@ BEGIN
 
     IF a.user_id IS NULL THEN
         INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits, reset_period, next_reset_at)
-        VALUES (p_org_id, p_user_id, p_limit, p_reset_period, next_reset_after(p_reset_period, now()))
+        VALUES (p_org_id, p_user_id, p_limit, p_reset_period, next_reset_after(p_reset_period, ledger_now()))
         RETURNING * INTO a;
     ELSE
         UPDATE user_credit_allocations
            SET limit_millicredits = p_limit,
                reset_period = p_reset_period,
                next_reset_at = CASE WHEN reset_period = p_reset_period THEN next_reset_at
-                                    ELSE next_reset_after(p_reset_period, now()) END,
+                                    ELSE next_reset_after(p_reset_period, ledger_now()) END,
                revoked_at = NULL,
-               updated_at = now()
+               updated_at = ledger_now()
          WHERE org_id = p_org_id AND user_id = p_user_id
         RETURNING * INTO a;
     END IF;
     UPDATE organization_credit_pools
-       SET allocated_millicredits = allocated_millicredits - old_limit + p_limit, updated_at = now()
+       SET allocated_millicredits = allocated_millicredits - old_limit + p_limit, updated_at = ledger_now()
      WHERE org_id = p_org_id
     RETURNING * INTO p;
     INSERT INTO org_billing_history (org_id, event_type, user_id, details, idempotency_key, request_id)
@@ -171,11 +171,11 @@ BEGIN
     END IF;
     old_limit := a.limit_millicredits;
     UPDATE user_credit_allocations
-       SET limit_millicredits = 0, revoked_at = now(), updated_at = now()
+       SET limit_millicredits = 0, revoked_at = ledger_now(), updated_at = ledger_now()
      WHERE org_id = p_org_id AND user_id = p_user_id
     RETURNING * INTO a;
     UPDATE organization_credit_pools
-       SET allocated_millicredits = allocated_millicredits - old_limit, updated_at = now()
+       SET allocated_millicredits = allocated_millicredits - old_limit, updated_at = ledger_now()
      WHERE org_id = p_org_id
     RETURNING * INTO p;
     INSERT INTO org_billing_history (org_id, event_type, user_id, details, idempotency_key, request_id)
@@ -230,7 +230,7 @@ BEGIN
     UPDATE organization_credit_pools
        SET overage_limit_millicredits = p_limit,
            overage_rate_millicents_per_credit = p_rate,
-           updated_at = now()
+           updated_at = ledger_now()
      WHERE org_id = p_org_id
     RETURNING * INTO p;
     RETURN idempotency_remember(p_org_id, p_idempotency_key, 'SetOverage', p_request_hash,

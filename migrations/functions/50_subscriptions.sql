@@ -44,8 +44,8 @@ BEGIN
     VALUES (
         p_org_id, p_plan, p_billing_cycle,
         CASE WHEN p_trial_days > 0 THEN 'TRIALING' ELSE 'ACTIVE' END,
-        p_price_cents, p_currency, now(), now() + period,
-        CASE WHEN p_trial_days > 0 THEN now() + make_interval(days => p_trial_days) END,
+        p_price_cents, p_currency, ledger_now(), ledger_now() + period,
+        CASE WHEN p_trial_days > 0 THEN ledger_now() + make_interval(days => p_trial_days) END,
         p_external_customer_id, p_external_subscription_id)
     RETURNING * INTO s;
     INSERT INTO org_billing_history (org_id, event_type, subscription_id, details, idempotency_key, request_id)
@@ -96,7 +96,7 @@ BEGIN
                    ELSE 'LATERAL' END;
     UPDATE organization_subscriptions
        SET plan = p_plan, billing_cycle = p_billing_cycle, price_cents = p_price_cents,
-           currency = p_currency, updated_at = now()
+           currency = p_currency, updated_at = ledger_now()
      WHERE org_id = p_org_id AND subscription_id = old.subscription_id
     RETURNING * INTO s;
     INSERT INTO org_billing_history (org_id, event_type, subscription_id, details, idempotency_key, request_id)
@@ -132,7 +132,7 @@ BEGIN
         RETURN prior;
     END IF;
     UPDATE organization_subscriptions
-       SET status = 'CANCELED', canceled_at = now(), updated_at = now()
+       SET status = 'CANCELED', canceled_at = ledger_now(), updated_at = ledger_now()
      WHERE org_id = p_org_id AND status IN ('TRIALING', 'ACTIVE', 'PAST_DUE')
     RETURNING * INTO s;
     IF NOT FOUND THEN

@@ -115,7 +115,7 @@ BEGIN
     ELSIF p_status <> 'CREATED' THEN
         -- The invoice exists and is not final, so it is CREATED or FAILED; a
         -- CREATED arriving now is late news and leaves it as it is (above).
-        UPDATE invoices SET status = p_status, updated_at = now()
+        UPDATE invoices SET status = p_status, updated_at = ledger_now()
          WHERE org_id = p_org_id AND external_invoice_id = p_external_invoice_id
         RETURNING * INTO i;
     END IF;
@@ -125,7 +125,7 @@ BEGIN
     IF (p_status = 'FAILED' AND s.status = 'ACTIVE') OR (p_status = 'PAID' AND s.status = 'PAST_DUE') THEN
         UPDATE organization_subscriptions
            SET status = CASE p_status WHEN 'FAILED' THEN 'PAST_DUE' ELSE 'ACTIVE' END,
-               updated_at = now()
+               updated_at = ledger_now()
          WHERE org_id = p_org_id AND subscription_id = s.subscription_id
         RETURNING * INTO s;
         moved_to := s.status;

@@ -67,7 +67,7 @@ RETURNS TABLE (start_at timestamptz, end_at timestamptz, days_from date, days_to
 LANGUAGE sql STABLE AS $$
     SELECT (t.today - 29)::timestamp AT TIME ZONE 'UTC', (t.today + 1)::timestamp AT TIME ZONE 'UTC',
            t.today - 29, t.today + 1
-      FROM (SELECT (now() AT TIME ZONE 'UTC')::date AS today) AS t
+      FROM (SELECT (ledger_now() AT TIME ZONE 'UTC')::date AS today) AS t
 $$;
 
 -- The raw attribution rows of the partial days at the edges of a range.
@@ -283,7 +283,7 @@ SET enable_seqscan = off
 AS $$
     SELECT allocation_json_now(a), n.used
       FROM user_credit_allocations AS a
-     CROSS JOIN LATERAL (SELECT CASE WHEN a.next_reset_at <= now() THEN 0
+     CROSS JOIN LATERAL (SELECT CASE WHEN a.next_reset_at <= ledger_now() THEN 0
                                      ELSE a.used_millicredits END AS used) AS n
      WHERE a.org_id = p_org_id AND a.revoked_at IS NULL
        AND (p_after_user_id IS NULL OR n.used < p_after_used

@@ -65,7 +65,7 @@ SELECT a.user_id,
        s.price_cents,
        s.currency
   FROM user_credit_allocations AS a
- CROSS JOIN LATERAL (SELECT CASE WHEN a.next_reset_at <= now() THEN 0
+ CROSS JOIN LATERAL (SELECT CASE WHEN a.next_reset_at <= ledger_now() THEN 0
                                  ELSE a.used_millicredits END AS used) AS n
   LEFT JOIN organization_subscriptions AS s
          ON s.org_id = a.org_id AND s.status IN ('TRIALING', 'ACTIVE', 'PAST_DUE')
