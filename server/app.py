@@ -34,7 +34,7 @@ from orgbilling.server.servicers.reporting import ReportingServicer
 from orgbilling.server.settings import Settings
 from orgbilling.server.report_store import ReportStore
 from orgbilling.server.store import Store
-from orgbilling.server.sweeper import IdempotencySweeper, ReservationSweeper
+from orgbilling.server.sweeper import IdempotencySweeper, PeriodSweeper, ReservationSweeper
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,11 @@ class OrgBillingServer:
             self.store,
             interval_ms=settings.reservation_sweeper_interval_ms,
             batch_size_max=settings.reservation_sweeper_batch_size_max,
+        )
+        self.period_sweeper = PeriodSweeper(
+            self.store,
+            interval_ms=settings.period_sweeper_interval_ms,
+            batch_size_max=settings.period_sweeper_batch_size_max,
         )
         self.health_servicer = HealthServicer(
             service_names=SERVICE_NAMES, watch_lifetime_ms=settings.open_service_stream_lifetime_ms,
@@ -186,6 +191,7 @@ class OrgBillingServer:
         self.health.start()
         self.sweeper.start()
         self.reservation_sweeper.start()
+        self.period_sweeper.start()
         self.grpc_server.start()
         if self.probe_server is not None:
             self.probe_server.start()
@@ -203,6 +209,7 @@ class OrgBillingServer:
             self.probe_server.stop(0).wait()
         self.sweeper.stop()
         self.reservation_sweeper.stop()
+        self.period_sweeper.stop()
         self.security.stop()
         self.pool.close()
 

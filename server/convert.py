@@ -34,6 +34,12 @@ def pool(p: dict) -> types_pb2.CreditPool:
         overage_rate_millicents_per_credit=p.get("overage_rate", 0),
         overage_used_millicredits=max(0, p["used"] + p["reserved"] - p["total"]),
         unallocated_millicredits=max(0, p["total"] - p["allocated"]),
+        # Results stored before 0007_periods_and_refresh.sql (replays) have no refresh.
+        refresh_millicredits=p.get("refresh", 0),
+        refresh_overridden=p.get("refresh_overridden", False),
+        rollover_cap_millicredits=p.get("rollover_cap", 0),
+        refresh_unspent_millicredits=p.get("refresh_unspent", 0),
+        next_refresh_time=_timestamp(p.get("next_refresh_at_us")),
     )
 
 

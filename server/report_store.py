@@ -77,15 +77,13 @@ _LIST_HISTORY = """
      LIMIT %(limit)s
 """
 
-# ListOrgSummaries, by org_id, through the view (70_views.sql).
+# ListOrgSummaries, by org_id: the live plan and status through the view
+# (70_views.sql), the pool as GetCreditPool shows it.
 _ORG_SUMMARIES = """
-    SELECT org_id, plan, status, total_millicredits AS total,
-           allocated_millicredits AS allocated, lifetime_used_millicredits AS used,
-           reserved_millicredits AS reserved, overage_limit_millicredits AS overage_limit,
-           overage_rate_millicents_per_credit AS overage_rate
-      FROM org_billing_summary
-     WHERE org_id > %s
-     ORDER BY org_id
+    SELECT v.org_id, v.plan, v.status, pool_json_now(p) AS pool
+      FROM org_billing_summary AS v JOIN organization_credit_pools AS p USING (org_id)
+     WHERE v.org_id > %s
+     ORDER BY v.org_id
      LIMIT %s
 """
 

@@ -102,6 +102,12 @@ class Settings:
     reservation_ttl_max_ms: int = 24 * 3_600_000
     reservation_sweeper_interval_ms: int = 10_000
     reservation_sweeper_batch_size_max: int = 1000
+    # Subscription periods: the period sweeper applies ended periods (with
+    # their refreshes) every interval, at most this many pools per batch.
+    # Correctness never waits for it either: the first access to an org
+    # after its period's end applies it.
+    period_sweeper_interval_ms: int = 60_000
+    period_sweeper_batch_size_max: int = 100
     # Page sizes of list RPCs.
     page_size_default: int = 100
     page_size_max: int = 1000
@@ -222,6 +228,9 @@ class Settings:
             raise ValueError("reservation_ttl_max_ms must be at most 366 days")
         if min(self.reservation_sweeper_interval_ms, self.reservation_sweeper_batch_size_max) < 1:
             raise ValueError("reservation_sweeper_interval_ms and reservation_sweeper_batch_size_max"
+                             " must be at least 1")
+        if min(self.period_sweeper_interval_ms, self.period_sweeper_batch_size_max) < 1:
+            raise ValueError("period_sweeper_interval_ms and period_sweeper_batch_size_max"
                              " must be at least 1")
         if self.concurrent_rpcs_max + self.open_service_streams_max >= self.worker_threads:
             raise ValueError(

@@ -118,6 +118,7 @@ SWEEP_LOCK_KEY = 0x6F726773776565  # "orgswee"
 # The reservation expiry sweeper's, apart from the idempotency sweeper's so
 # that each runs on one replica at a time without waiting for the other.
 RESERVATION_SWEEP_LOCK_KEY = 0x6F7267686F6C64  # "orghold"
+PERIOD_SWEEP_LOCK_KEY = 0x6F72677065726E  # "orgpern"
 
 # A page of an org's reservations, newest first, by the primary key. The
 # state filter is on the state as of now (reservation_json_now): an open
@@ -339,6 +340,15 @@ class Store:
              request_hash, request_id),
         )
 
+    def set_refresh(self, org_id: str, *, refresh_millicredits: int | None,
+                    rollover_cap_millicredits: int, idempotency_key: str,
+                    request_hash: bytes, request_id: str) -> dict:
+        return self._json(
+            "SELECT set_pool_refresh(%s, %s, %s, %s, %s, %s)",
+            (org_id, refresh_millicredits, rollover_cap_millicredits, idempotency_key,
+             request_hash, request_id),
+        )
+
     def allocate(self, org_id: str, *, user_id: str, limit_millicredits: int, reset_period: str,
                  idempotency_key: str, request_hash: bytes, request_id: str) -> dict:
         return self._json(
@@ -355,23 +365,24 @@ class Store:
         )
 
     def create_subscription(self, org_id: str, *, plan: str, billing_cycle: str,
-                            price_cents: int, currency: str, trial_days: int,
-                            external_customer_id: str, external_subscription_id: str,
-                            idempotency_key: str, request_hash: bytes, request_id: str) -> dict:
+                            price_cents: int, refresh_millicredits: int, currency: str,
+                            trial_days: int, external_customer_id: str,
+                            external_subscription_id: str, idempotency_key: str,
+                            request_hash: bytes, request_id: str) -> dict:
         return self._json(
-            "SELECT create_subscription(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (org_id, plan, billing_cycle, price_cents, currency, trial_days,
+            "SELECT create_subscription(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (org_id, plan, billing_cycle, price_cents, currency, refresh_millicredits, trial_days,
              external_customer_id, external_subscription_id, idempotency_key,
              request_hash, request_id),
         )
 
     def change_plan(self, org_id: str, *, plan: str, billing_cycle: str, price_cents: int,
-                    currency: str, idempotency_key: str, request_hash: bytes,
-                    request_id: str) -> dict:
+                    refresh_millicredits: int, currency: str, idempotency_key: str,
+                    request_hash: bytes, request_id: str) -> dict:
         return self._json(
-            "SELECT change_subscription_plan(%s, %s, %s, %s, %s, %s, %s, %s)",
-            (org_id, plan, billing_cycle, price_cents, currency, idempotency_key,
-             request_hash, request_id),
+            "SELECT change_subscription_plan(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (org_id, plan, billing_cycle, price_cents, currency, refresh_millicredits,
+             idempotency_key, request_hash, request_id),
         )
 
     def cancel_subscription(self, org_id: str, *, reason: str, idempotency_key: str,
@@ -394,19 +405,18 @@ class Store:
 
     # Reads.
 
+    # Reads of a pool or a subscription apply an ended period first
+    # (settle_due_periods, 50_subscriptions.sql), as any first access does.
+
     def get_pool(self, org_id: str) -> dict | None:
         row = self._one(
-            "SELECT pool_json_now(p) FROM organization_credit_pools p WHERE org_id = %s", (org_id,)
+            "SELECT pool_json_now(p) FROM settle_due_periods(%s) AS p WHERE p.org_id IS NOT NULL",
+            (org_id,),
         )
         return row[0] if row else None
 
     def get_live_subscription(self, org_id: str) -> dict | None:
-        row = self._one(
-            "SELECT subscription_json(s) FROM organization_subscriptions s"
-            " WHERE org_id = %s AND status IN ('TRIALING', 'ACTIVE', 'PAST_DUE')",
-            (org_id,),
-        )
-        return row[0] if row else None
+        return self._json("SELECT live_subscription_json(%s)", (org_id,))
 
     def org_exists(self, org_id: str) -> bool:
         return self._one("SELECT 1 FROM organizations WHERE org_id = %s", (org_id,)) is not None
@@ -446,13 +456,24 @@ class Store:
         """Persists the expiry of up to about batch_size_max expired holds
         (all of their orgs' expired holds), in one short transaction; returns
         how many. Returns 0 when another replica is sweeping."""
+        return self._sweep(RESERVATION_SWEEP_LOCK_KEY, "SELECT sweep_expired_reservations(%s)",
+                           batch_size_max)
+
+    def advance_due_periods(self, *, batch_size_max: int) -> int:
+        """Applies the ended subscription periods of up to batch_size_max
+        pools, in one short transaction; returns how many pools. Returns 0
+        when another replica is sweeping."""
+        return self._sweep(PERIOD_SWEEP_LOCK_KEY, "SELECT sweep_due_periods(%s)", batch_size_max)
+
+    def _sweep(self, lock_key: int, sql: str, batch_size_max: int) -> int:
+        """One sweeper batch, sql, under the transaction-level advisory lock
+        lock_key (it cannot outlive the batch, and it works through PgBouncer
+        in transaction mode): 0 without running it when another replica holds it."""
         def work(conn):
             with conn.transaction():
-                if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)",
-                                    (RESERVATION_SWEEP_LOCK_KEY,)).fetchone()[0]:
+                if not conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (lock_key,)).fetchone()[0]:
                     return 0
-                return conn.execute("SELECT sweep_expired_reservations(%s)",
-                                    (batch_size_max,)).fetchone()[0]
+                return conn.execute(sql, (batch_size_max,)).fetchone()[0]
 
         return self._run(work)
 

@@ -14,7 +14,13 @@ for the record and to keep the open holds few: every check and charge
 already counts an expired hold as released, swept or not
 (migrations/functions/35_reservations.sql).
 
-Every replica runs both; a database advisory lock per sweeper lets one
+PeriodSweeper applies the ended periods of live subscriptions (the next
+period, its refresh, the lapse of what does not roll over) of orgs nobody
+touched since their period's end: the first access would apply them too
+(migrations/functions/50_subscriptions.sql), so this keeps idle orgs'
+reports and subscriptions current.
+
+Every replica runs all of them; a database advisory lock per sweeper lets one
 replica at a time do each job (server.store.Store).
 """
 
@@ -107,3 +113,19 @@ class ReservationSweeper(_Sweeper):
         """Persists one batch; returns how many holds it expired (0 also when
         another replica is sweeping)."""
         return self._store.expire_reservations(batch_size_max=self._batch_size_max)
+
+
+class PeriodSweeper(_Sweeper):
+    """Applies the ended subscription periods of idle orgs, longest due first."""
+
+    done_message = "advanced the subscription periods of %d organizations"
+
+    def __init__(self, store: Store, *, interval_ms: int, batch_size_max: int):
+        super().__init__(interval_ms=interval_ms, batch_size_max=batch_size_max,
+                         name="period-sweeper")
+        self._store = store
+
+    def sweep_once(self) -> int:
+        """Advances one batch of pools; returns how many (0 also when another
+        replica is sweeping)."""
+        return self._store.advance_due_periods(batch_size_max=self._batch_size_max)

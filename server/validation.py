@@ -67,9 +67,12 @@ class Checks:
         if "\x00" in value:
             self.fail(field, "must not contain NUL characters")
 
-    def enum(self, field: str, value: int, enum_type) -> None:
-        if value == 0 or value not in enum_type.values():
-            names = ", ".join(name for name in enum_type.keys() if enum_type.Value(name) != 0)
+    def enum(self, field: str, value: int, enum_type, *, allowed=None) -> None:
+        """A value of enum_type other than 0 (unspecified), and one of
+        allowed when given (values the server sets but callers may not)."""
+        allowed = [v for v in enum_type.values() if v != 0] if allowed is None else list(allowed)
+        if value not in allowed:
+            names = ", ".join(enum_type.Name(v) for v in allowed)
             self.fail(field, f"must be one of {names}")
 
     def metadata(self, field: str, entries) -> None:

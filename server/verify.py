@@ -160,6 +160,29 @@ INVARIANT_QUERIES: dict[str, str] = {
         SELECT org_id FROM organization_credit_pools
          WHERE used_millicredits + reserved_millicredits
                > total_millicredits + overage_limit_millicredits""",
+    # Periods and refreshes (0007_periods_and_refresh.sql).
+    "a pool's period end is its live subscription's, and none without one": """
+        SELECT p.org_id, p.period_ends_at, s.current_period_end
+          FROM organization_credit_pools p
+          LEFT JOIN organization_subscriptions s
+            ON s.org_id = p.org_id AND s.status IN ('TRIALING', 'ACTIVE', 'PAST_DUE')
+         WHERE p.period_ends_at IS DISTINCT FROM s.current_period_end""",
+    "each subscription period is whole cycles from its anchor, the one after the last": """
+        SELECT org_id, subscription_id, current_period_start, current_period_end
+          FROM organization_subscriptions
+         WHERE current_period_end <> cycles_after(period_anchor, billing_cycle, periods_from_anchor)
+            OR current_period_start >= current_period_end""",
+    "each period after the first was renewed once and refreshed at most once": """
+        SELECT s.org_id, s.subscription_id, h.period_start_us, h.renewals, h.refreshes
+          FROM organization_subscriptions s
+          JOIN (SELECT org_id, subscription_id, details ->> 'period_start_us' AS period_start_us,
+                       count(*) FILTER (WHERE event_type = 'SUBSCRIPTION_RENEWED') AS renewals,
+                       count(*) FILTER (WHERE credit_source = 'REFRESH') AS refreshes
+                  FROM org_billing_history
+                 WHERE event_type = 'SUBSCRIPTION_RENEWED' OR credit_source IN ('REFRESH', 'LAPSE')
+                 GROUP BY 1, 2, 3) h USING (org_id, subscription_id)
+         WHERE h.refreshes > 1 OR h.renewals > 1
+            OR h.renewals = 0 AND h.period_start_us::bigint <> epoch_micros(s.created_at)""",
     "each organization has at most one live subscription": """
         SELECT org_id FROM organization_subscriptions
          WHERE status IN ('TRIALING', 'ACTIVE', 'PAST_DUE')

@@ -81,7 +81,7 @@ class Client:
 
     # Setting up an organization in one line, for tests about something else.
 
-    def subscribe(self, org_id: str, plan=types_pb2.PLAN_PLATFORM):
+    def subscribe(self, org_id: str, plan=types_pb2.PLAN_BYOK):
         return self.billing.CreateSubscription(
             billing_pb.CreateSubscriptionRequest(
                 org_id=org_id, plan=plan, billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY,

@@ -130,3 +130,20 @@ def test_the_readmes_overage_examples_run(client, token):
         outs.append(out)
     assert '"overage_limit_millicredits": "50000"' in outs[0]
     assert "BILLING_EVENT_TYPE_OVERAGE_CHANGED" in outs[1]
+
+
+def test_the_readmes_refresh_examples_run(client, token):
+    """The README's Refresh section as written: set the org's own refresh
+    and rollover, back to the plan's, and the credit events."""
+    client.funded_org("acme", 10_000_000, {"alice": 1_000_000})
+    examples = readme_examples("Refresh and billing periods")
+    assert [method.rsplit("/", 1)[1] for method, _ in examples] == [
+        "SetCreditRefresh", "SetCreditRefresh", "ListBillingHistory"]
+    outs = []
+    for method, request in examples:
+        code, out = grpcurl(client.address, method, data=request, token=token)
+        assert code == 0, (method, out)
+        outs.append(out)
+    assert '"refresh_overridden": true' in outs[0] and '"rollover_cap_millicredits": "10000000"' in outs[0]
+    assert "refresh_overridden" not in outs[1]
+    assert "BILLING_EVENT_TYPE_CREDITS_ADDED" in outs[2]

@@ -12,7 +12,7 @@ from tests.support import field_violations, new_key, raises_rpc, with_fields
 CODE = grpc.StatusCode
 
 
-def create(client, org="acme", plan=t.PLAN_PLATFORM, cycle=t.BILLING_CYCLE_MONTHLY, key=None, **extra):
+def create(client, org="acme", plan=t.PLAN_BYOK, cycle=t.BILLING_CYCLE_MONTHLY, key=None, **extra):
     return client.billing.CreateSubscription(pb.CreateSubscriptionRequest(
         org_id=org, plan=plan, billing_cycle=cycle, idempotency_key=key or new_key(), **extra))
 
@@ -37,7 +37,12 @@ def test_subscription_is_priced_by_the_catalog_and_recorded(client, database_url
     assert subscription.current_period_end.ToSeconds() - subscription.current_period_start.ToSeconds() >= 365 * 86400
     got = client.billing.GetSubscription(pb.GetSubscriptionRequest(org_id="acme")).subscription
     assert got == subscription
-    assert history(database_url) == [("SUBSCRIPTION_CREATED", 0)]
+    # The first period starts with the plan's refresh, a year's worth.
+    assert history(database_url) == [("SUBSCRIPTION_CREATED", 0), ("CREDITS_ADDED", 60_000_000)]
+    pool = client.billing.GetCreditPool(pb.GetCreditPoolRequest(org_id="acme")).pool
+    assert (pool.total_millicredits, pool.refresh_millicredits, pool.refresh_unspent_millicredits) \
+        == (60_000_000, 60_000_000, 60_000_000)
+    assert pool.next_refresh_time == subscription.current_period_end
 
 
 def test_trial_subscription_starts_trialing(client):

@@ -563,7 +563,7 @@ def test_user_billing_lists_the_users_live_allocations_by_org_with_plan_price_an
     assert [o.allocation.org_id for o in response.organizations] == ["a-org", "b-org", "c-org"]
     a, b, c = response.organizations
     assert (a.plan, a.price.amount_cents, a.price.currency) == (
-        t.PLAN_PLATFORM, PLAN_PRICES_CENTS[("PLATFORM", "MONTHLY")], "USD")
+        t.PLAN_BYOK, PLAN_PRICES_CENTS[("BYOK", "MONTHLY")], "USD")
     assert (b.plan, b.price.amount_cents, b.price.currency) == (
         t.PLAN_BYOK, PLAN_PRICES_CENTS[("BYOK", "YEARLY")], "USD")
     assert c.plan == t.PLAN_UNSPECIFIED and c.price.amount_cents == 0
@@ -752,8 +752,8 @@ def test_org_summaries_list_every_org_by_id_with_live_plan_status_and_pool(clien
     assert not token
     s = "SUBSCRIPTION_STATUS_"
     assert [(o.org_id, t.Plan.Name(o.plan), t.SubscriptionStatus.Name(o.status)) for o in listed] == [
-        ("o-a", "PLAN_BYOK", s + "TRIALING"), ("o-b", "PLAN_PLATFORM", s + "ACTIVE"),
-        ("o-c", "PLAN_UNSPECIFIED", s + "UNSPECIFIED"), ("o-d", "PLAN_PLATFORM", s + "PAST_DUE"),
+        ("o-a", "PLAN_BYOK", s + "TRIALING"), ("o-b", "PLAN_BYOK", s + "ACTIVE"),
+        ("o-c", "PLAN_UNSPECIFIED", s + "UNSPECIFIED"), ("o-d", "PLAN_BYOK", s + "PAST_DUE"),
         ("o-e", "PLAN_HYBRID", s + "ACTIVE")]
     for entry in listed:
         assert entry.pool == client.billing.GetCreditPool(

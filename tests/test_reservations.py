@@ -47,6 +47,12 @@ def get(client, reservation_id, org="acme"):
         pb.GetReservationRequest(org_id=org, reservation_id=reservation_id)).reservation
 
 
+def refund(client, deduction_id, amount, org="acme"):
+    return client.credits.RefundCredits(pb.RefundCreditsRequest(
+        org_id=org, deduction_id=deduction_id, amount_millicredits=amount, reason="test",
+        idempotency_key=new_key()))
+
+
 def deduct(client, amount, user="alice", org="acme", key=None):
     return client.credits.DeductCredits(pb.DeductCreditsRequest(
         org_id=org, user_id=user, amount_millicredits=amount, service_type="llm",
@@ -432,16 +438,17 @@ def test_the_running_sweeper_persists_expiries(start_server, database_url, token
 
 # Concurrency.
 
-def test_threads_reserving_committing_releasing_and_deducting_at_once_never_overdraw(
+def test_threads_reserving_committing_releasing_refunding_and_deducting_at_once_never_overdraw(
         client, database_url, server, start_server, token):
     """24 threads on one allocation, through two replicas of the real server
-    (group commit on): no overdraft, every hold ends in exactly one state,
-    and the ledger balances."""
+    (group commit on): no overdraft, every hold ends in exactly one state, no
+    deduction refunded past its charge, and the ledger balances."""
     from tests.support import Client
     client.funded_org("acme", 1_000_000, {"alice": 20_000})
     replica = start_server(database_url)
     other_client = Client(f"127.0.0.1:{replica.port}", token=token)
     barrier = threading.Barrier(24)
+    charges = []
     outcomes = {}
     lock = threading.Lock()
     batch_kinds = []
@@ -465,8 +472,15 @@ def test_threads_reserving_committing_releasing_and_deducting_at_once_never_over
             try:
                 roll = rng.random()
                 if roll < 0.3:
-                    deduct(client, rng.randint(1, 300))
+                    amount = rng.randint(1, 300)
+                    charged = deduct(client, amount)
                     note("deducted")
+                    with lock:
+                        charges.append((charged.deduction_id, amount))
+                        # Any thread's charge: refunds of one race each other.
+                        deduction_id, charged_amount = rng.choice(charges)
+                    refund(client, deduction_id, rng.randint(1, charged_amount))
+                    note("refunded")
                     continue
                 held = reserve(client, rng.randint(1, 400), ttl_s=rng.choice([1, 60]))
                 note("reserved")
@@ -488,6 +502,7 @@ def test_threads_reserving_committing_releasing_and_deducting_at_once_never_over
     finally:
         other_client.close()
     assert outcomes.get("reserved", 0) > 50 and outcomes.get("committed", 0) > 20, outcomes
+    assert outcomes.get("refunded", 0) > 20, outcomes
     assert violations(database_url) == {}
     with psycopg.connect(database_url) as conn:
         limit, used, reserved = conn.execute(

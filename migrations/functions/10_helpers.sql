@@ -35,6 +35,18 @@ LANGUAGE sql IMMUTABLE AS $$
     END) AT TIME ZONE 'UTC'
 $$;
 
+-- The instant p_cycles billing cycles after p_anchor, in UTC calendar months
+-- or years: from the 31st of January, one month is the 28th (or 29th) of
+-- February and two are the 31st of March; from the 29th of February, one
+-- year is the 28th of February and four are the 29th again.
+CREATE OR REPLACE FUNCTION cycles_after(p_anchor timestamptz, p_cycle text, p_cycles integer)
+RETURNS timestamptz
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT ((p_anchor AT TIME ZONE 'UTC')
+            + p_cycles * CASE p_cycle WHEN 'YEARLY' THEN interval '1 year' ELSE interval '1 month' END)
+           AT TIME ZONE 'UTC'
+$$;
+
 CREATE OR REPLACE FUNCTION epoch_micros(p_at timestamptz) RETURNS bigint
 LANGUAGE sql IMMUTABLE AS $$
     SELECT floor(extract(epoch FROM p_at) * 1000000)::bigint
@@ -42,8 +54,11 @@ $$;
 
 -- The JSON shapes store.py reads back: results of the administrative
 -- functions, stored as is under their idempotency keys for replays.
+-- The refresh is the org's own, or else its live subscription's plan's.
+-- What is left of the refreshed credits: they are spent first, so what was
+-- spent since the period's start comes off them first (0007).
 CREATE OR REPLACE FUNCTION pool_json(p organization_credit_pools) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object(
         'org_id', p.org_id,
         'total', p.total_millicredits,
@@ -51,7 +66,18 @@ LANGUAGE sql IMMUTABLE AS $$
         'used', p.used_millicredits,
         'reserved', p.reserved_millicredits,
         'overage_limit', p.overage_limit_millicredits,
-        'overage_rate', p.overage_rate_millicents_per_credit)
+        'overage_rate', p.overage_rate_millicents_per_credit,
+        'refresh', coalesce(p.refresh_override_millicredits,
+                            (SELECT s.refresh_millicredits FROM organization_subscriptions AS s
+                              WHERE s.org_id = p.org_id
+                                AND s.status IN ('TRIALING', 'ACTIVE', 'PAST_DUE')), 0),
+        'refresh_overridden', p.refresh_override_millicredits IS NOT NULL,
+        'rollover_cap', p.rollover_cap_millicredits,
+        'refresh_unspent', greatest(0, least(
+            p.refresh_balance_millicredits
+            - (p.used_millicredits - p.used_at_period_start_millicredits),
+            p.total_millicredits - p.used_millicredits)),
+        'next_refresh_at_us', epoch_micros(p.period_ends_at))
 $$;
 
 CREATE OR REPLACE FUNCTION allocation_json(a user_credit_allocations) RETURNS jsonb

@@ -23,9 +23,10 @@ BEGIN
         WHEN 'DeductCredits', 'ReserveCredits', 'CommitReservation', 'ReleaseReservation',
              'RefundCredits'
             THEN RETURN 'deductions';
-        -- Overage is credit the org may spend before paying: the same family
-        -- (and the same scope, credits.grant) as adding credits.
-        WHEN 'AddCredits', 'SetOverage' THEN RETURN 'credits';
+        -- Overage is credit the org may spend before paying, and a refresh
+        -- credits it grants: the same family (and the same scope,
+        -- credits.grant) as adding credits.
+        WHEN 'AddCredits', 'SetOverage', 'SetCreditRefresh' THEN RETURN 'credits';
         WHEN 'AllocateCredits', 'RevokeAllocation' THEN RETURN 'allocations';
         WHEN 'CreateSubscription', 'ChangePlan', 'CancelSubscription' THEN RETURN 'subscriptions';
         ELSE RAISE EXCEPTION 'operation % has no idempotency family', p_operation;

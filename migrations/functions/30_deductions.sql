@@ -107,10 +107,11 @@ BEGIN
     END IF;
 END $$;
 
--- Whether an amount fits the allocation and the pool. Reads only.
+-- Whether an amount fits the allocation and the pool. Reads only, but for
+-- applying an ended subscription period (which any first access does).
 CREATE OR REPLACE FUNCTION has_sufficient_credits(p_org_id text, p_user_id text, p_amount bigint)
 RETURNS TABLE (outcome text, sufficient boolean, allocation_remaining bigint, pool_spendable bigint)
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql
 SET enable_seqscan = off
 AS $$
 DECLARE
@@ -126,6 +127,11 @@ BEGIN
     SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
     IF NOT FOUND THEN
         outcome := 'ORG_NOT_FOUND'; RETURN NEXT; RETURN;
+    END IF;
+    -- An ended subscription period is applied (once) before anything is
+    -- read: settle_due_periods inline, as a call costs the hot path.
+    IF p.period_ends_at <= ledger_now() THEN
+        p := lock_pool(p_org_id);
     END IF;
     SELECT * INTO a FROM user_credit_allocations
      WHERE org_id = p_org_id AND user_id = p_user_id AND revoked_at IS NULL;
@@ -183,6 +189,10 @@ BEGIN
     -- (35_reservations.sql); a pool with nothing reserved has none.
     IF p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
         SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
+    END IF;
+    -- So does an ended subscription period, with its refresh (50_subscriptions.sql).
+    IF p.period_ends_at <= ledger_now() THEN
+        p := advance_due_periods(p);
     END IF;
 
     SELECT * INTO prior FROM credit_usage_attribution
@@ -334,6 +344,9 @@ BEGIN
     -- (35_reservations.sql), under the pool locks just taken.
     PERFORM release_expired_holds(org_id) FROM organization_credit_pools
      WHERE org_id = ANY (p_org_ids) AND reserved_millicredits > 0;
+    -- So do ended subscription periods, with their refreshes.
+    PERFORM advance_due_periods(p) FROM organization_credit_pools AS p
+     WHERE org_id = ANY (p_org_ids) AND period_ends_at <= ledger_now();
     PERFORM 1 FROM user_credit_allocations
      WHERE (org_id, user_id) IN (SELECT * FROM unnest(p_org_ids, p_user_ids))
      ORDER BY org_id, user_id FOR UPDATE;

@@ -64,10 +64,12 @@ BEGIN
     RETURN expired_count;
 END $$;
 
--- Locks an org's pool for a change, its expired holds persisted first
--- (release_expired_holds), so that no balance read after it counts them; a
--- NULL row when the org has no pool. Every writer but the hot path starts
--- here; deduct_credits writes the same steps inline (a call costs it).
+-- Locks an org's pool for a change, with what is due by now applied first:
+-- its expired holds persisted (release_expired_holds), so that no balance
+-- read after it counts them, then its ended subscription periods advanced
+-- with their refreshes (advance_due_periods, 50_subscriptions.sql). A NULL
+-- row when the org has no pool. Every writer but the deductions starts
+-- here; they write the same steps inline (a call costs the hot path).
 CREATE OR REPLACE FUNCTION lock_pool(p_org_id text) RETURNS organization_credit_pools
 LANGUAGE plpgsql
 AS $$
@@ -77,6 +79,9 @@ BEGIN
     SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
     IF FOUND AND p.reserved_millicredits > 0 AND release_expired_holds(p_org_id) > 0 THEN
         SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id;
+    END IF;
+    IF p.period_ends_at <= ledger_now() THEN
+        p := advance_due_periods(p);
     END IF;
     RETURN p;
 END $$;

@@ -96,8 +96,8 @@ BEGIN
     IF p_limit IS NULL OR p_limit < 0 OR p_limit > 1000000000000000 THEN
         RETURN '{"outcome": "INVALID_AMOUNT"}';
     END IF;
-    SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
-    IF NOT FOUND THEN
+    p := lock_pool(p_org_id);
+    IF p.org_id IS NULL THEN
         RETURN '{"outcome": "ORG_NOT_FOUND"}';
     END IF;
     prior := idempotency_lookup(p_org_id, p_idempotency_key, 'AllocateCredits', p_request_hash);
@@ -156,8 +156,8 @@ DECLARE
     prior jsonb;
     old_limit bigint;
 BEGIN
-    SELECT * INTO p FROM organization_credit_pools WHERE org_id = p_org_id FOR UPDATE;
-    IF NOT FOUND THEN
+    p := lock_pool(p_org_id);
+    IF p.org_id IS NULL THEN
         RETURN '{"outcome": "ORG_NOT_FOUND"}';
     END IF;
     prior := idempotency_lookup(p_org_id, p_idempotency_key, 'RevokeAllocation', p_request_hash);
@@ -234,5 +234,49 @@ BEGIN
      WHERE org_id = p_org_id
     RETURNING * INTO p;
     RETURN idempotency_remember(p_org_id, p_idempotency_key, 'SetOverage', p_request_hash,
+        jsonb_build_object('outcome', 'OK', 'event_id', event, 'pool', pool_json(p)));
+END $$;
+
+-- Sets a pool's refresh (p_refresh; NULL: the plan's) and rollover cap
+-- (0007_periods_and_refresh.sql). Both apply from the next period start: a
+-- refresh granted is not taken back, nor one not yet due granted early. On
+-- OK the result also has event_id and pool.
+CREATE OR REPLACE FUNCTION set_pool_refresh(
+    p_org_id text, p_refresh bigint, p_rollover_cap bigint,
+    p_idempotency_key text, p_request_hash bytea, p_request_id text)
+RETURNS jsonb LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
+DECLARE
+    p organization_credit_pools;
+    prior jsonb;
+    event uuid;
+BEGIN
+    IF p_refresh < 0 OR p_refresh > 1000000000000000
+       OR p_rollover_cap IS NULL OR p_rollover_cap < 0 OR p_rollover_cap > 1000000000000000000 THEN
+        RETURN '{"outcome": "INVALID_AMOUNT"}';
+    END IF;
+    p := lock_pool(p_org_id);
+    IF p.org_id IS NULL THEN
+        RETURN '{"outcome": "ORG_NOT_FOUND"}';
+    END IF;
+    prior := idempotency_lookup(p_org_id, p_idempotency_key, 'SetCreditRefresh', p_request_hash);
+    IF prior IS NOT NULL THEN
+        RETURN prior;
+    END IF;
+    INSERT INTO org_billing_history (org_id, event_type, details, idempotency_key, request_id)
+    VALUES (p_org_id, 'REFRESH_CHANGED',
+            jsonb_build_object('old_refresh', p.refresh_override_millicredits, 'new_refresh', p_refresh,
+                               'old_rollover_cap', p.rollover_cap_millicredits,
+                               'new_rollover_cap', p_rollover_cap),
+            p_idempotency_key, p_request_id)
+    RETURNING event_id INTO event;
+    UPDATE organization_credit_pools
+       SET refresh_override_millicredits = p_refresh,
+           rollover_cap_millicredits = p_rollover_cap,
+           updated_at = ledger_now()
+     WHERE org_id = p_org_id
+    RETURNING * INTO p;
+    RETURN idempotency_remember(p_org_id, p_idempotency_key, 'SetCreditRefresh', p_request_hash,
         jsonb_build_object('outcome', 'OK', 'event_id', event, 'pool', pool_json(p)));
 END $$;

@@ -42,6 +42,7 @@ METHOD_SCOPES: dict[str, str] = {
     "/orgbilling.v1.OrgBillingService/AddCredits": CREDITS_GRANT,
     # Overage is credit the org may spend before paying for it: a grant.
     "/orgbilling.v1.OrgBillingService/SetOverage": CREDITS_GRANT,
+    "/orgbilling.v1.OrgBillingService/SetCreditRefresh": CREDITS_GRANT,
     "/orgbilling.v1.OrgBillingService/AllocateCredits": CREDITS_MANAGE,
     "/orgbilling.v1.OrgBillingService/RevokeAllocation": CREDITS_MANAGE,
     "/orgbilling.v1.OrgBillingService/ListAllocations": CREDITS_READ,

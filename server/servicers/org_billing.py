@@ -15,12 +15,17 @@ _PLAN = (types_pb2.Plan, "PLAN")
 _CYCLE = (types_pb2.BillingCycle, "BILLING_CYCLE")
 _RESET = (types_pb2.ResetPeriod, "RESET_PERIOD")
 _SOURCE = (types_pb2.CreditSource, "CREDIT_SOURCE")
+# REFRESH and LAPSE are the ledger's own, at each billing period start.
+_SOURCES_OF_CALLERS = (types_pb2.CREDIT_SOURCE_PURCHASE, types_pb2.CREDIT_SOURCE_GRANT,
+                       types_pb2.CREDIT_SOURCE_ADJUSTMENT)
 _ALLOCATION_PAGES = Layout("ListAllocations", "s")  # user_id of the last row
 _INVOICE_STATUS = (types_pb2.InvoiceStatus, "INVOICE_STATUS")
 
 INVOICE_AMOUNT_MAX_CENTS = 10**13
 # Millicents per credit: 10,000 dollars a credit (0005_overage.sql).
 OVERAGE_RATE_MAX = 10**9
+# A pool's total may reach 10^18 (0001_baseline.sql); so may what rolls over.
+ROLLOVER_CAP_MAX_MILLICREDITS = 10**18
 CURRENCY = re.compile(r"[A-Z]{3}")
 # google.protobuf.Timestamp's own range, 0001-01-01 to 9999-12-31, which a
 # PostgreSQL timestamptz holds whole.
@@ -61,6 +66,7 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
             self._store.create_subscription(
                 request.org_id, plan=plan, billing_cycle=cycle,
                 price_cents=catalog.plan_price_cents(plan, cycle),
+                refresh_millicredits=catalog.plan_refresh_millicredits(plan, cycle),
                 currency=catalog.CATALOG_CURRENCY, trial_days=request.trial_days,
                 external_customer_id=request.external_customer_id,
                 external_subscription_id=request.external_subscription_id,
@@ -95,6 +101,7 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
             self._store.change_plan(
                 request.org_id, plan=plan, billing_cycle=cycle,
                 price_cents=catalog.plan_price_cents(plan, cycle),
+                refresh_millicredits=catalog.plan_refresh_millicredits(plan, cycle),
                 currency=catalog.CATALOG_CURRENCY, idempotency_key=request.idempotency_key,
                 request_hash=fingerprint(request), request_id=current_request_id(),
             )
@@ -135,7 +142,7 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
     def AddCredits(self, request, context):
         checks = Checks()
         checks.identifier("org_id", request.org_id)
-        checks.enum("source", request.source, types_pb2.CreditSource)
+        checks.enum("source", request.source, types_pb2.CreditSource, allowed=_SOURCES_OF_CALLERS)
         checks.text("reason", request.reason)
         checks.idempotency_key(request.idempotency_key)
         source = request.source
@@ -198,6 +205,30 @@ class OrgBillingServicer(org_billing_service_pb2_grpc.OrgBillingServiceServicer)
             )
         )
         return pb.SetOverageResponse(
+            pool=convert.pool(result["pool"]), event_id=result["event_id"],
+            replayed=result["replayed"],
+        )
+
+    def SetCreditRefresh(self, request, context):
+        checks = Checks()
+        checks.identifier("org_id", request.org_id)
+        if request.HasField("refresh_millicredits"):
+            checks.amount("refresh_millicredits", request.refresh_millicredits, minimum=0)
+        if not 0 <= request.rollover_cap_millicredits <= ROLLOVER_CAP_MAX_MILLICREDITS:
+            checks.fail("rollover_cap_millicredits", f"must be from 0 to {ROLLOVER_CAP_MAX_MILLICREDITS}")
+        checks.idempotency_key(request.idempotency_key)
+        checks.done()
+        result = _raise_unless_ok(
+            self._store.set_refresh(
+                request.org_id,
+                refresh_millicredits=(request.refresh_millicredits
+                                      if request.HasField("refresh_millicredits") else None),
+                rollover_cap_millicredits=request.rollover_cap_millicredits,
+                idempotency_key=request.idempotency_key, request_hash=fingerprint(request),
+                request_id=current_request_id(),
+            )
+        )
+        return pb.SetCreditRefreshResponse(
             pool=convert.pool(result["pool"]), event_id=result["event_id"],
             replayed=result["replayed"],
         )

@@ -275,7 +275,7 @@ class ReportingServicer(reporting_service_pb2_grpc.ReportingServiceServicer):
         response = pb.ListOrgSummariesResponse()
         for row in page:
             response.organizations.add(org_id=row["org_id"], plan=rc.plan(row["plan"]),
-                                       status=rc.status(row["status"]), pool=convert.pool(row))
+                                       status=rc.status(row["status"]), pool=convert.pool(row["pool"]))
         if len(found) > page_size:
             response.next_page_token = _ORG_PAGES.encode((page[-1]["org_id"],), scope=())
         return response

@@ -154,6 +154,28 @@ class SetOverageResponse(_message.Message):
     replayed: bool
     def __init__(self, pool: _Optional[_Union[_types_pb2.CreditPool, _Mapping]] = ..., event_id: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
+class SetCreditRefreshRequest(_message.Message):
+    __slots__ = ("org_id", "refresh_millicredits", "rollover_cap_millicredits", "idempotency_key")
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOVER_CAP_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    org_id: str
+    refresh_millicredits: int
+    rollover_cap_millicredits: int
+    idempotency_key: str
+    def __init__(self, org_id: _Optional[str] = ..., refresh_millicredits: _Optional[int] = ..., rollover_cap_millicredits: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class SetCreditRefreshResponse(_message.Message):
+    __slots__ = ("pool", "event_id", "replayed")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    pool: _types_pb2.CreditPool
+    event_id: str
+    replayed: bool
+    def __init__(self, pool: _Optional[_Union[_types_pb2.CreditPool, _Mapping]] = ..., event_id: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
 class AllocateCreditsRequest(_message.Message):
     __slots__ = ("org_id", "user_id", "limit_millicredits", "reset_period", "idempotency_key")
     ORG_ID_FIELD_NUMBER: _ClassVar[int]

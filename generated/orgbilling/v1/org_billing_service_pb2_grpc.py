@@ -70,6 +70,11 @@ class OrgBillingServiceStub:
                 request_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageRequest.SerializeToString,
                 response_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageResponse.FromString,
                 _registered_method=True)
+        self.SetCreditRefresh = channel.unary_unary(
+                '/orgbilling.v1.OrgBillingService/SetCreditRefresh',
+                request_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetCreditRefreshRequest.SerializeToString,
+                response_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetCreditRefreshResponse.FromString,
+                _registered_method=True)
         self.AllocateCredits = channel.unary_unary(
                 '/orgbilling.v1.OrgBillingService/AllocateCredits',
                 request_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.AllocateCreditsRequest.SerializeToString,
@@ -147,6 +152,16 @@ class OrgBillingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCreditRefresh(self, request, context):
+        """Sets a pool's refresh (the credits granted at each billing period start:
+        the org's own amount, or its plan's) and how much of the refreshed
+        credits left unspent rolls over into the next period. Recorded in
+        billing history as REFRESH_CHANGED; applies from the next period start.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AllocateCredits(self, request, context):
         """Sets a user's limit: a first allocation, a raise or a cut.
         """
@@ -214,6 +229,11 @@ def add_OrgBillingServiceServicer_to_server(servicer, server):
                     servicer.SetOverage,
                     request_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageRequest.FromString,
                     response_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageResponse.SerializeToString,
+            ),
+            'SetCreditRefresh': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCreditRefresh,
+                    request_deserializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetCreditRefreshRequest.FromString,
+                    response_serializer=orgbilling_dot_v1_dot_org__billing__service__pb2.SetCreditRefreshResponse.SerializeToString,
             ),
             'AllocateCredits': grpc.unary_unary_rpc_method_handler(
                     servicer.AllocateCredits,
@@ -426,6 +446,33 @@ class OrgBillingService:
             '/orgbilling.v1.OrgBillingService/SetOverage',
             orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageRequest.SerializeToString,
             orgbilling_dot_v1_dot_org__billing__service__pb2.SetOverageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCreditRefresh(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orgbilling.v1.OrgBillingService/SetCreditRefresh',
+            orgbilling_dot_v1_dot_org__billing__service__pb2.SetCreditRefreshRequest.SerializeToString,
+            orgbilling_dot_v1_dot_org__billing__service__pb2.SetCreditRefreshResponse.FromString,
             options,
             channel_credentials,
             insecure,

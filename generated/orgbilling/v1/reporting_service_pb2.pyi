@@ -30,6 +30,8 @@ class BillingEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BILLING_EVENT_TYPE_INVOICE_VOIDED: _ClassVar[BillingEventType]
     BILLING_EVENT_TYPE_REFUND: _ClassVar[BillingEventType]
     BILLING_EVENT_TYPE_OVERAGE_CHANGED: _ClassVar[BillingEventType]
+    BILLING_EVENT_TYPE_SUBSCRIPTION_RENEWED: _ClassVar[BillingEventType]
+    BILLING_EVENT_TYPE_REFRESH_CHANGED: _ClassVar[BillingEventType]
 BILLING_EVENT_TYPE_UNSPECIFIED: BillingEventType
 BILLING_EVENT_TYPE_SUBSCRIPTION_CREATED: BillingEventType
 BILLING_EVENT_TYPE_SUBSCRIPTION_UPGRADED: BillingEventType
@@ -46,6 +48,8 @@ BILLING_EVENT_TYPE_INVOICE_PAYMENT_FAILED: BillingEventType
 BILLING_EVENT_TYPE_INVOICE_VOIDED: BillingEventType
 BILLING_EVENT_TYPE_REFUND: BillingEventType
 BILLING_EVENT_TYPE_OVERAGE_CHANGED: BillingEventType
+BILLING_EVENT_TYPE_SUBSCRIPTION_RENEWED: BillingEventType
+BILLING_EVENT_TYPE_REFRESH_CHANGED: BillingEventType
 
 class TimeRange(_message.Message):
     __slots__ = ("start_time", "end_time")

@@ -45,6 +45,8 @@ class CreditSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CREDIT_SOURCE_PURCHASE: _ClassVar[CreditSource]
     CREDIT_SOURCE_GRANT: _ClassVar[CreditSource]
     CREDIT_SOURCE_ADJUSTMENT: _ClassVar[CreditSource]
+    CREDIT_SOURCE_REFRESH: _ClassVar[CreditSource]
+    CREDIT_SOURCE_LAPSE: _ClassVar[CreditSource]
 
 class PlanChange(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -89,6 +91,8 @@ CREDIT_SOURCE_UNSPECIFIED: CreditSource
 CREDIT_SOURCE_PURCHASE: CreditSource
 CREDIT_SOURCE_GRANT: CreditSource
 CREDIT_SOURCE_ADJUSTMENT: CreditSource
+CREDIT_SOURCE_REFRESH: CreditSource
+CREDIT_SOURCE_LAPSE: CreditSource
 PLAN_CHANGE_UNSPECIFIED: PlanChange
 PLAN_CHANGE_UPGRADE: PlanChange
 PLAN_CHANGE_DOWNGRADE: PlanChange
@@ -137,7 +141,7 @@ class Subscription(_message.Message):
     def __init__(self, org_id: _Optional[str] = ..., subscription_id: _Optional[str] = ..., plan: _Optional[_Union[Plan, str]] = ..., billing_cycle: _Optional[_Union[BillingCycle, str]] = ..., status: _Optional[_Union[SubscriptionStatus, str]] = ..., price_cents: _Optional[int] = ..., currency: _Optional[str] = ..., current_period_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_period_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trial_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., external_customer_id: _Optional[str] = ..., external_subscription_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreditPool(_message.Message):
-    __slots__ = ("org_id", "total_millicredits", "allocated_millicredits", "used_millicredits", "reserved_millicredits", "spendable_millicredits", "unallocated_millicredits", "overage_limit_millicredits", "overage_rate_millicents_per_credit", "overage_used_millicredits")
+    __slots__ = ("org_id", "total_millicredits", "allocated_millicredits", "used_millicredits", "reserved_millicredits", "spendable_millicredits", "unallocated_millicredits", "overage_limit_millicredits", "overage_rate_millicents_per_credit", "overage_used_millicredits", "refresh_millicredits", "refresh_overridden", "rollover_cap_millicredits", "refresh_unspent_millicredits", "next_refresh_time")
     ORG_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +152,11 @@ class CreditPool(_message.Message):
     OVERAGE_LIMIT_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
     OVERAGE_RATE_MILLICENTS_PER_CREDIT_FIELD_NUMBER: _ClassVar[int]
     OVERAGE_USED_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_OVERRIDDEN_FIELD_NUMBER: _ClassVar[int]
+    ROLLOVER_CAP_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_UNSPENT_MILLICREDITS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_REFRESH_TIME_FIELD_NUMBER: _ClassVar[int]
     org_id: str
     total_millicredits: int
     allocated_millicredits: int
@@ -158,7 +167,12 @@ class CreditPool(_message.Message):
     overage_limit_millicredits: int
     overage_rate_millicents_per_credit: int
     overage_used_millicredits: int
-    def __init__(self, org_id: _Optional[str] = ..., total_millicredits: _Optional[int] = ..., allocated_millicredits: _Optional[int] = ..., used_millicredits: _Optional[int] = ..., reserved_millicredits: _Optional[int] = ..., spendable_millicredits: _Optional[int] = ..., unallocated_millicredits: _Optional[int] = ..., overage_limit_millicredits: _Optional[int] = ..., overage_rate_millicents_per_credit: _Optional[int] = ..., overage_used_millicredits: _Optional[int] = ...) -> None: ...
+    refresh_millicredits: int
+    refresh_overridden: bool
+    rollover_cap_millicredits: int
+    refresh_unspent_millicredits: int
+    next_refresh_time: _timestamp_pb2.Timestamp
+    def __init__(self, org_id: _Optional[str] = ..., total_millicredits: _Optional[int] = ..., allocated_millicredits: _Optional[int] = ..., used_millicredits: _Optional[int] = ..., reserved_millicredits: _Optional[int] = ..., spendable_millicredits: _Optional[int] = ..., unallocated_millicredits: _Optional[int] = ..., overage_limit_millicredits: _Optional[int] = ..., overage_rate_millicents_per_credit: _Optional[int] = ..., overage_used_millicredits: _Optional[int] = ..., refresh_millicredits: _Optional[int] = ..., refresh_overridden: _Optional[bool] = ..., rollover_cap_millicredits: _Optional[int] = ..., refresh_unspent_millicredits: _Optional[int] = ..., next_refresh_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Allocation(_message.Message):
     __slots__ = ("org_id", "user_id", "limit_millicredits", "used_millicredits", "reserved_millicredits", "remaining_millicredits", "reset_period", "next_reset_time", "revoked")
