@@ -307,12 +307,15 @@ STEPS: list[tuple[str, list[str]]] = [
                           <= coalesce(s.canceled_at, %(now)s)) END""",
         """INSERT INTO organization_subscriptions (
                org_id, subscription_id, plan, billing_cycle, status, price_cents, currency,
-               current_period_start, current_period_end, trial_end,
+               current_period_start, current_period_end, period_anchor, trial_end,
                external_customer_id, external_subscription_id,
                created_at, updated_at, canceled_at)
            SELECT org_id, subscription_id, plan, cycle, status, price_cents, %(currency)s,
                   CASE WHEN status = 'TRIALING' THEN created_at
                        ELSE created_at + (periods - 1) * cycle_length END,
+                  CASE WHEN status = 'TRIALING' THEN created_at + interval '14 days'
+                       ELSE created_at + periods * cycle_length END,
+                  -- The period's end as its own anchor, as 0007 set existing ones.
                   CASE WHEN status = 'TRIALING' THEN created_at + interval '14 days'
                        ELSE created_at + periods * cycle_length END,
                   CASE WHEN status = 'TRIALING' THEN created_at + interval '14 days' END,
@@ -344,8 +347,12 @@ STEPS: list[tuple[str, list[str]]] = [
              FROM seed_invoices ORDER BY period_start""",
     ]),
     ("pools and allocations", [
-        """INSERT INTO organization_credit_pools (org_id, updated_at)
-           SELECT org_id, created_at FROM seed_orgs ORDER BY org_no""",
+        """INSERT INTO organization_credit_pools (org_id, updated_at, period_ends_at)
+           SELECT o.org_id, o.created_at, s.current_period_end
+             FROM seed_orgs AS o
+             LEFT JOIN organization_subscriptions AS s
+               ON s.org_id = o.org_id AND s.status IN ('TRIALING', 'ACTIVE', 'PAST_DUE')
+            ORDER BY o.org_no""",
         """INSERT INTO user_credit_allocations (
                org_id, user_id, limit_millicredits, reset_period, period_number, next_reset_at,
                created_at, updated_at)

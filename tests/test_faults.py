@@ -86,7 +86,7 @@ class RunningServer:
     def fund(self, pool_millicredits: int = 10**9, limit_millicredits: int = 10**8) -> None:
         billing, metadata = self.connection.billing, self.connection.metadata
         billing.CreateSubscription(billing_pb.CreateSubscriptionRequest(
-            org_id=ORG, plan=types_pb2.PLAN_PLATFORM, billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY,
+            org_id=ORG, plan=types_pb2.PLAN_BYOK, billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY,
             idempotency_key=new_key()), metadata=metadata, timeout=10)
         billing.AddCredits(billing_pb.AddCreditsRequest(
             org_id=ORG, source=types_pb2.CREDIT_SOURCE_GRANT, amount_millicredits=pool_millicredits,

@@ -345,7 +345,7 @@ class FuzzTarget:
 
         billing, metadata = self.connection.billing, self.connection.metadata
         billing.CreateSubscription(billing_pb.CreateSubscriptionRequest(
-            org_id=FUZZ_ORG, plan=types_pb2.PLAN_PLATFORM, billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY,
+            org_id=FUZZ_ORG, plan=types_pb2.PLAN_BYOK, billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY,
             idempotency_key="fuzz-setup-1"), metadata=metadata, timeout=10)
         billing.AddCredits(billing_pb.AddCreditsRequest(
             org_id=FUZZ_ORG, source=types_pb2.CREDIT_SOURCE_GRANT, amount_millicredits=10**12,

@@ -309,15 +309,15 @@ def test_allocations_most_used_first_ties_by_user_id_on_every_page(client, repor
 
 def test_org_summaries_page_by_org_id_with_lifetime_spend(client, reports, acme):
     for org in ("m-org", "b-org", "z-org"):
-        client.subscribe(org, plan=t.PLAN_BYOK)
+        client.subscribe(org, plan=t.PLAN_HYBRID)
     pages = walk(reports.ListOrgSummaries, rp.ListOrgSummariesRequest(page_size=2))
     summaries = [s for page in pages for s in page.organizations]
     assert [s.org_id for s in summaries] == ["acme", "b-org", "m-org", "z-org"]
     assert [len(page.organizations) for page in pages] == [2, 2]
     acme_summary = summaries[0]
-    assert acme_summary.plan == t.PLAN_PLATFORM and acme_summary.status == t.SUBSCRIPTION_STATUS_ACTIVE
+    assert acme_summary.plan == t.PLAN_BYOK and acme_summary.status == t.SUBSCRIPTION_STATUS_ACTIVE
     assert acme_summary.pool.used_millicredits == 105 and acme_summary.pool.total_millicredits == 10**10
-    assert summaries[1].plan == t.PLAN_BYOK and summaries[1].pool.used_millicredits == 0
+    assert summaries[1].plan == t.PLAN_HYBRID and summaries[1].pool.used_millicredits == 0
 
 
 def test_a_caller_limited_to_some_orgs_gets_no_platform_lists(client, reports, acme, database_url):
