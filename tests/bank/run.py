@@ -102,7 +102,7 @@ class BankRun:
         self.options = options
         self.say = say
         self.history = History()
-        self.hints = UsageHints()
+        self.hints = UsageHints(options.shape)
         self.violations: list[str] = []
         self.checkpoints = 0
 
