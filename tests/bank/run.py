@@ -86,9 +86,11 @@ def _join(counter, prefix: str) -> str:
 
 def account_setup_steps(shape: WorkloadShape, org_id: str) -> list[tuple]:
     """(method, request, user_id, amount) of each call that sets an org up."""
+    # BYOK: a plan with no refresh, so that a pool holds only what the
+    # workload adds (small, to run dry) and the model's total is its sum.
     steps = [
         ("CreateSubscription", billing_pb.CreateSubscriptionRequest(
-            org_id=org_id, plan=types_pb2.PLAN_PLATFORM, billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY,
+            org_id=org_id, plan=types_pb2.PLAN_BYOK, billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY,
             idempotency_key=f"setup-{org_id}"), "", 0),
         ("AddCredits", billing_pb.AddCreditsRequest(
             org_id=org_id, source=types_pb2.CREDIT_SOURCE_GRANT, reason="bank setup",
