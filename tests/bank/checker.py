@@ -6,10 +6,17 @@ refused one to nothing (but perhaps the refusal itself, remembered); an
 indeterminate one to all of its effect or none of it. The database may hold no effect of a key nobody sent. At the end,
 when every operation has resolved, the balances must equal the sums of
 what was acknowledged, and the server's own invariant checks must pass.
+
+Refunds are charges with a negative amount, linked to the deduction they
+give back: an acknowledged one is one row and one REFUND event under its
+key; the refunds of a deduction never add up to more than it charged; and
+a refusal as more than its unrefunded amount must be borne out by the
+refunds the database holds.
 """
 
 import collections
 import dataclasses
+import functools
 import json
 
 import psycopg
@@ -31,12 +38,27 @@ EXPECTED_HISTORY_EVENT = {
 class LedgerSnapshot:
     """The rows the checker needs, read in one consistent snapshot."""
 
-    attributions: dict[str, list[tuple]]  # key -> [(org, user, amount, deduction_id)]
+    attributions: dict[str, list[tuple]]  # key -> [(org, user, amount, deduction_id, refund_of)]
     history: dict[str, list[tuple]]  # key -> [(org, event_type, user, delta, event_id, details)]
     records: dict[str, list[tuple]]  # key -> [(org, operation, outcome)]
     reservations: dict[str, list[tuple]]  # key of the hold -> [(org, user, amount, reservation_id)]
     pools: dict[str, tuple[int, int]]  # org -> (total, used)
     allocations: dict[tuple[str, str], int]  # (org, user) -> used
+
+    @functools.cached_property
+    def refunded(self) -> dict[str, tuple[int | None, int]]:
+        """deduction_id -> (what it charged, what its refunds gave back), for
+        every charge and every deduction a refund names (charged None if it
+        names none)."""
+        charged, given_back = {}, collections.Counter()
+        for rows in self.attributions.values():
+            for _org, _user, amount, deduction_id, refund_of in rows:
+                if refund_of is None:
+                    charged[deduction_id] = amount
+                else:
+                    given_back[refund_of] -= amount
+        return {deduction_id: (charged.get(deduction_id), given_back[deduction_id])
+                for deduction_id in charged.keys() | given_back.keys()}
 
 
 def read_snapshot(database_url: str) -> LedgerSnapshot:
@@ -46,8 +68,8 @@ def read_snapshot(database_url: str) -> LedgerSnapshot:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             return LedgerSnapshot(
                 attributions=_by_key(conn.execute(
-                    "SELECT idempotency_key, org_id, user_id, amount_millicredits, deduction_id::text"
-                    " FROM credit_usage_attribution")),
+                    "SELECT idempotency_key, org_id, user_id, amount_millicredits, deduction_id::text,"
+                    " refund_of::text FROM credit_usage_attribution")),
                 history=_by_key(conn.execute(
                     "SELECT idempotency_key, org_id, event_type, user_id, credits_delta_millicredits,"
                     " event_id::text, details FROM org_billing_history WHERE idempotency_key IS NOT NULL")),
@@ -83,6 +105,7 @@ def check(history: History, database_url: str, final: bool) -> list[str]:
     outcomes = {operation.idempotency_key: operation for operation in decided}
     found = list(history.client_violations)
     found += phantom_effects(ledger, known)
+    found += over_refunded(ledger)
     for key, operation in known.items():
         # One begun after the first look had no outcome yet when the ledger was read.
         as_read = outcomes.get(key) or dataclasses.replace(operation, outcome=Outcome.INDETERMINATE)
@@ -117,6 +140,8 @@ def effect_problems(operation: Operation, ledger: LedgerSnapshot) -> list[str]:
     applied = bool(attributions or history or records or holds)
     problems = remembered_refusal_problems(operation, refusals, applied)
     if operation.outcome is Outcome.REFUSED:
+        if operation.reason == "REFUND_EXCEEDS_DEDUCTION":
+            problems += refusal_of_refund_problems(operation, ledger)
         return problems + ([f"refused, but applied: {attributions or history or records or holds}"]
                            if applied else [])
     if operation.outcome is Outcome.INDETERMINATE and not applied:
@@ -125,6 +150,10 @@ def effect_problems(operation: Operation, ledger: LedgerSnapshot) -> list[str]:
         return problems + ["acknowledged, but not applied"]
     if operation.method in ("DeductCredits", "CommitReservation"):
         return problems + deduction_problems(operation, attributions, history, records + holds)
+    if operation.method == "RefundCredits":
+        # Its row is checked as a charge's; its one REFUND event apart.
+        return (problems + deduction_problems(operation, attributions, [], records + holds)
+                + refund_event_problems(operation, attributions, history))
     if operation.method in ("ReserveCredits", "ReleaseReservation"):
         return problems + hold_problems(operation, attributions, history, records, holds)
     return problems + administrative_problems(operation, attributions, history, records)
@@ -154,12 +183,56 @@ def deduction_problems(operation: Operation, attributions, history, records) -> 
         problems.append(f"charged {len(attributions)} times")
     if history or records:
         problems.append(f"also left history {history} or records {records}")
-    for org, user, amount, deduction_id in attributions:
+    for org, user, amount, deduction_id, refund_of in attributions:
         if (org, user, amount) != (operation.org_id, operation.user_id, operation.amount_millicredits):
             problems.append(f"charged {amount} to {org}/{user}, asked {operation.amount_millicredits}"
                             f" of {operation.org_id}/{operation.user_id}")
         if operation.outcome is Outcome.ACKNOWLEDGED and deduction_id != operation.effect_id:
             problems.append(f"deduction {deduction_id}, acknowledged as {operation.effect_id}")
+        if refund_of != (operation.refunded_deduction_id or None):
+            problems.append(f"a refund of {refund_of}, asked {operation.refunded_deduction_id or 'none'}")
+    return problems
+
+
+def refund_event_problems(operation: Operation, attributions, history) -> list[str]:
+    """A refund writes one REFUND event, in the same transaction as its
+    row, naming the row, its deduction and its amount."""
+    if len(history) != 1:
+        return [f"{len(history)} history events, not 1"]
+    org, event_type, user, delta, _event_id, details = history[0]
+    details = _details(details)
+    refund_ids = [deduction_id for *_, deduction_id, _refund_of in attributions]
+    expected = (operation.org_id, "REFUND", operation.user_id, 0, operation.refunded_deduction_id,
+                -operation.amount_millicredits)
+    found = (org, event_type, user, delta, details.get("deduction_id"), details.get("amount_millicredits"))
+    problems = [] if found == expected else [f"event (org, type, user, delta, deduction, amount)"
+                                             f" {found}, expected {expected}"]
+    if [details.get("refund_id")] != refund_ids:
+        problems.append(f"event names refund {details.get('refund_id')}, its rows are {refund_ids}")
+    return problems
+
+
+def refusal_of_refund_problems(operation: Operation, ledger: LedgerSnapshot) -> list[str]:
+    """Refused as more than the deduction's unrefunded amount: refunds only
+    accumulate, and the refusal was heard before the ledger was read, so
+    what is unrefunded now is at most what was then."""
+    charged, given_back = ledger.refunded.get(operation.refunded_deduction_id, (None, 0))
+    asked = -operation.amount_millicredits
+    if charged is not None and asked <= charged - given_back:
+        return [f"refused as more than is left of deduction {operation.refunded_deduction_id},"
+                f" but {charged - given_back} of its {charged} is still unrefunded (asked {asked})"]
+    return []
+
+
+def over_refunded(ledger: LedgerSnapshot) -> list[str]:
+    """In the database: the refunds of each deduction add up to no more
+    than it charged, and each names a charge."""
+    problems = []
+    for deduction_id, (charged, given_back) in sorted(ledger.refunded.items()):
+        if charged is None:
+            problems.append(f"refunds of {deduction_id}, which is no charge, give back {given_back}")
+        elif given_back > charged:
+            problems.append(f"deduction {deduction_id} charged {charged}, its refunds gave back {given_back}")
     return problems
 
 
@@ -225,8 +298,9 @@ def unresolved(operations) -> list[str]:
 
 def balance_problems(operations, ledger: LedgerSnapshot) -> list[str]:
     """Each pool's total is what was acknowledged added, its used what was
-    acknowledged charged; each allocation's used likewise (no resets: the
-    workload's allocations never reset)."""
+    acknowledged charged less what was acknowledged refunded; each
+    allocation's used likewise (no resets: the workload's allocations never
+    reset, so a refund gives its allocation all of its amount back)."""
     added = collections.Counter()
     charged_pool = collections.Counter()
     charged_user = collections.Counter()
@@ -235,7 +309,8 @@ def balance_problems(operations, ledger: LedgerSnapshot) -> list[str]:
             continue
         if operation.method == "AddCredits":
             added[operation.org_id] += operation.amount_millicredits
-        elif operation.method in ("DeductCredits", "CommitReservation"):
+        elif operation.method in ("DeductCredits", "CommitReservation", "RefundCredits"):
+            # A refund's amount is negative.
             charged_pool[operation.org_id] += operation.amount_millicredits
             charged_user[(operation.org_id, operation.user_id)] += operation.amount_millicredits
     problems = []

@@ -32,8 +32,10 @@ DEFINITE_REFUSALS = frozenset({
 SERVER_BUGS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
                          grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS})
 
-# Refusals the harness's requests are built never to get.
-UNEXPECTED_REFUSAL_REASONS = frozenset({"IDEMPOTENCY_KEY_REUSED", "INVALID_ARGUMENT"})
+# Refusals the harness's requests are built never to get: a refund always
+# names a deduction acknowledged in its org, so it is never NOT_FOUND.
+UNEXPECTED_REFUSAL_REASONS = frozenset({"IDEMPOTENCY_KEY_REUSED", "INVALID_ARGUMENT",
+                                        "DEDUCTION_NOT_FOUND"})
 
 
 def outcome_of(code: grpc.StatusCode) -> Outcome:
@@ -51,18 +53,21 @@ class Operation:
     attempts it takes."""
 
     number: int
-    kind: str  # deduct, check, add, allocate_raise, allocate_lower, revoke
+    kind: str  # deduct, hold, commit, release, refund, check, add, allocate_raise, ...
     method: str  # the RPC's name
     request: object
     org_id: str
     user_id: str
-    amount_millicredits: int  # the charge, the credits added, or the new limit
+    # The charge (a refund's is negative: it gives back), the credits added,
+    # or the new limit.
+    amount_millicredits: int
     idempotency_key: str
     attempts: int = 0
     indeterminate_attempts: int = 0
     outcome: Outcome = Outcome.INDETERMINATE
     reason: str = ""  # of a refusal
-    effect_id: str = ""  # the deduction_id or event_id the acknowledgement named
+    effect_id: str = ""  # the deduction_id, event_id, reservation_id or refund_id acknowledged
+    refunded_deduction_id: str = ""  # of a refund: the deduction it gives back
     # (replica, deadline s, sent at, answered at, code, reason) of each
     # attempt, times as time.time(): to explain a violation, next to the
     # servers' logs and the uuidv7 ids of the rows.

@@ -65,6 +65,12 @@ class Report:
                 f"{kind} {c['attempted/' + kind]}/{c['acknowledged/' + kind]}/{c['refused/' + kind]}"
                 for kind in sorted(k.split('/', 1)[1] for k in c if k.startswith('attempted/'))),
             "refusals by reason: " + _join(c, "reason "),
+            f"refunds: acknowledged {c['acknowledged/refund']} ({c['later acknowledged/refund']} after an"
+            f" indeterminate attempt, {c['acknowledged as a replay/refund']} of them as a replay;"
+            f" {c['later refused/refund']} refused after one),"
+            f" refused as more than is left {c['reason REFUND_EXCEEDS_DEDUCTION']};"
+            f" deductions refunded {c['deductions refunded']}, more than once"
+            f" {c['deductions refunded more than once']}, in full {c['deductions refunded in full']}",
             f"faults injected {sum(self.faults.values())}: "
             + ", ".join(f"{kind} {count}" for kind, count in sorted(self.faults.items())),
             f"checkpoints {self.checkpoints}; violations {len(self.violations)}",
@@ -80,9 +86,11 @@ def _join(counter, prefix: str) -> str:
 
 def account_setup_steps(shape: WorkloadShape, org_id: str) -> list[tuple]:
     """(method, request, user_id, amount) of each call that sets an org up."""
+    # BYOK: a plan with no refresh, so that a pool holds only what the
+    # workload adds (small, to run dry) and the model's total is its sum.
     steps = [
         ("CreateSubscription", billing_pb.CreateSubscriptionRequest(
-            org_id=org_id, plan=types_pb2.PLAN_PLATFORM, billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY,
+            org_id=org_id, plan=types_pb2.PLAN_BYOK, billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY,
             idempotency_key=f"setup-{org_id}"), "", 0),
         ("AddCredits", billing_pb.AddCreditsRequest(
             org_id=org_id, source=types_pb2.CREDIT_SOURCE_GRANT, reason="bank setup",
@@ -102,7 +110,7 @@ class BankRun:
         self.options = options
         self.say = say
         self.history = History()
-        self.hints = UsageHints()
+        self.hints = UsageHints(options.shape)
         self.violations: list[str] = []
         self.checkpoints = 0
 
@@ -237,7 +245,8 @@ class BankRun:
 
     def _counters(self) -> collections.Counter:
         counters = collections.Counter(self.history.counters)
-        for operation in self.history.snapshot():
+        operations = self.history.snapshot()
+        for operation in operations:
             outcome = operation.outcome
             counters[outcome.value if outcome is not Outcome.INDETERMINATE else "unresolved"] += 1
             if outcome is not Outcome.INDETERMINATE:
@@ -247,7 +256,30 @@ class BankRun:
                 if outcome is not Outcome.INDETERMINATE:
                     counters["later resolved"] += 1
                     counters[f"later {outcome.value}"] += 1
+                    counters[f"later resolved/{operation.kind}"] += 1
+                    counters[f"later {outcome.value}/{operation.kind}"] += 1
+        counters.update(refund_counters(operations))
         return counters
+
+
+def refund_counters(operations: list[Operation]) -> collections.Counter:
+    """How the acknowledged refunds fell on deductions: the more share one,
+    the more the sum of its refunds was contended."""
+    acknowledged = [operation for operation in operations if operation.outcome is Outcome.ACKNOWLEDGED]
+    charged = {operation.effect_id: operation.amount_millicredits for operation in acknowledged
+               if operation.method in ("DeductCredits", "CommitReservation")}
+    refunds = collections.Counter()
+    given_back = collections.Counter()
+    for operation in acknowledged:
+        if operation.method == "RefundCredits":
+            refunds[operation.refunded_deduction_id] += 1
+            given_back[operation.refunded_deduction_id] -= operation.amount_millicredits
+    return collections.Counter({
+        "deductions refunded": len(refunds),
+        "deductions refunded more than once": sum(1 for count in refunds.values() if count > 1),
+        "deductions refunded in full": sum(1 for deduction_id, amount in given_back.items()
+                                           if amount == charged.get(deduction_id)),
+    })
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -1,8 +1,9 @@
 """The callers: a seeded random mix of charges, holds (reserved, then
-committed, released or left to expire), checks, top-ups and allocation
-changes over a few organizations, each operation retried with its own key
-until it resolves."""
+committed, released or left to expire), refunds of acknowledged charges,
+checks, top-ups and allocation changes over a few organizations, each
+operation retried with its own key until it resolves."""
 
+import collections
 import dataclasses
 import random
 import threading
@@ -22,12 +23,13 @@ from tests.support import error_reason
 SERVICE_OF_METHOD = {
     "CheckCredits": "credits", "DeductCredits": "credits",
     "ReserveCredits": "credits", "CommitReservation": "credits", "ReleaseReservation": "credits",
+    "RefundCredits": "credits",
     "CreateSubscription": "billing", "AddCredits": "billing",
     "AllocateCredits": "billing", "RevokeAllocation": "billing",
 }
 MUTATIONS = frozenset({"DeductCredits", "CreateSubscription", "AddCredits",
                        "AllocateCredits", "RevokeAllocation", "ReserveCredits",
-                       "CommitReservation", "ReleaseReservation"})
+                       "CommitReservation", "ReleaseReservation", "RefundCredits"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +45,15 @@ class WorkloadShape:
     initial_limit_millicredits: int = 40_000
     # Relative weights of the kinds of operation.
     mix: tuple[tuple[str, int], ...] = (
-        ("deduct", 57), ("hold", 12), ("check", 15), ("add", 8),
+        ("deduct", 57), ("hold", 12), ("refund", 6), ("check", 15), ("add", 8),
         ("allocate_raise", 10), ("allocate_lower", 6), ("revoke", 4),
     )
+    # One acknowledged charge in this many is offered to refunds, and
+    # refunds pick among the last few offered: so each offered charge gets
+    # several refunds, some at once from different callers, whose sum often
+    # passes what it charged (the last of them is then refused).
+    refund_offer_every: int = 8
+    refund_candidates: int = 8
     # The deadline of one attempt, in seconds, with weights: the short ones
     # cancel calls mid-flight.
     attempt_timeouts_s: tuple[tuple[float, int], ...] = (
@@ -61,12 +69,18 @@ class WorkloadShape:
 
 class UsageHints:
     """What callers last saw of each allocation's use, so that raises and
-    cuts land near it. Approximate on purpose: only the choice of limits
-    depends on it, never a check."""
+    cuts land near it, and the charges lately acknowledged, so that refunds
+    name real deductions. Approximate on purpose: only the choice of
+    operations depends on it, never a check."""
 
-    def __init__(self):
+    def __init__(self, shape: WorkloadShape):
         self._lock = threading.Lock()
         self._used: dict[tuple[str, str], int] = {}
+        self._offer_every = shape.refund_offer_every
+        self._charges_seen = 0
+        self._refund_candidates: collections.deque[Operation] = collections.deque(
+            maxlen=shape.refund_candidates)
+        self._given_back: collections.Counter[str] = collections.Counter()  # deduction_id -> refunded
 
     def used(self, org_id: str, user_id: str) -> int:
         with self._lock:
@@ -79,6 +93,26 @@ class UsageHints:
     def saw(self, org_id: str, user_id: str, used: int) -> None:
         with self._lock:
             self._used[(org_id, user_id)] = max(used, self._used.get((org_id, user_id), 0))
+
+    def acknowledged_charge(self, charge: Operation) -> None:
+        with self._lock:
+            self._charges_seen += 1
+            if self._charges_seen % self._offer_every == 0:
+                self._refund_candidates.append(charge)
+
+    def refunded(self, deduction_id: str, amount: int) -> None:
+        with self._lock:
+            self._given_back[deduction_id] += amount
+
+    def charge_to_refund(self, rng: random.Random) -> tuple[Operation, int] | None:
+        """One of the charges lately offered to refunds, and how much of it
+        callers have seen refunded; None before any."""
+        with self._lock:
+            candidates = list(self._refund_candidates)
+            if not candidates:
+                return None
+            charge = rng.choice(candidates)
+            return charge, self._given_back[charge.effect_id]
 
 
 class OperationFactory:
@@ -98,6 +132,13 @@ class OperationFactory:
         org_id = rng.choice(self._shape.org_ids())
         user_id = rng.choice(self._shape.user_ids())
         key = f"{self._key_prefix}-{self._numbers}"
+        if kind == "refund":
+            # Of whichever org and user the charge was: which charge depends
+            # on timing, as the limits that hints choose do.
+            chosen = self._hints.charge_to_refund(rng)
+            if chosen is not None:
+                return self._refund(rng, *chosen, key)
+            kind = "deduct"  # nothing acknowledged yet to give back
         build = getattr(self, f"_{kind}")
         method, request, amount = build(rng, org_id, user_id, key)
         return Operation(self._numbers, kind, method, request, org_id, user_id, amount, key)
@@ -137,6 +178,24 @@ class OperationFactory:
             request = credit_pb.ReleaseReservationRequest(
                 org_id=hold.org_id, reservation_id=hold.effect_id, idempotency_key=key)
         return Operation(self._numbers, kind, method, request, hold.org_id, hold.user_id, amount, key)
+
+    def _refund(self, rng: random.Random, charge: Operation, seen_refunded: int, key: str) -> Operation:
+        """Gives back part or all of a charge; or exactly what seems left of
+        it (the boundary: all of it if nothing raced it, else refused); now
+        and then more than it charged, which is refused whatever came before."""
+        roll = rng.random()
+        if roll < 0.1:
+            amount = charge.amount_millicredits + rng.randint(1, 1_000)
+        elif roll < 0.3:
+            amount = max(1, charge.amount_millicredits - seen_refunded)
+        else:
+            amount = rng.randint(1, charge.amount_millicredits)
+        request = credit_pb.RefundCreditsRequest(
+            org_id=charge.org_id, deduction_id=charge.effect_id, amount_millicredits=amount,
+            reason="bank", idempotency_key=key)
+        # Negative: what a refund takes off the charges of its allocation and pool.
+        return Operation(self._numbers, "refund", "RefundCredits", request, charge.org_id,
+                         charge.user_id, -amount, key, refunded_deduction_id=charge.effect_id)
 
     def _check(self, rng, org_id, user_id, key):
         amount = rng.randint(1, 4_000)
@@ -253,12 +312,18 @@ class Settler:
             # On a first attempt this is the server's own retry on a fresh
             # connection after the first one died past its commit: correct
             # (charged once), so counted, not a violation.
-            self._history.count("acknowledged as a replay" if operation.indeterminate_attempts
-                                else "replayed on the first attempt")
+            replay = ("acknowledged as a replay" if operation.indeterminate_attempts
+                      else "replayed on the first attempt")
+            self._history.count(replay)
+            self._history.count(f"{replay}/{operation.kind}")
         self._history.resolve(operation, Outcome.ACKNOWLEDGED,
                               effect_id=getattr(response, "deduction_id", "") or getattr(response, "event_id", "")
-                              or getattr(response, "reservation_id", ""))
-        if operation.method in ("DeductCredits", "CommitReservation") and not response.replayed:
+                              or getattr(response, "reservation_id", "") or getattr(response, "refund_id", ""))
+        if operation.method in ("DeductCredits", "CommitReservation"):
+            self._hints.acknowledged_charge(operation)
+        elif operation.method == "RefundCredits":
+            self._hints.refunded(operation.refunded_deduction_id, -operation.amount_millicredits)
+        if operation.method in ("DeductCredits", "CommitReservation", "RefundCredits") and not response.replayed:
             self._hints.charged(operation.org_id, operation.user_id, operation.amount_millicredits)
         elif operation.method == "AllocateCredits":
             self._hints.saw(operation.org_id, operation.user_id, response.allocation.used_millicredits)
@@ -267,13 +332,13 @@ class Settler:
 def ack_problems(operation: Operation, response) -> list[str]:
     """What an acknowledgement alone shows to be wrong."""
     problems = []
-    if operation.method in ("DeductCredits", "CommitReservation", "ReserveCredits"):
+    if operation.method in ("DeductCredits", "CommitReservation", "ReserveCredits", "RefundCredits"):
         if min(response.allocation_remaining_millicredits, response.pool_spendable_millicredits) < 0:
-            problems.append(f"negative balance after a charge: {response}")
-        if operation.method != "ReserveCredits" and not response.deduction_id:
-            problems.append("acknowledged without a deduction_id")
-        if operation.method == "ReserveCredits" and not response.reservation_id:
-            problems.append("acknowledged without a reservation_id")
+            problems.append(f"a negative balance acknowledged: {response}")
+        id_field = {"ReserveCredits": "reservation_id", "RefundCredits": "refund_id"}.get(
+            operation.method, "deduction_id")
+        if not getattr(response, id_field):
+            problems.append(f"acknowledged without a {id_field}")
     elif operation.method == "AddCredits":
         if response.added_millicredits != operation.amount_millicredits:
             problems.append(f"added {response.added_millicredits}, asked {operation.amount_millicredits}")
