@@ -11,6 +11,7 @@ Plans (server/catalog.py): PLATFORM refreshes 20,000 credits a month
 import concurrent.futures
 import datetime
 import threading
+import time
 
 import grpc
 import psycopg
@@ -223,6 +224,21 @@ def test_the_sweeper_advances_idle_orgs_one_replica_at_a_time(client, database_u
                             " WHERE event_type = 'SUBSCRIPTION_RENEWED'").fetchone()[0] == 3
         assert conn.execute("SELECT count(DISTINCT period_ends_at) FROM organization_credit_pools"
                             ).fetchone()[0] == 1
+
+
+def test_the_running_sweeper_advances_an_org_nobody_touches(start_server, database_url, token):
+    running = start_server(database_url, period_sweeper_interval_ms=50)
+    client = Client(f"127.0.0.1:{running.port}", token=token)
+    try:
+        set_ledger_clock(database_url, at(2027, 3, 10))
+        subscribe(client)
+        set_ledger_clock(database_url, at(2027, 4, 10))
+        deadline = time.monotonic() + 10
+        while not renewals(database_url):
+            assert time.monotonic() < deadline, "the sweeper did not run"
+            time.sleep(0.05)
+    finally:
+        client.close()
 
 
 def test_a_second_record_of_a_period_is_refused_by_the_database(client, database_url):
