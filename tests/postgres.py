@@ -22,6 +22,20 @@ HARNESS_APPLICATION_NAME = "orgbilling-harness"
 TEMPLATE_DATABASE = "orgbilling_template"
 _database_numbers = itertools.count(1)
 
+# The ledger's clock in the tests' databases (migrations/0006_ledger_clock.sql
+# has it be now()): the instant in ledger_clock while a test stores one
+# there (tests/support.py set_ledger_clock), now() otherwise. The migration
+# runner never re-applies ledger_now(), so this replacement stays.
+TEST_LEDGER_CLOCK = """
+    CREATE TABLE ledger_clock (
+        only_row   boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+        frozen_at  timestamptz NOT NULL);
+    CREATE OR REPLACE FUNCTION ledger_now() RETURNS timestamptz
+    LANGUAGE sql STABLE AS $$
+        SELECT coalesce((SELECT frozen_at FROM ledger_clock), now())
+    $$;
+"""
+
 
 def with_database(url: str, database: str) -> str:
     """The same server URL pointing at another database."""
@@ -116,14 +130,11 @@ class Postgres:
         returns its URL."""
         if not self._template_ready:
             self.create_database(TEMPLATE_DATABASE)
+            with self.admin_connection(with_database(self.admin_url, TEMPLATE_DATABASE)) as conn:
+                conn.execute(TEST_LEDGER_CLOCK)
             self._template_ready = True
-        name = f"test_{os.getpid()}_{next(_database_numbers)}"
-        url = self.create_database(name, template=TEMPLATE_DATABASE)
-        # The ledger's clock follows ledger_clock when a test fills it
-        # (migrations/0006_ledger_clock.sql, tests/support.py freeze_clock).
-        with self.admin_connection() as conn:
-            conn.execute(f"ALTER DATABASE {name} SET orgbilling.test_clock = 'on'")
-        return url
+        return self.create_database(f"test_{os.getpid()}_{next(_database_numbers)}",
+                                    template=TEMPLATE_DATABASE)
 
     def admin_connection(self, url: str | None = None, connect_timeout_s: int = 5) -> psycopg.Connection:
         return psycopg.connect(
