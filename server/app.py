@@ -23,6 +23,7 @@ from orgbilling.server.interceptors import InterceptorChain
 from orgbilling.server.interceptors.admission import AdmissionInterceptor
 from orgbilling.server.interceptors.auth import AuthInterceptor
 from orgbilling.server.interceptors.deadline import DeadlineInterceptor
+from orgbilling.server.interceptors.metrics import MetricsInterceptor
 from orgbilling.server.interceptors.draining import DrainingInterceptor
 from orgbilling.server.interceptors.open_streams import OpenStreamsInterceptor
 from orgbilling.server.interceptors.ratelimit import RateLimitInterceptor
@@ -34,6 +35,7 @@ from orgbilling.server.servicers.reporting import ReportingServicer
 from orgbilling.server.settings import Settings
 from orgbilling.server.report_store import ReportStore
 from orgbilling.server.store import Store
+from orgbilling.server.metrics import Metrics
 from orgbilling.server.sweeper import IdempotencySweeper, PeriodSweeper, ReservationSweeper
 
 log = logging.getLogger(__name__)
@@ -75,11 +77,14 @@ class OrgBillingServer:
             pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
             statement_timeout_ms=settings.statement_timeout_ms,
         )
+        self.metrics = Metrics() if settings.metrics_listen else None
+        self.metrics_http = None
         self.committer = GroupCommitter(
             self.store.commit_group,
             lanes=settings.group_commit_lanes,
             batch_size_max=settings.group_commit_batch_size_max,
             queue_length_max=settings.group_commit_queue_length_max,
+            on_batch=self.metrics.batch_size.observe if self.metrics else None,
         )
         self.sweeper = IdempotencySweeper(
             self.store,
@@ -112,7 +117,11 @@ class OrgBillingServer:
         # the request (it is decoded only when first asked for: the org check).
         # The rate limiter counts per authenticated caller, so after it. The
         # deadline last: it concerns the work itself.
-        interceptors = [
+        if self.metrics:
+            self.metrics.watch(pool=self.pool, committer=self.committer, health=self.health)
+        # Metrics outermost: calls refused by any interceptor are counted too.
+        interceptors = [MetricsInterceptor(self.metrics)] if self.metrics else []
+        interceptors += [
             self.draining,
             AdmissionInterceptor(
                 calls_max=settings.concurrent_rpcs_max, retry_after_ms=settings.busy_retry_after_ms),
@@ -156,7 +165,8 @@ class OrgBillingServer:
                            reservation_ttl_min_ms=settings.reservation_ttl_min_ms,
                            reservation_ttl_max_ms=settings.reservation_ttl_max_ms,
                            page_size_default=settings.page_size_default,
-                           page_size_max=settings.page_size_max),
+                           page_size_max=settings.page_size_max,
+                           metrics=self.metrics),
             self.grpc_server,
         )
         org_billing_service_pb2_grpc.add_OrgBillingServiceServicer_to_server(
@@ -192,9 +202,16 @@ class OrgBillingServer:
         self.sweeper.start()
         self.reservation_sweeper.start()
         self.period_sweeper.start()
+        if self.metrics:
+            self.metrics_http = self.metrics.serve(self.settings.metrics_listen)
         self.grpc_server.start()
         if self.probe_server is not None:
             self.probe_server.start()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics endpoint listens on, None when it is off."""
+        return self.metrics_http.server_port if self.metrics_http else None
 
     def stop(self) -> None:
         """Stops taking calls, lets in-flight ones finish within the grace
@@ -207,6 +224,8 @@ class OrgBillingServer:
         self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
         if self.probe_server is not None:
             self.probe_server.stop(0).wait()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
         self.sweeper.stop()
         self.reservation_sweeper.stop()
         self.period_sweeper.stop()

@@ -91,11 +91,19 @@ class GroupCommitter:
         lanes: int,
         batch_size_max: int,
         queue_length_max: int,
+        on_batch: Callable[[int], None] | None = None,
     ):
         self._commit_batch = commit_batch
         self._lanes = [_Lane() for _ in range(lanes)]
         self._batch_size_max = batch_size_max
         self._queue_length_max = queue_length_max
+        # Told each batch's size (metrics).
+        self._on_batch = on_batch
+
+    def queue_lengths(self) -> list[int]:
+        """Items waiting in each lane now (a leader's batch included): for
+        metrics, read without the lanes' locks."""
+        return [len(lane.queue) for lane in self._lanes]
 
     def _lane_of(self, org_id: str) -> _Lane:
         # crc32, not hash(): the same org must map to the same lane in every
@@ -176,6 +184,8 @@ class GroupCommitter:
         # The batch serves every caller in it, so it runs under the server's
         # own timeouts, not the leader's deadline.
         token = call_deadline_var.set(None)
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
         try:
             results = self._commit_batch([t.item for t in batch])
         except psycopg.OperationalError as error:

@@ -20,6 +20,10 @@ class Settings:
     # (probe_threads), so that probes never wait behind the main port's calls.
     probe_listen_address: str = ""
     probe_threads: int = 4
+    # Prometheus metrics over HTTP at /metrics, host:port (empty: off, and
+    # nothing is counted). Plaintext and unauthenticated, like the probe
+    # port: bind it to a private interface.
+    metrics_listen: str = ""
     # PostgreSQL to use; empty means the embedded server in data_dir.
     database_url: str = ""
     # Where the embedded PostgreSQL keeps its data when database_url is empty.

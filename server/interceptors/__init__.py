@@ -54,7 +54,8 @@ class Call:
     (None for a streamed request); `ends_by` (time.monotonic) cuts a stream
     short, checked between messages."""
 
-    __slots__ = ("method", "context", "request_id", "caller", "ends_by", "_raw", "_deserialize")
+    __slots__ = ("method", "context", "request_id", "caller", "ends_by", "failure", "_raw",
+                 "_deserialize")
 
     def __init__(self, method: Method, context: grpc.ServicerContext, *, raw, deserialize):
         self.method = method
@@ -62,6 +63,9 @@ class Call:
         self.request_id = request_id_from(context.invocation_metadata())
         self.caller = None
         self.ends_by: float | None = None
+        # The status the chain ended the call with, when it failed; for the
+        # functions run at its end.
+        self.failure: ServiceError | None = None
         self._raw = raw
         self._deserialize = deserialize
 
@@ -122,19 +126,16 @@ class InterceptorChain(grpc.ServerInterceptor):
         def request_of(call: Call, request_or_iterator):
             return decoded(call, request_or_iterator) if streamed else call.request
 
-        def begin(call: Call) -> list[Callable[[], None]]:
+        def begin(call: Call, ends: list[Callable[[], None]]) -> None:
+            """Runs the interceptors, adding to ends what each asks to run at
+            the call's end; the caller runs them after the call's status is
+            set, even when an interceptor refused the call."""
             request_id_var.set(call.request_id)
             call.context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
-            ends = []
-            try:
-                for interceptor in interceptors:
-                    end = interceptor.intercept(call)
-                    if end is not None:
-                        ends.append(end)
-            except BaseException:
-                finish(ends)
-                raise
-            return ends
+            for interceptor in interceptors:
+                end = interceptor.intercept(call)
+                if end is not None:
+                    ends.append(end)
 
         def finish(ends: list[Callable[[], None]]) -> None:
             for end in reversed(ends):
@@ -155,9 +156,9 @@ class InterceptorChain(grpc.ServerInterceptor):
 
             def unary_response(request_or_iterator, context):
                 call = new_call(request_or_iterator, context)
-                ends = ()
+                ends = []
                 try:
-                    ends = begin(call)
+                    begin(call, ends)
                     return behavior(request_of(call, request_or_iterator), context)
                 except Exception as error:  # noqa: BLE001: every failure gets a status
                     fail(call, error)
@@ -172,9 +173,9 @@ class InterceptorChain(grpc.ServerInterceptor):
 
         def stream_response(request_or_iterator, context):
             call = new_call(request_or_iterator, context)
-            ends = ()
+            ends = []
             try:
-                ends = begin(call)
+                begin(call, ends)
                 yield from _until(call, behavior(request_of(call, request_or_iterator), context))
             except Exception as error:  # noqa: BLE001: every failure gets a status
                 fail(call, error)
@@ -190,7 +191,7 @@ class InterceptorChain(grpc.ServerInterceptor):
         context = call.context
         if context.code() is not None and not isinstance(error, ServiceError):
             raise error  # the servicer set its own status (context.abort): keep it
-        status = status_for(error)
+        status = call.failure = status_for(error)
         if status.code is not grpc.StatusCode.INTERNAL:
             self._refusal_log.refused(call.method.path, status)
         context.abort_with_status(status.to_status(((REQUEST_ID_HEADER, call.request_id),)))
