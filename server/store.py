@@ -156,13 +156,16 @@ class Store:
                 return
             if left <= 0:
                 raise deadline_exceeded()
-            # Rare (short deadlines only), so the extra round trips are paid rarely.
-            conn.execute(f"SET statement_timeout = {max(1, int(left * 1000))}")
-            try:
+            # Rare (short deadlines only), so the extra round trips (BEGIN,
+            # set_config, COMMIT) are paid rarely. A local setting, in one
+            # transaction with the work: it ends with it. A session SET would
+            # outlive the work, and behind PgBouncer in transaction mode it
+            # would stay on a server connection that other clients use next
+            # (its RESET may even run on another one).
+            with conn.transaction():
+                conn.execute("SELECT set_config('statement_timeout', %s, true)",
+                             (str(max(1, int(left * 1000))),))
                 yield conn
-            finally:
-                if not conn.broken:
-                    conn.execute("RESET statement_timeout")
 
     def _run(self, work):
         """Runs work(conn) on a pooled connection and returns its result.
