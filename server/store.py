@@ -172,15 +172,23 @@ class Store:
 
         A connection found dead on use (PostgreSQL restarted, a proxy dropped
         it) is retried once on a fresh one: every mutation is guarded by its
-        idempotency key, so running it again is safe.
+        idempotency key, so running it again is safe. A COMMIT that fails
+        with the connection counts too (_connection's, on a short deadline):
+        PgBouncer reports its server connection's loss as one more result,
+        which psycopg raises as an InternalError, not an OperationalError.
         """
         for attempt in (1, 2):
-            with self._connection() as conn:
-                try:
+            conn = None
+            try:
+                with self._connection() as conn:
                     return work(conn)
-                except psycopg.OperationalError:
-                    if attempt == 2 or not conn.broken:
+            except psycopg.Error as error:
+                if conn is None or not conn.broken:
+                    raise
+                if attempt == 2:
+                    if isinstance(error, psycopg.OperationalError):
                         raise
+                    raise psycopg.OperationalError(f"the connection was lost: {error}") from error
             # One dead connection means its idle siblings are likely dead too
             # (PostgreSQL restarted): find them now, not one failed call each.
             self.pool.check()
