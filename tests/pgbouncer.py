@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psycopg
 
-from tests.postgres import Postgres
 from tests.server_process import free_port
 
 
@@ -32,8 +31,10 @@ def missing_reason() -> str | None:
 
 class PgBouncer:
     """A pgbouncer process on a free 127.0.0.1 port, in transaction mode, with
-    at most pool_size server connections per database: every database of
-    the server is reachable through it by its name (url()).
+    at most pool_size server connections per database, in front of the
+    PostgreSQL at server_url (whose user it logs in as): every database of
+    that server is reachable through it by its name (url()). Run as root, it
+    runs as run_as (the user PostgreSQL runs as, who can reach its socket).
 
     `upstream` is where it connects: the server's own host and port by
     default, or another (the bank test's TCP proxy, so that its stalls and
@@ -41,11 +42,12 @@ class PgBouncer:
     `options` is ignored, as 1.18 refuses a connection that sends it
     otherwise (see the README's Operations section)."""
 
-    def __init__(self, postgres: Postgres, *, pool_size: int, upstream: tuple[str, int] | None = None):
+    def __init__(self, server_url: str, *, pool_size: int, run_as: str | None = None,
+                 upstream: tuple[str, int] | None = None):
         program = executable()
         if program is None:
             raise RuntimeError(missing_reason())
-        server = psycopg.conninfo.conninfo_to_dict(postgres.admin_url)
+        server = psycopg.conninfo.conninfo_to_dict(server_url)
         host, port = upstream or (server.get("host") or "localhost", int(server.get("port") or 5432))
         user = server.get("user") or "postgres"
         self.port = free_port()
@@ -73,7 +75,7 @@ logfile = {self.root}/pgbouncer.log
             # PgBouncer refuses to run as root: it switches to PostgreSQL's own
             # user (its -u, not subprocess's user=, for the reason
             # tests/postgres.py gives for runuser; runuser would take 2 s to stop).
-            system_user = postgres.system_user or "nobody"
+            system_user = run_as or "nobody"
             shutil.chown(self.root, system_user)
             for path in self.root.iterdir():
                 shutil.chown(path, system_user)
@@ -81,7 +83,7 @@ logfile = {self.root}/pgbouncer.log
         self._output = open(self.root / "output.log", "wb")
         self.process = subprocess.Popen(command, stdout=self._output, stderr=subprocess.STDOUT)
         try:
-            self._wait_ready(postgres.admin_url)
+            self._wait_ready(server_url)
         except BaseException:
             self.close()
             raise

@@ -31,7 +31,7 @@ def pgbouncer(postgres):
     shares it, so whatever one leaves on it, the next one finds."""
     if missing_reason():
         pytest.skip(missing_reason())
-    bouncer = PgBouncer(postgres, pool_size=1)
+    bouncer = PgBouncer(postgres.admin_url, run_as=postgres.system_user, pool_size=1)
     yield bouncer
     bouncer.close()
 
@@ -113,7 +113,8 @@ class BankThroughPgBouncer(BankRun):
     backend terminations and restarts hit them too."""
 
     def _start_replicas(self, postgres, database_url, proxy, code_dir, cleanup):
-        bouncer = PgBouncer(postgres, pool_size=4, upstream=("127.0.0.1", proxy.port))
+        bouncer = PgBouncer(postgres.admin_url, run_as=postgres.system_user, pool_size=4,
+                            upstream=("127.0.0.1", proxy.port))
         cleanup.callback(bouncer.close)
         replicas = []
         for number in range(self.options.replicas):

@@ -17,7 +17,7 @@ def pgbouncer(postgres):
         pytest.skip(missing_reason())
     # Two server connections per database: the server's calls, health checks
     # and sweepers interleave on connections they share.
-    bouncer = PgBouncer(postgres, pool_size=2)
+    bouncer = PgBouncer(postgres.admin_url, run_as=postgres.system_user, pool_size=2)
     yield bouncer
     bouncer.close()
 
