@@ -49,8 +49,10 @@ class Variant:
     other settings. Each of its scenarios is measured at the top level of
     callers on the main server, then at once on this one, and reported as
     this one's ratio to the main server's: a setting's cost, next to a
-    figure measured moments before. Adding a variant is adding one entry to
-    VARIANTS."""
+    figure measured moments before. In VARIANT_ROUNDS rounds, the order
+    swapped each round (main, variant, variant, main), so that a machine
+    getting busier or quieter meanwhile weighs on both alike. Adding a
+    variant is adding one entry to VARIANTS."""
     name: str
     description: str
     # Settings over the main server's (the environment's ORGBILLING_* and the
@@ -175,8 +177,9 @@ def variant_server(database_url: str, settings: dict[str, object]):
 
 async def measure_variant(variant: Variant, main: Stubs, main_probes: Probes, database_url: str,
                           data_dir: Path | None, arguments) -> dict:
-    """variant's scenarios at the top level of callers: on the main server,
-    then on the variant's, back to back."""
+    """variant's scenarios at the top level of callers, on the main server
+    and on the variant's, back to back, VARIANT_ROUNDS times: each figure is
+    the mean of the rounds."""
     callers = max(arguments.callers)
     result = {"variant": variant.name, "description": variant.description,
               "settings": variant.settings, "through_pgbouncer": variant.through_pgbouncer,
@@ -205,18 +208,39 @@ async def measure_variant(variant: Variant, main: Stubs, main_probes: Probes, da
             stubs = Stubs.over(channel)
             for name in variant.scenarios:
                 scenario = by_name[name]
-                base = await measure(scenario.make_call(main), callers, arguments.warmup_s,
-                                     arguments.duration_s, main_probes)
-                other = await measure(scenario.make_call(stubs), callers, arguments.warmup_s,
-                                      arguments.duration_s, probes)
-                ratios = {key: report.ratio(getattr(other, key), getattr(base, key))
-                          for key in VARIANT_FIGURES}
-                log(f"  {variant.name} {name} @{callers}: {base.calls_per_s:.0f} -> "
-                    f"{other.calls_per_s:.0f} calls/s = {ratios['calls_per_s']:.2f}x, "
-                    f"{base.errors}/{other.errors} errors")
-                result["rows"].append({"scenario": name, "main": dataclasses.asdict(base),
-                                       "variant": dataclasses.asdict(other), "x": ratios})
+                sides = {"main": (scenario.make_call(main), main_probes),
+                         "variant": (scenario.make_call(stubs), probes)}
+                rounds = {"main": [], "variant": []}
+                for number in range(VARIANT_ROUNDS):
+                    for side in ("main", "variant") if number % 2 == 0 else ("variant", "main"):
+                        call, side_probes = sides[side]
+                        rounds[side].append(dataclasses.asdict(await measure(
+                            call, callers, arguments.warmup_s, arguments.duration_s, side_probes)))
+                base, other = _mean(rounds["main"]), _mean(rounds["variant"])
+                ratios = {key: report.ratio(other[key], base[key]) for key in VARIANT_FIGURES}
+                log(f"  {variant.name} {name} @{callers}: {base['calls_per_s']:.0f} -> "
+                    f"{other['calls_per_s']:.0f} calls/s = {ratios['calls_per_s']:.2f}x, "
+                    f"{base['errors']}/{other['errors']} errors")
+                result["rows"].append({"scenario": name, "main": base, "variant": other,
+                                       "x": ratios, "rounds": rounds})
     return result
+
+
+# Rounds of each variant's comparison (main, variant; then variant, main...).
+VARIANT_ROUNDS = 2
+
+
+def _mean(measurements: list[dict]) -> dict:
+    """One measurement of several rounds: numbers averaged, errors summed."""
+    mean = {key: sum(m[key] for m in measurements) / len(measurements)
+            for key in VARIANT_FIGURES + ("machine_busy_pct",)}
+    mean["errors"] = sum(m["errors"] for m in measurements)
+    codes = {}
+    for m in measurements:
+        for code, count in m["error_codes"].items():
+            codes[code] = codes.get(code, 0) + count
+    mean["error_codes"] = codes
+    return mean
 
 
 # The figures a variant is compared on (Measurement fields).
@@ -304,7 +328,8 @@ def print_variants(variants: list[dict]) -> None:
         return
     print()
     print("Server variants: a second server with other settings, same run and database; each")
-    print("scenario measured on the main server, then on the variant. x: variant / main.")
+    print(f"scenario measured on the main server and on the variant in turn, {VARIANT_ROUNDS} rounds")
+    print("(means shown). x: variant / main. noop, without the database, is the control.")
     header = (f"{'variant':<12}{'scenario':<12}{'callers':>8}{'calls/s':>9}{'->':>8}{'x':>6}"
               f"{'p50 ms':>8}{'->':>7}{'x':>6}{'p99 ms':>8}{'->':>7}{'srv us':>8}{'->':>6}"
               f"{'db us':>7}{'->':>6}{'x':>6}")
