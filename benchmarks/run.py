@@ -68,8 +68,11 @@ class Variant:
 
 
 VARIANTS = [
+    # check too: one statement per call, where deduct_hot's group commit
+    # shares one statement among many deductions at this many callers.
     Variant("unprepared", "prepared_statements off: each call's statement is parsed and planned"
-            " anew, as behind PgBouncer 1.18 in transaction mode", {"prepared_statements": False}),
+            " anew, as behind PgBouncer 1.18 in transaction mode", {"prepared_statements": False},
+            scenarios=(BASELINE_A, "check", "deduct_hot")),
     Variant("pgbouncer", "prepared_statements off, through PgBouncer 1.18 in transaction mode",
             {"prepared_statements": False}, through_pgbouncer=True),
 ]
