@@ -6,6 +6,7 @@ tests/test_pgbouncer_credit_service.py runs the credit-service tests through it.
 
 import concurrent.futures
 import contextlib
+import os
 import time
 
 import grpc
@@ -133,7 +134,9 @@ def test_bank_through_pgbouncer(monkeypatch):
         pytest.skip(missing_reason())
     monkeypatch.setitem(bank_replicas.REPLICA_SETTINGS, "prepared_statements", "false")
     lines = []
-    report = BankThroughPgBouncer(RunOptions(seed=20251125, duration_s=20, checkpoint_interval_s=10),
+    # ORGBILLING_BANK_SEED replays another seed, as in tests/bank/test_bank.py.
+    seed = int(os.environ.get("ORGBILLING_BANK_SEED", "20251125"))
+    report = BankThroughPgBouncer(RunOptions(seed=seed, duration_s=20, checkpoint_interval_s=10),
                                   say=lines.append).run()
     lines += report.lines()
     print("\n".join(lines))
