@@ -40,10 +40,23 @@ def resolve_database_url(settings: Settings) -> str:
 
 
 def connection_options(settings: Settings) -> dict:
-    """Options of every server connection, passed explicitly."""
+    """Options of every server connection, passed explicitly.
+
+    No session state is set after connecting (no SET, session advisory lock,
+    LISTEN or temporary table, no pool configure or reset hook): behind
+    PgBouncer in transaction mode, each transaction may run on another server
+    connection, shared with other clients, and session state would leak to
+    them. What the session needs is sent in the startup packet instead:
+    application_name, which PgBouncer tracks and applies per transaction, and
+    `options`, which PgBouncer 1.18 refuses unless told to ignore it
+    (ignore_startup_parameters = options: then the role's defaults apply;
+    see the README's Operations section).
+    """
     return {
         "autocommit": True,  # each ledger function call is its own transaction
-        "prepare_threshold": 0,  # few, fixed statements: prepare each on first use
+        # Few, fixed statements: prepare each on first use, or never (poolers
+        # that do not track prepared statements: see Settings).
+        "prepare_threshold": 0 if settings.prepared_statements else None,
         "connect_timeout": max(1, settings.database_connect_timeout_ms // 1000),
         "application_name": "orgbilling",
         "options": f"-c statement_timeout={settings.statement_timeout_ms}"

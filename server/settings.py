@@ -42,6 +42,13 @@ class Settings:
     database_connect_timeout_ms: int = 5000
     # The longest any one SQL statement may run.
     statement_timeout_ms: int = 5000
+    # Whether each statement is prepared on the server on its first use on a
+    # connection (psycopg's prepare_threshold 0; false: never, None). On, a
+    # call skips the parse and plan of its statement; off is required behind
+    # a pooler that hands one server connection to many clients without
+    # tracking prepared statements: PgBouncer in transaction mode before 1.21
+    # (or without max_prepared_statements). Cost measured in `make bench`.
+    prepared_statements: bool = True
     # Threads running RPCs. A call holds one from before its request arrives
     # until it ends, so the pool is sized for calls that are blocked (slow or
     # hostile clients, open streams): a blocked thread costs memory, not CPU.
