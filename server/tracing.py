@@ -50,21 +50,20 @@ FROM_ENVIRONMENT = _FromEnvironment()
 def tracer_provider_from_environment() -> trace.TracerProvider | None:
     """The TracerProvider the OTEL_* variables ask for, with a batching
     processor per exporter; None when tracing is off (the default)."""
+    # Off is decided before the SDK is imported: off costs not even that.
+    if (os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() in ("", "none")
+            or os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"):
+        return None
     from opentelemetry.sdk._configuration import _get_exporter_names, _import_exporters
-    from opentelemetry.sdk.environment_variables import OTEL_SDK_DISABLED
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    if os.environ.get(OTEL_SDK_DISABLED, "").strip().lower() == "true":
-        return None
     # The SDK's own reading of OTEL_TRACES_EXPORTER ("otlp" resolved by
     # OTEL_EXPORTER_OTLP_PROTOCOL, exporters found by their entry points):
     # private names of the SDK, pinned in pyproject.toml, rather than a copy
-    # of its rules here. Unset and "none" give no names: off.
+    # of its rules here.
     names = _get_exporter_names("traces")
-    if not names:
-        return None
     exporters = _import_exporters(names, [], [])[0]
     resource = Resource.create()
     if resource.attributes.get(SERVICE_NAME, "").startswith("unknown_service"):
