@@ -9,6 +9,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 
 from orgbilling.v1 import credit_service_pb2, credit_service_pb2_grpc
 from orgbilling.v1 import org_billing_service_pb2, org_billing_service_pb2_grpc
@@ -27,6 +28,7 @@ from orgbilling.server.interceptors.metrics import MetricsInterceptor
 from orgbilling.server.interceptors.draining import DrainingInterceptor
 from orgbilling.server.interceptors.open_streams import OpenStreamsInterceptor
 from orgbilling.server.interceptors.ratelimit import RateLimitInterceptor
+from orgbilling.server.interceptors.tracing import TracingInterceptor
 from orgbilling.server.interceptors.refusal_log import RefusalLog
 from orgbilling.server.migrate import migrate
 from orgbilling.server.servicers.credit import CreditServicer
@@ -37,6 +39,9 @@ from orgbilling.server.report_store import ReportStore
 from orgbilling.server.store import Store
 from orgbilling.server.metrics import Metrics
 from orgbilling.server.sweeper import IdempotencySweeper, PeriodSweeper, ReservationSweeper
+from orgbilling.server.tracing import (
+    FROM_ENVIRONMENT, TRACER_NAME, statement_spans, tracer_provider_from_environment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +72,23 @@ def configure_logging(level: str) -> None:
 
 
 class OrgBillingServer:
-    """The gRPC server, its connection pool and its health monitor."""
+    """The gRPC server, its connection pool and its health monitor.
 
-    def __init__(self, settings: Settings, database_url: str):
+    `tracer_provider`: where the server's spans go (server.tracing); by
+    default the one the OTEL_* variables ask for (shut down with the server),
+    None for no tracing at all."""
+
+    def __init__(self, settings: Settings, database_url: str, *,
+                 tracer_provider: TracerProvider | None = FROM_ENVIRONMENT):
         self.settings = settings
-        self.pool = open_pool(settings, database_url)
+        # A provider the server made is the server's to shut down (flushing its spans).
+        self._own_tracer_provider = tracer_provider is FROM_ENVIRONMENT
+        if self._own_tracer_provider:
+            tracer_provider = tracer_provider_from_environment()
+        self.tracer_provider = tracer_provider
+        tracer = tracer_provider.get_tracer(TRACER_NAME) if tracer_provider else None
+        self.pool = open_pool(settings, database_url,
+                              configure=statement_spans(tracer_provider) if tracer_provider else None)
         self.store = Store(
             self.pool,
             pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
@@ -85,6 +102,7 @@ class OrgBillingServer:
             batch_size_max=settings.group_commit_batch_size_max,
             queue_length_max=settings.group_commit_queue_length_max,
             on_batch=self.metrics.batch_size.observe if self.metrics else None,
+            tracer=tracer,
         )
         self.sweeper = IdempotencySweeper(
             self.store,
@@ -119,8 +137,10 @@ class OrgBillingServer:
         # deadline last: it concerns the work itself.
         if self.metrics:
             self.metrics.watch(pool=self.pool, committer=self.committer, health=self.health)
-        # Metrics outermost: calls refused by any interceptor are counted too.
-        interceptors = [MetricsInterceptor(self.metrics)] if self.metrics else []
+        # Tracing and metrics outermost: calls refused by any interceptor are
+        # traced and counted too; the span covers the metrics' own work.
+        interceptors = [TracingInterceptor(tracer)] if tracer else []
+        interceptors += [MetricsInterceptor(self.metrics)] if self.metrics else []
         interceptors += [
             self.draining,
             AdmissionInterceptor(
@@ -231,6 +251,8 @@ class OrgBillingServer:
         self.period_sweeper.stop()
         self.security.stop()
         self.pool.close()
+        if self._own_tracer_provider and self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # exports the spans still batched
 
 
 def serve(settings: Settings) -> None:

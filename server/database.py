@@ -4,8 +4,10 @@ import logging
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
 from orgbilling.server.settings import Settings
@@ -64,7 +66,10 @@ def connection_options(settings: Settings) -> dict:
     }
 
 
-def open_pool(settings: Settings, url: str) -> ConnectionPool:
+def open_pool(settings: Settings, url: str, *,
+              configure: Callable[[psycopg.Connection], None] | None = None) -> ConnectionPool:
+    """The server's pool; `configure` runs on each new connection (tracing
+    instruments it: server.tracing.statement_spans)."""
     pool = ConnectionPool(
         url,
         min_size=settings.pool_size_min,
@@ -78,6 +83,7 @@ def open_pool(settings: Settings, url: str) -> ConnectionPool:
         max_idle=settings.pool_connection_idle_ms / 1000,
         reconnect_timeout=300.0,
         name="orgbilling",
+        configure=configure,
     )
     # Do not wait for min_size here: the server starts and reports NOT_SERVING
     # until the database answers.
