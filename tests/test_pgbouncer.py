@@ -56,7 +56,8 @@ def test_prepared_statements_break_calls_through_pgbouncer_unless_turned_off(
                 codes.append(error.code())
     answered = codes.count(grpc.StatusCode.NOT_FOUND)  # the unknown org: the call worked
     if prepared:
-        assert answered < len(codes), codes
+        # A missing or duplicate prepared statement is no outage: INTERNAL.
+        assert grpc.StatusCode.INTERNAL in codes and answered < len(codes), codes
     else:
         assert answered == len(codes), codes
 
