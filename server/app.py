@@ -27,7 +27,7 @@ from orgbilling.server.interceptors.deadline import DeadlineInterceptor
 from orgbilling.server.interceptors.draining import DrainingInterceptor
 from orgbilling.server.interceptors.open_streams import OpenStreamsInterceptor
 from orgbilling.server.interceptors.ratelimit import RateLimitInterceptor
-from orgbilling.server.interceptors.refusal_log import RefusalLog
+from orgbilling.server.interceptors.access_log import AccessLog
 from orgbilling.server.migrate import migrate
 from orgbilling.server.servicers.credit import CreditServicer
 from orgbilling.server.servicers.org_billing import OrgBillingServicer
@@ -149,7 +149,8 @@ class OrgBillingServer:
             ),
             interceptors=[InterceptorChain(
                 interceptors,
-                refusal_log=RefusalLog(lines_per_s=settings.refusal_log_lines_per_s),
+                access_log=AccessLog(mode=settings.access_log,
+                                     failure_lines_per_s=settings.refusal_log_lines_per_s),
             )],
             # gRPC's own cap, a backstop far above admission control: no call
             # ever waits for a worker thread, and health always finds one.

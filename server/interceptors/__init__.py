@@ -22,9 +22,12 @@ The chain itself does what every call needs and no interceptor may skip:
   unauthenticated caller learns nothing about its request (not even whether
   it decodes), and bytes that are not a message get INVALID_ARGUMENT
   MALFORMED_REQUEST with an ErrorInfo rather than gRPC's bare INTERNAL.
-- Refusal logging, a line per refused call, limited in rate
-  (server.interceptors.refusal_log) so that a flood of refusals cannot
-  flood the log.
+- The access log (server.interceptors.access_log): a line per call as the
+  operator chose (failed calls by default), after the call's status is
+  known, however the call ended; failure lines limited in rate, so that a
+  flood of refusals cannot flood the log. It is the chain's, not an
+  interceptor's: an interceptor's end runs before the chain knows the status
+  (and, for a call an interceptor refused, before the chain maps the error).
 """
 
 import time
@@ -33,7 +36,7 @@ from typing import Callable, Iterator
 import grpc
 
 from orgbilling.server.errors import ServiceError, malformed_request, status_for
-from orgbilling.server.interceptors.refusal_log import RefusalLog
+from orgbilling.server.interceptors.access_log import AccessLog
 from orgbilling.server.interceptors.request_id import REQUEST_ID_HEADER, request_id_from
 from orgbilling.server.request_context import request_id_var
 
@@ -52,9 +55,11 @@ class Method:
 class Call:
     """One call as the interceptors see it. `request` is decoded on first use
     (None for a streamed request); `ends_by` (time.monotonic) cuts a stream
-    short, checked between messages."""
+    short, checked between messages. `started` (time.perf_counter) and
+    `failure` (the status a failed call was given) are for the access log."""
 
-    __slots__ = ("method", "context", "request_id", "caller", "ends_by", "_raw", "_deserialize")
+    __slots__ = ("method", "context", "request_id", "caller", "ends_by", "started", "failure",
+                 "_raw", "_deserialize")
 
     def __init__(self, method: Method, context: grpc.ServicerContext, *, raw, deserialize):
         self.method = method
@@ -62,6 +67,8 @@ class Call:
         self.request_id = request_id_from(context.invocation_metadata())
         self.caller = None
         self.ends_by: float | None = None
+        self.started = time.perf_counter()
+        self.failure: ServiceError | None = None
         self._raw = raw
         self._deserialize = deserialize
 
@@ -92,9 +99,9 @@ class Interceptor:
 class InterceptorChain(grpc.ServerInterceptor):
     """Runs `interceptors`, outermost first, around every call."""
 
-    def __init__(self, interceptors: list[Interceptor], *, refusal_log: RefusalLog):
+    def __init__(self, interceptors: list[Interceptor], *, access_log: AccessLog):
         self._interceptors = list(interceptors)
-        self._refusal_log = refusal_log
+        self._access_log = access_log
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation, handler_call_details):
@@ -112,6 +119,7 @@ class InterceptorChain(grpc.ServerInterceptor):
         deserialize = handler.request_deserializer
         streamed = handler.request_streaming
         fail = self._fail
+        log_access = self._access_log.ended
 
         def new_call(request_or_iterator, context) -> Call:
             # A streamed request is decoded message by message (decoded), not by the Call.
@@ -163,6 +171,7 @@ class InterceptorChain(grpc.ServerInterceptor):
                     fail(call, error)
                 finally:
                     finish(ends)
+                    log_access(call)
 
             factory = (grpc.stream_unary_rpc_method_handler if streamed
                        else grpc.unary_unary_rpc_method_handler)
@@ -176,10 +185,16 @@ class InterceptorChain(grpc.ServerInterceptor):
             try:
                 ends = begin(call)
                 yield from _until(call, behavior(request_of(call, request_or_iterator), context))
+            except GeneratorExit:
+                # gRPC closes the response generator of a call that ended early
+                # (the caller cancelled, its deadline passed, the connection died).
+                call.failure = _CANCELLED
+                raise
             except Exception as error:  # noqa: BLE001: every failure gets a status
                 fail(call, error)
             finally:
                 finish(ends)
+                log_access(call)
 
         factory = (grpc.stream_stream_rpc_method_handler if streamed
                    else grpc.unary_stream_rpc_method_handler)
@@ -190,10 +205,13 @@ class InterceptorChain(grpc.ServerInterceptor):
         context = call.context
         if context.code() is not None and not isinstance(error, ServiceError):
             raise error  # the servicer set its own status (context.abort): keep it
-        status = status_for(error)
-        if status.code is not grpc.StatusCode.INTERNAL:
-            self._refusal_log.refused(call.method.path, status)
+        status = call.failure = status_for(error)
         context.abort_with_status(status.to_status(((REQUEST_ID_HEADER, call.request_id),)))
+
+
+# Never sent (the caller is gone): what the access log says of such a call.
+_CANCELLED = ServiceError(grpc.StatusCode.CANCELLED, "CANCELLED",
+                          "the stream ended early: cancelled, past its deadline or disconnected")
 
 
 def _until(call: Call, messages) -> Iterator:
