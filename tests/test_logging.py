@@ -20,7 +20,7 @@ from orgbilling.server.auth.api_keys import split_key
 from orgbilling.server.errors import ServiceError
 from orgbilling.server.interceptors.access_log import AccessLog
 from tests.server_process import ServerProcess, environment_without_settings
-from tests.support import REPO, Client
+from tests.support import REPO, Client, new_key
 
 ACCESS_LOGGER = "orgbilling.server.access"
 CHECK = "/orgbilling.v1.CreditService/CheckCredits"
@@ -146,6 +146,30 @@ def test_all_logs_successes_and_streams_once(start_server, database_url, token, 
         assert (record.code, record.method) == ("OK", CHECK)
     [export] = access_records(caplog, "rid-export")
     assert (export.code, export.method) == ("OK", "/orgbilling.v1.ReportingService/ExportUsage")
+
+
+def test_a_stream_its_caller_leaves_is_logged_cancelled(start_server, database_url, token, caplog):
+    server = start_server(database_url, access_log="all")
+    client = Client(f"127.0.0.1:{server.port}", token=token)
+    reports = reporting_service_pb2_grpc.ReportingServiceStub(client.channel)
+    client.funded_org("acme", 1_000, {"alice": 100})
+    for _ in range(3):
+        client.credits.DeductCredits(pb.DeductCreditsRequest(
+            org_id="acme", user_id="alice", amount_millicredits=1, service_type="llm",
+            service_name="chat", idempotency_key=new_key()))
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        stream = reports.ExportUsage(rp.ExportUsageRequest(org_id="acme", chunk_size=1),
+                                     metadata=(("x-request-id", "rid-left"),))
+        next(stream)
+        stream.cancel()
+        deadline = time.monotonic() + 5
+        while not access_records(caplog, "rid-left"):
+            assert time.monotonic() < deadline, "the abandoned stream was never logged"
+            time.sleep(0.05)
+        client.close()
+        server.stop()
+    [left] = access_records(caplog, "rid-left")
+    assert (left.code, left.method) == ("CANCELLED", "/orgbilling.v1.ReportingService/ExportUsage")
 
 
 def test_off_logs_no_call(start_server, database_url, token, caplog):
