@@ -12,6 +12,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.v1 import reporting_service_pb2 as rp
@@ -192,11 +193,19 @@ def test_the_default_logs_failures_not_successes_in_process(start_server, databa
         client.funded_org("acme", 1_000, {"alice": 100})
         check(client, "acme", request_id="rid-fine")
         check(client, "nobody", request_id="rid-missing-org")
+        with pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(client.channel).Check(
+                health_pb2.HealthCheckRequest(service="no.such.Service"),
+                metadata=(("x-request-id", "rid-unknown-service"),))
         client.close()
         server.stop()
     assert access_records(caplog, "rid-fine") == []
     [failed] = access_records(caplog, "rid-missing-org")
     assert (failed.code, failed.reason) == ("NOT_FOUND", "ORG_NOT_FOUND")
+    # A status the servicer set itself (health's), without an ErrorInfo reason.
+    [unknown] = access_records(caplog, "rid-unknown-service")
+    assert (unknown.code, unknown.method) == ("NOT_FOUND", "/grpc.health.v1.Health/Check")
+    assert "failed: NOT_FOUND -: unknown service" in unknown.getMessage()
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [

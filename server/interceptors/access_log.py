@@ -48,20 +48,16 @@ class AccessLog:
         if self._off:
             return
         failure = call.failure
-        if failure is None:
+        if failure is not None:
+            code, reason, message = failure.code, failure.reason, failure.message
+        else:
             # A servicer may also set its own status (health's NOT_FOUND).
             code = call.context.code()
             if code is None or code is grpc.StatusCode.OK:
                 if self._log_successes and log.isEnabledFor(logging.INFO):
-                    self._write(call, "OK", grpc.StatusCode.OK, reason=None, left_out=0)
+                    self._write(call, grpc.StatusCode.OK, "OK", reason=None, left_out=0)
                 return
-            details = call.context.details() or b""  # bytes, as gRPC keeps it
-            if isinstance(details, bytes):
-                details = details.decode("utf-8", "replace")
-            outcome, reason = f"failed: {code.name}: {details}", None
-        else:
-            code, reason = failure.code, failure.reason
-            outcome = f"failed: {code.name} {reason}: {failure.message}"
+            reason, message = None, call.context.details()
         if not log.isEnabledFor(logging.INFO):
             return
         with self._lock:
@@ -73,10 +69,13 @@ class AccessLog:
                 return
             self._written += 1
             left_out, self._left_out = self._left_out, 0
-        self._write(call, outcome, code, reason=reason, left_out=left_out)
+        if isinstance(message, bytes):  # gRPC keeps a servicer's own details encoded
+            message = message.decode("utf-8", "replace")
+        outcome = f"failed: {code.name} {reason or '-'}: {message or ''}"
+        self._write(call, code, outcome, reason=reason, left_out=left_out)
 
     @staticmethod
-    def _write(call, outcome: str, code: grpc.StatusCode, *, reason: str | None, left_out: int) -> None:
+    def _write(call, code: grpc.StatusCode, outcome: str, *, reason: str | None, left_out: int) -> None:
         duration_ms = round((time.perf_counter() - call.started) * 1000, 3)
         caller = call.caller
         principal = caller.principal if caller is not None else None
