@@ -309,7 +309,7 @@ class Settings:
 
 
 # Settings that take one of a few words (checked by validate_logging).
-_CHOICES = {"log_format": LOG_FORMATS, "access_log": ACCESS_LOG_MODES}
+_CHOICES = {"log_level": LOG_LEVELS, "log_format": LOG_FORMATS, "access_log": ACCESS_LOG_MODES}
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
