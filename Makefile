@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard protos/orgbilling/v1/*.proto)
 
-.PHONY: run test protos check-generated lint-protos bench seed-data bench-reports soak fuzz clean
+.PHONY: run test test-tools protos check-generated lint-protos bench seed-data bench-reports soak fuzz clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11 or newer is needed, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -19,8 +19,18 @@ venv: $(BIN)/.installed
 run: venv
 	$(BIN)/orgbilling serve
 
-test: venv check-generated lint-protos
+test: venv check-generated lint-protos test-tools
 	$(BIN)/python -m pytest -q
+
+# Programs some tests need beyond Python: PgBouncer (tests/test_pgbouncer.py).
+# Run as root on Debian, installs its package when missing; never fails, so
+# that without it those tests skip and say why.
+test-tools:
+	@command -v pgbouncer >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null \
+	  || { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null; } \
+	  || echo "make: pgbouncer could not be installed; the PgBouncer tests will skip"
 
 # Regenerates generated/ from protos/.
 protos: venv

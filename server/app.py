@@ -9,6 +9,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 from pythonjsonlogger.json import JsonFormatter
 
 from orgbilling.v1 import credit_service_pb2, credit_service_pb2_grpc
@@ -24,10 +25,12 @@ from orgbilling.server.interceptors import InterceptorChain
 from orgbilling.server.interceptors.admission import AdmissionInterceptor
 from orgbilling.server.interceptors.auth import AuthInterceptor
 from orgbilling.server.interceptors.deadline import DeadlineInterceptor
+from orgbilling.server.interceptors.metrics import MetricsInterceptor
 from orgbilling.server.interceptors.draining import DrainingInterceptor
 from orgbilling.server.interceptors.open_streams import OpenStreamsInterceptor
 from orgbilling.server.interceptors.ratelimit import RateLimitInterceptor
-from orgbilling.server.interceptors.access_log import AccessLog
+from orgbilling.server.interceptors.tracing import TracingInterceptor
+from orgbilling.server.interceptors.access_log import AccessLogInterceptor
 from orgbilling.server.migrate import migrate
 from orgbilling.server.servicers.credit import CreditServicer
 from orgbilling.server.servicers.org_billing import OrgBillingServicer
@@ -36,7 +39,11 @@ from orgbilling.server.settings import Settings
 from orgbilling.server.report_store import ReportStore
 from orgbilling.server.request_context import current_request_id
 from orgbilling.server.store import Store
+from orgbilling.server.metrics import Metrics
 from orgbilling.server.sweeper import IdempotencySweeper, PeriodSweeper, ReservationSweeper
+from orgbilling.server.tracing import (
+    FROM_ENVIRONMENT, TRACER_NAME, statement_spans, tracer_provider_from_environment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +89,37 @@ def configure_logging(*, level: str, log_format: str) -> None:
 
 
 class OrgBillingServer:
-    """The gRPC server, its connection pool and its health monitor."""
+    """The gRPC server, its connection pool and its health monitor.
 
-    def __init__(self, settings: Settings, database_url: str):
+    `tracer_provider`: where the server's spans go (server.tracing); by
+    default the one the OTEL_* variables ask for (shut down with the server),
+    None for no tracing at all."""
+
+    def __init__(self, settings: Settings, database_url: str, *,
+                 tracer_provider: TracerProvider | None = FROM_ENVIRONMENT):
         self.settings = settings
-        self.pool = open_pool(settings, database_url)
+        # A provider the server made is the server's to shut down (flushing its spans).
+        self._own_tracer_provider = tracer_provider is FROM_ENVIRONMENT
+        if self._own_tracer_provider:
+            tracer_provider = tracer_provider_from_environment()
+        self.tracer_provider = tracer_provider
+        tracer = tracer_provider.get_tracer(TRACER_NAME) if tracer_provider else None
+        self.pool = open_pool(settings, database_url,
+                              configure=statement_spans(tracer_provider) if tracer_provider else None)
         self.store = Store(
             self.pool,
             pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
             statement_timeout_ms=settings.statement_timeout_ms,
         )
+        self.metrics = Metrics() if settings.metrics_listen else None
+        self.metrics_http = None
         self.committer = GroupCommitter(
             self.store.commit_group,
             lanes=settings.group_commit_lanes,
             batch_size_max=settings.group_commit_batch_size_max,
             queue_length_max=settings.group_commit_queue_length_max,
+            on_batch=self.metrics.batch_size.observe if self.metrics else None,
+            tracer=tracer,
         )
         self.sweeper = IdempotencySweeper(
             self.store,
@@ -129,7 +152,19 @@ class OrgBillingServer:
         # the request (it is decoded only when first asked for: the org check).
         # The rate limiter counts per authenticated caller, so after it. The
         # deadline last: it concerns the work itself.
-        interceptors = [
+        if self.metrics:
+            self.metrics.watch(pool=self.pool, committer=self.committer, health=self.health)
+        # Tracing and metrics outermost: calls refused by any interceptor are
+        # traced and counted too; the span covers the metrics' own work.
+        interceptors = [TracingInterceptor(tracer)] if tracer else []
+        interceptors += [MetricsInterceptor(self.metrics)] if self.metrics else []
+        # The access log next (the two above refuse nothing: it sees every
+        # call), its line written while the call's span is current.
+        if settings.access_log != "off":
+            interceptors.append(AccessLogInterceptor(
+                log_successes=settings.access_log == "all",
+                failure_lines_per_s=settings.refusal_log_lines_per_s))
+        interceptors += [
             self.draining,
             AdmissionInterceptor(
                 calls_max=settings.concurrent_rpcs_max, retry_after_ms=settings.busy_retry_after_ms),
@@ -147,11 +182,7 @@ class OrgBillingServer:
             futures.ThreadPoolExecutor(
                 max_workers=settings.worker_threads, thread_name_prefix="rpc"
             ),
-            interceptors=[InterceptorChain(
-                interceptors,
-                access_log=AccessLog(mode=settings.access_log,
-                                     failure_lines_per_s=settings.refusal_log_lines_per_s),
-            )],
+            interceptors=[InterceptorChain(interceptors)],
             # gRPC's own cap, a backstop far above admission control: no call
             # ever waits for a worker thread, and health always finds one.
             maximum_concurrent_rpcs=settings.worker_threads,
@@ -174,7 +205,8 @@ class OrgBillingServer:
                            reservation_ttl_min_ms=settings.reservation_ttl_min_ms,
                            reservation_ttl_max_ms=settings.reservation_ttl_max_ms,
                            page_size_default=settings.page_size_default,
-                           page_size_max=settings.page_size_max),
+                           page_size_max=settings.page_size_max,
+                           metrics=self.metrics),
             self.grpc_server,
         )
         org_billing_service_pb2_grpc.add_OrgBillingServiceServicer_to_server(
@@ -210,9 +242,16 @@ class OrgBillingServer:
         self.sweeper.start()
         self.reservation_sweeper.start()
         self.period_sweeper.start()
+        if self.metrics:
+            self.metrics_http = self.metrics.serve(self.settings.metrics_listen)
         self.grpc_server.start()
         if self.probe_server is not None:
             self.probe_server.start()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics endpoint listens on, None when it is off."""
+        return self.metrics_http.server_port if self.metrics_http else None
 
     def stop(self) -> None:
         """Stops taking calls, lets in-flight ones finish within the grace
@@ -225,11 +264,15 @@ class OrgBillingServer:
         self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
         if self.probe_server is not None:
             self.probe_server.stop(0).wait()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
         self.sweeper.stop()
         self.reservation_sweeper.stop()
         self.period_sweeper.stop()
         self.security.stop()
         self.pool.close()
+        if self._own_tracer_provider and self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # exports the spans still batched
 
 
 def serve(settings: Settings) -> None:

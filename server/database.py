@@ -4,8 +4,10 @@ import logging
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
 from orgbilling.server.settings import Settings
@@ -40,10 +42,23 @@ def resolve_database_url(settings: Settings) -> str:
 
 
 def connection_options(settings: Settings) -> dict:
-    """Options of every server connection, passed explicitly."""
+    """Options of every server connection, passed explicitly.
+
+    No session state is set after connecting (no SET, session advisory lock,
+    LISTEN or temporary table, no pool configure or reset hook): behind
+    PgBouncer in transaction mode, each transaction may run on another server
+    connection, shared with other clients, and session state would leak to
+    them. What the session needs is sent in the startup packet instead:
+    application_name, which PgBouncer tracks and applies per transaction, and
+    `options`, which PgBouncer 1.18 refuses unless told to ignore it
+    (ignore_startup_parameters = options: then the role's defaults apply;
+    see the README's Operations section).
+    """
     return {
         "autocommit": True,  # each ledger function call is its own transaction
-        "prepare_threshold": 0,  # few, fixed statements: prepare each on first use
+        # Few, fixed statements: prepare each on first use, or never (poolers
+        # that do not track prepared statements: see Settings).
+        "prepare_threshold": 0 if settings.prepared_statements else None,
         "connect_timeout": max(1, settings.database_connect_timeout_ms // 1000),
         "application_name": "orgbilling",
         "options": f"-c statement_timeout={settings.statement_timeout_ms}"
@@ -51,7 +66,10 @@ def connection_options(settings: Settings) -> dict:
     }
 
 
-def open_pool(settings: Settings, url: str) -> ConnectionPool:
+def open_pool(settings: Settings, url: str, *,
+              configure: Callable[[psycopg.Connection], None] | None = None) -> ConnectionPool:
+    """The server's pool; `configure` runs on each new connection (tracing
+    instruments it: server.tracing.statement_spans)."""
     pool = ConnectionPool(
         url,
         min_size=settings.pool_size_min,
@@ -65,6 +83,7 @@ def open_pool(settings: Settings, url: str) -> ConnectionPool:
         max_idle=settings.pool_connection_idle_ms / 1000,
         reconnect_timeout=300.0,
         name="orgbilling",
+        configure=configure,
     )
     # Do not wait for min_size here: the server starts and reports NOT_SERVING
     # until the database answers.

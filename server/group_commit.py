@@ -16,15 +16,28 @@ lane to the oldest waiter, who commits the next batch.
 There is no timer: a call that finds its lane idle is committed at once, so
 under light load nothing waits, and batches form only from calls that are
 already waiting. Each caller gets its answer only after its batch commits.
+
+With tracing on (server.tracing), each batch has a span, a child of the
+leader's current span (its call's), parent of the batch's statements, with
+a link to the span of every call it carries; and each of those calls' spans
+gets a link back to the batch's span. Both ways, because a trace shows the
+links its own spans hold: from a slow call one finds the batch that carried
+it (in the leader's trace), and from a batch the calls it served. The link
+back also outlives the SDK's limit of links per span (128 by default,
+OTEL_SPAN_LINK_COUNT_LIMIT), which a batch of up to batch_size_max items
+can pass.
 """
 
 import collections
+import contextlib
 import logging
 import threading
 import zlib
 from typing import Callable
 
 import psycopg
+from opentelemetry import trace
+from opentelemetry.trace import Link, Status, StatusCode
 
 from orgbilling.server.errors import deadline_exceeded, server_busy
 from orgbilling.server.request_context import call_deadline_var, seconds_left
@@ -37,6 +50,9 @@ Item = Deduction | Reservation | ReservationCommit | ReservationRelease
 
 log = logging.getLogger(__name__)
 
+# The batch span's attribute: how many items it carried.
+BATCH_SIZE = "orgbilling.group_commit.batch_size"
+
 
 class _Ticket:
     """One caller's item, waiting in a lane.
@@ -45,10 +61,12 @@ class _Ticket:
     the caller: Event.set and Event.wait cost several times more, and py-spy
     showed them at a fifth of the server's time on a hot pool."""
 
-    __slots__ = ("item", "leads", "done", "result", "error", "_signal", "_signaled")
+    __slots__ = ("item", "span", "leads", "done", "result", "error", "_signal", "_signaled")
 
-    def __init__(self, item: Item):
+    def __init__(self, item: Item, span: trace.Span | None):
         self.item = item
+        # The caller's span, when tracing: its batch links to it and back.
+        self.span = span
         self.leads = False
         self.done = False
         self.result: DeductionResult | dict | None = None
@@ -91,11 +109,22 @@ class GroupCommitter:
         lanes: int,
         batch_size_max: int,
         queue_length_max: int,
+        on_batch: Callable[[int], None] | None = None,
+        tracer: trace.Tracer | None = None,
     ):
         self._commit_batch = commit_batch
         self._lanes = [_Lane() for _ in range(lanes)]
         self._batch_size_max = batch_size_max
         self._queue_length_max = queue_length_max
+        # Told each batch's size (metrics).
+        self._on_batch = on_batch
+        # Spans for the batches; None when tracing is off.
+        self._tracer = tracer
+
+    def queue_lengths(self) -> list[int]:
+        """Items waiting in each lane now (a leader's batch included): for
+        metrics, read without the lanes' locks."""
+        return [len(lane.queue) for lane in self._lanes]
 
     def _lane_of(self, org_id: str) -> _Lane:
         # crc32, not hash(): the same org must map to the same lane in every
@@ -119,7 +148,7 @@ class GroupCommitter:
 
     def _submit(self, item: Item):
         lane = self._lane_of(item.org_id)
-        ticket = _Ticket(item)
+        ticket = _Ticket(item, None if self._tracer is None else trace.get_current_span())
         with lane.lock:
             if len(lane.queue) >= self._queue_length_max:
                 raise server_busy("too many deductions are waiting for this pool",
@@ -176,23 +205,52 @@ class GroupCommitter:
         # The batch serves every caller in it, so it runs under the server's
         # own timeouts, not the leader's deadline.
         token = call_deadline_var.set(None)
-        try:
-            results = self._commit_batch([t.item for t in batch])
-        except psycopg.OperationalError as error:
-            # The database is unreachable or too slow: every caller hears so
-            # and may retry with its key.
-            for ticket in batch:
-                ticket.finish(error=error)
-            return
-        except Exception as error:  # noqa: BLE001: one bad item must not fail the others
-            if len(batch) == 1:
-                batch[0].finish(error=error)
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        with (contextlib.nullcontext(trace.INVALID_SPAN) if self._tracer is None
+              else self._batch_span(batch)) as span:
+            try:
+                results = self._commit_batch([t.item for t in batch])
+            except psycopg.OperationalError as error:
+                # The database is unreachable or too slow: every caller hears so
+                # and may retry with its key.
+                _failed(span, error)
+                for ticket in batch:
+                    ticket.finish(error=error)
                 return
-            log.exception("a batch of %d items failed; committing them one by one", len(batch))
-            for ticket in batch:
-                self._commit([ticket])
-            return
-        finally:
-            call_deadline_var.reset(token)
+            except Exception as error:  # noqa: BLE001: one bad item must not fail the others
+                _failed(span, error)
+                if len(batch) == 1:
+                    batch[0].finish(error=error)
+                    return
+                log.exception("a batch of %d items failed; committing them one by one", len(batch))
+                # Each in a batch of its own, whose span is a child of this one.
+                for ticket in batch:
+                    self._commit([ticket])
+                return
+            finally:
+                call_deadline_var.reset(token)
         for ticket, result in zip(batch, results, strict=True):
             ticket.finish(result=result)
+
+    def _batch_span(self, batch: list[_Ticket]):
+        """The batch's span, made current until the batch ends, linked to the
+        span of each call it carries and each of those back to it."""
+        carried = [t.span for t in batch if t.span is not None and t.span.get_span_context().is_valid]
+        span = self._tracer.start_span(
+            "group commit", links=[Link(s.get_span_context()) for s in carried],
+            attributes={BATCH_SIZE: len(batch)})
+        batch_context = span.get_span_context()
+        for call_span in carried:
+            # Linked before the commit, while the callers wait; one whose
+            # deadline has passed may have ended its span already.
+            if call_span.is_recording():
+                call_span.add_link(batch_context)
+        return trace.use_span(span, end_on_exit=True, record_exception=False,
+                              set_status_on_exception=False)
+
+
+def _failed(span: trace.Span, error: BaseException) -> None:
+    """Marks the batch's span failed (a no-op for INVALID_SPAN: tracing off)."""
+    span.record_exception(error)
+    span.set_status(Status(StatusCode.ERROR, type(error).__name__))

@@ -163,6 +163,11 @@ class DatabaseHealthMonitor:
             max_workers=1, thread_name_prefix="health-ping")
         self._ping: concurrent.futures.Future | None = None
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the last check found the database answering."""
+        return bool(self._healthy)
+
     def start(self) -> None:
         self._set(False)
         self._thread.start()

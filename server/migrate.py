@@ -8,9 +8,14 @@ functions), are applied in name order, all in one transaction, when their
 checksum differs from the one recorded: editing a function is editing its file.
 
 Several replicas may start at once: the lock makes one apply and the others
-find nothing left to do.
+find nothing left to do. It is a transaction-level lock, taken again by each
+step's transaction, which then reads what is applied before applying: a
+session-level one would not survive PgBouncer in transaction mode (the unlock
+may run on another server connection, and the lock stay held for good on the
+first, hanging the next replica's start).
 """
 
+import contextlib
 import hashlib
 import importlib.resources
 import logging
@@ -68,9 +73,11 @@ def migrate(url: str, directory: Path | None = None) -> list[str]:
     """Applies what is not applied yet; returns the names applied now."""
     versioned = migration_files(directory)
     repeatable = repeatable_files(directory)
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
-        try:
+    # Never prepared (prepare_threshold None): through PgBouncer in
+    # transaction mode a prepared statement would stay on a server connection
+    # other clients share.
+    with psycopg.connect(url, autocommit=True, connect_timeout=10, prepare_threshold=None) as conn:
+        with _locked(conn):
             conn.execute(
                 """CREATE TABLE IF NOT EXISTS schema_migrations (
                        version     integer PRIMARY KEY,
@@ -84,14 +91,17 @@ def migrate(url: str, directory: Path | None = None) -> list[str]:
                        sha256      text NOT NULL,
                        applied_at  timestamptz NOT NULL DEFAULT now())"""
             )
-            applied_now = _apply_versioned(conn, versioned)
-            # A versioned file may have dropped what a function or view
-            # depends on (a column type change must drop the views that read
-            # it): after one, every repeatable file is applied again.
-            applied_now += _apply_repeatable(conn, repeatable, everything=bool(applied_now))
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+        applied_now = _apply_versioned(conn, versioned)
+        applied_now += _apply_repeatable(conn, repeatable)
     return applied_now
+
+
+@contextlib.contextmanager
+def _locked(conn: psycopg.Connection):
+    """A transaction holding the migration lock, which ends with it."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+        yield
 
 
 def _sha256(sql: str) -> str:
@@ -99,43 +109,52 @@ def _sha256(sql: str) -> str:
 
 
 def _apply_versioned(conn: psycopg.Connection, files: list[tuple[int, str, str]]) -> list[str]:
-    applied = {
-        version: (name, digest)
-        for version, name, digest in conn.execute("SELECT version, name, sha256 FROM schema_migrations")
-    }
     applied_now = []
     for version, name, sql in files:
         digest = _sha256(sql)
-        if version in applied:
-            applied_name, applied_digest = applied[version]
-            if applied_name != name:
-                raise MigrationError(
-                    f"the database applied {applied_name} as version {version}, not {name}: it was "
-                    "built from another history of migrations (before the squash into "
-                    "0001_baseline.sql?); build it anew")
-            if applied_digest != digest:
-                raise MigrationError(f"{name} was changed after it was applied")
+        # Each file in a transaction of its own, under the lock, which reads
+        # whether it is applied (by another replica meanwhile, maybe).
+        with _locked(conn):
+            applied = conn.execute("SELECT name, sha256 FROM schema_migrations WHERE version = %s",
+                                   (version,)).fetchone()
+            if applied is None:
+                conn.execute(sql)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, sha256) VALUES (%s, %s, %s)",
+                    (version, name, digest),
+                )
+        if applied is None:
+            log.info("applied migration %s", name)
+            applied_now.append(name)
             continue
-        with conn.transaction():
-            conn.execute(sql)
-            conn.execute(
-                "INSERT INTO schema_migrations (version, name, sha256) VALUES (%s, %s, %s)",
-                (version, name, digest),
-            )
-        log.info("applied migration %s", name)
-        applied_now.append(name)
+        applied_name, applied_digest = applied
+        if applied_name != name:
+            raise MigrationError(
+                f"the database applied {applied_name} as version {version}, not {name}: it was "
+                "built from another history of migrations (before the squash into "
+                "0001_baseline.sql?); build it anew")
+        if applied_digest != digest:
+            raise MigrationError(f"{name} was changed after it was applied")
     return applied_now
 
 
-def _apply_repeatable(conn: psycopg.Connection, files: list[tuple[str, str]], everything: bool) -> list[str]:
-    recorded = dict(conn.execute("SELECT name, sha256 FROM schema_repeatable_files").fetchall())
-    due = [(name, sql, _sha256(sql)) for name, sql in files]
-    due = [(name, sql, digest) for name, sql, digest in due if everything or recorded.get(name) != digest]
-    if not due:
-        return []
+def _apply_repeatable(conn: psycopg.Connection, files: list[tuple[str, str]]) -> list[str]:
     # One transaction: the functions change together, so no call ever sees
     # half of an edit that spans several files.
-    with conn.transaction():
+    with _locked(conn):
+        recorded = dict(conn.execute("SELECT name, sha256 FROM schema_repeatable_files").fetchall())
+        # A versioned file may have dropped what a function or view depends
+        # on (a column type change must drop the views that read it): after
+        # one, every repeatable file is applied again. Read from the tables,
+        # not from this run, since another replica may have applied it. Each
+        # step's transaction starts after the previous one committed, so
+        # applied_at orders them (>=: a tie applies again, which is harmless).
+        everything = conn.execute(
+            """SELECT (SELECT max(applied_at) FROM schema_migrations)
+                      >= coalesce((SELECT min(applied_at) FROM schema_repeatable_files), '-infinity')"""
+        ).fetchone()[0]
+        due = [(name, sql, _sha256(sql)) for name, sql in files]
+        due = [(name, sql, digest) for name, sql, digest in due if everything or recorded.get(name) != digest]
         for name, sql, digest in due:
             try:
                 conn.execute(sql)

@@ -135,6 +135,13 @@ _LIST_RESERVATIONS = """
 """
 
 
+class ConnectionLost(psycopg.OperationalError):
+    """A database error that left the connection broken, whatever psycopg
+    calls it: PgBouncer reports the loss of its server connection as one
+    more result, which psycopg raises as an InternalError from BEGIN or
+    COMMIT. An OperationalError, so the caller gets UNAVAILABLE."""
+
+
 class Store:
     def __init__(self, pool: ConnectionPool, *, pool_wait_timeout_ms: int, statement_timeout_ms: int):
         self.pool = pool
@@ -144,25 +151,35 @@ class Store:
     @contextlib.contextmanager
     def _connection(self):
         """A pooled connection, waited for and used no longer than the caller's
-        deadline allows: a caller that gave up leaves no work running."""
+        deadline allows: a caller that gave up leaves no work running. Any
+        database error that leaves the connection broken comes out as
+        ConnectionLost."""
         left = seconds_left()
         if left is not None and left <= 0:
             raise deadline_exceeded()
         wait_s = self._pool_wait_timeout_s if left is None else min(self._pool_wait_timeout_s, left)
         with self.pool.connection(timeout=wait_s) as conn:
-            left = seconds_left()
-            if left is None or left >= self._statement_timeout_s:
-                yield conn
-                return
-            if left <= 0:
-                raise deadline_exceeded()
-            # Rare (short deadlines only), so the extra round trips are paid rarely.
-            conn.execute(f"SET statement_timeout = {max(1, int(left * 1000))}")
             try:
-                yield conn
-            finally:
-                if not conn.broken:
-                    conn.execute("RESET statement_timeout")
+                left = seconds_left()
+                if left is None or left >= self._statement_timeout_s:
+                    yield conn
+                    return
+                if left <= 0:
+                    raise deadline_exceeded()
+                # Rare (short deadlines only), so the extra round trips (BEGIN,
+                # set_config, COMMIT) are paid rarely. A local setting, in one
+                # transaction with the work: it ends with it. A session SET would
+                # outlive the work, and behind PgBouncer in transaction mode it
+                # would stay on a server connection that other clients use next
+                # (its RESET may even run on another one).
+                with conn.transaction():
+                    conn.execute("SELECT set_config('statement_timeout', %s, true)",
+                                 (str(max(1, int(left * 1000))),))
+                    yield conn
+            except psycopg.Error as error:
+                if conn.broken and not isinstance(error, ConnectionLost):
+                    raise ConnectionLost(f"the database connection was lost: {error}") from error
+                raise
 
     def _run(self, work):
         """Runs work(conn) on a pooled connection and returns its result.
@@ -172,12 +189,12 @@ class Store:
         idempotency key, so running it again is safe.
         """
         for attempt in (1, 2):
-            with self._connection() as conn:
-                try:
+            try:
+                with self._connection() as conn:
                     return work(conn)
-                except psycopg.OperationalError:
-                    if attempt == 2 or not conn.broken:
-                        raise
+            except ConnectionLost:
+                if attempt == 2:
+                    raise
             # One dead connection means its idle siblings are likely dead too
             # (PostgreSQL restarted): find them now, not one failed call each.
             self.pool.check()

@@ -19,7 +19,8 @@ from orgbilling.v1 import reporting_service_pb2 as rp
 from orgbilling.v1 import reporting_service_pb2_grpc
 from orgbilling.server.auth.api_keys import split_key
 from orgbilling.server.errors import ServiceError
-from orgbilling.server.interceptors.access_log import AccessLog
+from orgbilling.server.interceptors.access_log import AccessLogInterceptor
+from orgbilling.server.settings import Settings
 from tests.server_process import ServerProcess, environment_without_settings
 from tests.support import REPO, Client, new_key
 
@@ -239,9 +240,12 @@ class FakeContext:
     def code(self):
         return None
 
+    def is_active(self):
+        return True
+
 
 class FakeCall:
-    """What AccessLog reads of a server.interceptors.Call."""
+    """What the access log reads of a server.interceptors.Call."""
 
     class method:
         path = "/orgbilling.v1.CreditService/DeductCredits"
@@ -251,31 +255,33 @@ class FakeCall:
         self.context = FakeContext()
         self.caller = None
         self.request_id = "rid"
-        self.started = time.perf_counter()
 
 
 REFUSAL = ServiceError(grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", "no credentials")
 
 
-@pytest.mark.parametrize("mode", ["failures", "all"])
-def test_failures_past_the_rate_are_counted_not_logged(caplog, mode):
+@pytest.mark.parametrize("log_successes", [False, True])
+def test_failures_past_the_rate_are_counted_not_logged(caplog, log_successes):
     clock = FakeClock()
-    access_log = AccessLog(mode=mode, failure_lines_per_s=3, clock=clock)
+    access_log = AccessLogInterceptor(log_successes=log_successes, failure_lines_per_s=3, clock=clock)
+
+    def end(call):
+        access_log.intercept(call)()
+
     with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
         for _ in range(1000):
-            access_log.ended(FakeCall(REFUSAL))
+            end(FakeCall(REFUSAL))
         assert len(caplog.records) == 3
         clock.now += 1.0
-        access_log.ended(FakeCall(REFUSAL))
-        # Successes neither take from the failures' budget nor (mode failures) appear.
-        access_log.ended(FakeCall(None))
-    successes = 1 if mode == "all" else 0
-    assert len(caplog.records) == 4 + successes
+        end(FakeCall(REFUSAL))
+        # Successes neither take from the failures' budget nor (by default) appear.
+        end(FakeCall(None))
+    assert len(caplog.records) == 4 + log_successes
     assert "997 more failed calls not logged" in caplog.records[3].getMessage()
     assert caplog.records[3].failures_not_logged == 997
     assert "DeductCredits failed: UNAUTHENTICATED UNAUTHENTICATED" in caplog.records[0].getMessage()
 
 
 def test_an_unknown_mode_is_refused():
-    with pytest.raises(ValueError, match="access_log must be one of failures, all, off"):
-        AccessLog(mode="some", failure_lines_per_s=10)
+    with pytest.raises(ValueError, match="access_log must be one of failures, all, off, got 'some'"):
+        Settings(access_log="some").validate()

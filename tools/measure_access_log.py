@@ -29,7 +29,7 @@ from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.server.app import configure_logging
 from orgbilling.server.auth.caller import Caller
 from orgbilling.server.errors import ServiceError
-from orgbilling.server.interceptors.access_log import AccessLog
+from orgbilling.server.interceptors.access_log import AccessLogInterceptor
 from tests.postgres import Postgres
 from tests.server_process import ServerProcess
 from tests.support import new_key
@@ -89,7 +89,7 @@ def run(server: ServerProcess, call, *, callers: int, seconds: float) -> tuple[f
 
 
 class EndedCall:
-    """What AccessLog reads of a server.interceptors.Call, as a real one has it."""
+    """What the access log reads of a server.interceptors.Call, as a real one has it."""
 
     class method:
         path = "/orgbilling.v1.CreditService/DeductCredits"
@@ -99,36 +99,39 @@ class EndedCall:
         def code():
             return None
 
+        @staticmethod
+        def is_active():
+            return True
+
     caller = Caller(principal="apikey:0123456789abcdef", display_name="chat-api",
                     scopes=frozenset({"credits.deduct"}), org_ids=None)
     request_id = "0123456789abcdef0123456789abcdef"
 
     def __init__(self, failure=None):
         self.failure = failure
-        self.started = time.perf_counter()
 
 
 def per_line(lines: int) -> None:
-    """µs AccessLog.ended takes per call, by mode and format."""
+    """µs the access log takes per call (its intercept and its end), by mode
+    and format; with access_log off it is not in the chain at all."""
     refused = ServiceError(grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", "invalid API key")
     cases = [
-        ("off, a success", "text", "off", None),
-        ("failures, a success (no line)", "text", "failures", None),
-        ("failures, a refusal past the rate (counted)", "text", "failures", refused),
-        ("all, a success, text", "text", "all", None),
-        ("all, a success, json", "json", "all", None),
+        ("failures, a success (no line)", "text", False, None),
+        ("failures, a refusal past the rate (counted)", "text", False, refused),
+        ("all, a success, text", "text", True, None),
+        ("all, a success, json", "json", True, None),
     ]
-    print(f"per call, {lines} calls each (µs in AccessLog.ended, the line written to a file):")
+    print(f"per call, {lines} calls each (µs in the access log, the line written to a file):")
     with tempfile.TemporaryFile("w") as sink:
-        for label, log_format, mode, failure in cases:
+        for label, log_format, log_successes, failure in cases:
             configure_logging(level="INFO", log_format=log_format)
             logging.getLogger().handlers[0].setStream(sink)
             # failure_lines_per_s=1: nearly every refusal takes the counted path.
-            access_log = AccessLog(mode=mode, failure_lines_per_s=1)
+            access_log = AccessLogInterceptor(log_successes=log_successes, failure_lines_per_s=1)
             calls = [EndedCall(failure) for _ in range(lines)]
             started = time.perf_counter()
             for call in calls:
-                access_log.ended(call)
+                access_log.intercept(call)()
             print(f"  {label:45} {(time.perf_counter() - started) / lines * 1e6:6.2f} µs")
     logging.getLogger().handlers.clear()
 

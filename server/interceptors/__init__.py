@@ -22,12 +22,6 @@ The chain itself does what every call needs and no interceptor may skip:
   unauthenticated caller learns nothing about its request (not even whether
   it decodes), and bytes that are not a message get INVALID_ARGUMENT
   MALFORMED_REQUEST with an ErrorInfo rather than gRPC's bare INTERNAL.
-- The access log (server.interceptors.access_log): a line per call as the
-  operator chose (failed calls by default), after the call's status is
-  known, however the call ended; failure lines limited in rate, so that a
-  flood of refusals cannot flood the log. It is the chain's, not an
-  interceptor's: an interceptor's end runs before the chain knows the status
-  (and, for a call an interceptor refused, before the chain maps the error).
 """
 
 import time
@@ -36,7 +30,6 @@ from typing import Callable, Iterator
 import grpc
 
 from orgbilling.server.errors import ServiceError, malformed_request, status_for
-from orgbilling.server.interceptors.access_log import AccessLog
 from orgbilling.server.interceptors.request_id import REQUEST_ID_HEADER, request_id_from
 from orgbilling.server.request_context import request_id_var
 
@@ -55,11 +48,10 @@ class Method:
 class Call:
     """One call as the interceptors see it. `request` is decoded on first use
     (None for a streamed request); `ends_by` (time.monotonic) cuts a stream
-    short, checked between messages. `started` (time.perf_counter) and
-    `failure` (the status a failed call was given) are for the access log."""
+    short, checked between messages."""
 
-    __slots__ = ("method", "context", "request_id", "caller", "ends_by", "started", "failure",
-                 "_raw", "_deserialize")
+    __slots__ = ("method", "context", "request_id", "caller", "ends_by", "failure", "_raw",
+                 "_deserialize")
 
     def __init__(self, method: Method, context: grpc.ServicerContext, *, raw, deserialize):
         self.method = method
@@ -67,7 +59,8 @@ class Call:
         self.request_id = request_id_from(context.invocation_metadata())
         self.caller = None
         self.ends_by: float | None = None
-        self.started = time.perf_counter()
+        # The status the chain ended the call with, when it failed; for the
+        # functions run at its end.
         self.failure: ServiceError | None = None
         self._raw = raw
         self._deserialize = deserialize
@@ -99,9 +92,8 @@ class Interceptor:
 class InterceptorChain(grpc.ServerInterceptor):
     """Runs `interceptors`, outermost first, around every call."""
 
-    def __init__(self, interceptors: list[Interceptor], *, access_log: AccessLog):
+    def __init__(self, interceptors: list[Interceptor]):
         self._interceptors = list(interceptors)
-        self._access_log = access_log
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation, handler_call_details):
@@ -119,7 +111,6 @@ class InterceptorChain(grpc.ServerInterceptor):
         deserialize = handler.request_deserializer
         streamed = handler.request_streaming
         fail = self._fail
-        log_access = self._access_log.ended
 
         def new_call(request_or_iterator, context) -> Call:
             # A streamed request is decoded message by message (decoded), not by the Call.
@@ -130,19 +121,16 @@ class InterceptorChain(grpc.ServerInterceptor):
         def request_of(call: Call, request_or_iterator):
             return decoded(call, request_or_iterator) if streamed else call.request
 
-        def begin(call: Call) -> list[Callable[[], None]]:
+        def begin(call: Call, ends: list[Callable[[], None]]) -> None:
+            """Runs the interceptors, adding to ends what each asks to run at
+            the call's end; the caller runs them after the call's status is
+            set, even when an interceptor refused the call."""
             request_id_var.set(call.request_id)
             call.context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
-            ends = []
-            try:
-                for interceptor in interceptors:
-                    end = interceptor.intercept(call)
-                    if end is not None:
-                        ends.append(end)
-            except BaseException:
-                finish(ends)
-                raise
-            return ends
+            for interceptor in interceptors:
+                end = interceptor.intercept(call)
+                if end is not None:
+                    ends.append(end)
 
         def finish(ends: list[Callable[[], None]]) -> None:
             for end in reversed(ends):
@@ -163,15 +151,14 @@ class InterceptorChain(grpc.ServerInterceptor):
 
             def unary_response(request_or_iterator, context):
                 call = new_call(request_or_iterator, context)
-                ends = ()
+                ends = []
                 try:
-                    ends = begin(call)
+                    begin(call, ends)
                     return behavior(request_of(call, request_or_iterator), context)
                 except Exception as error:  # noqa: BLE001: every failure gets a status
                     fail(call, error)
                 finally:
                     finish(ends)
-                    log_access(call)
 
             factory = (grpc.stream_unary_rpc_method_handler if streamed
                        else grpc.unary_unary_rpc_method_handler)
@@ -181,20 +168,14 @@ class InterceptorChain(grpc.ServerInterceptor):
 
         def stream_response(request_or_iterator, context):
             call = new_call(request_or_iterator, context)
-            ends = ()
+            ends = []
             try:
-                ends = begin(call)
+                begin(call, ends)
                 yield from _until(call, behavior(request_of(call, request_or_iterator), context))
-            except GeneratorExit:
-                # gRPC closes the response generator of a call that ended early
-                # (the caller cancelled, its deadline passed, the connection died).
-                call.failure = _CANCELLED
-                raise
             except Exception as error:  # noqa: BLE001: every failure gets a status
                 fail(call, error)
             finally:
                 finish(ends)
-                log_access(call)
 
         factory = (grpc.stream_stream_rpc_method_handler if streamed
                    else grpc.unary_stream_rpc_method_handler)
@@ -207,11 +188,6 @@ class InterceptorChain(grpc.ServerInterceptor):
             raise error  # the servicer set its own status (context.abort): keep it
         status = call.failure = status_for(error)
         context.abort_with_status(status.to_status(((REQUEST_ID_HEADER, call.request_id),)))
-
-
-# Never sent (the caller is gone): what the access log says of such a call.
-_CANCELLED = ServiceError(grpc.StatusCode.CANCELLED, "CANCELLED",
-                          "the stream ended early: cancelled, past its deadline or disconnected")
 
 
 def _until(call: Call, messages) -> Iterator:

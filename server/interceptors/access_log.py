@@ -1,7 +1,8 @@
 """The access log: a line per call, as the operator chose (setting
 access_log): `failures` (the default) logs the calls that failed, `all`
-every call, `off` none. It replaces the refusal log, whose lines were the
-failures' lines: one line per call at most, whatever the mode.
+every call, `off` none (the interceptor is then not in the chain at all).
+It replaces the refusal log, whose lines were the failures' lines: one line
+per call at most, whatever the mode.
 
 Failure lines are limited to `failure_lines_per_s` a second, in every mode:
 a flood of refused calls (an attack, a misconfigured client) costs the
@@ -20,20 +21,18 @@ the caller name the key's or token's name."""
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 
-from orgbilling.server.settings import ACCESS_LOG_MODES
+from orgbilling.server.interceptors import Call, Interceptor
 
 log = logging.getLogger("orgbilling.server.access")
 
 
-class AccessLog:
-    def __init__(self, *, mode: str, failure_lines_per_s: int, clock=time.monotonic):
-        if mode not in ACCESS_LOG_MODES:
-            raise ValueError(f"access_log must be one of {', '.join(ACCESS_LOG_MODES)}, got {mode!r}")
-        self._off = mode == "off"
-        self._log_successes = mode == "all"
+class AccessLogInterceptor(Interceptor):
+    def __init__(self, *, log_successes: bool, failure_lines_per_s: int, clock=time.monotonic):
+        self._log_successes = log_successes
         self._failure_lines_per_s = failure_lines_per_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -41,23 +40,32 @@ class AccessLog:
         self._written = 0
         self._left_out = 0
 
-    def ended(self, call) -> None:
-        """Logs `call` (a server.interceptors.Call), which has just ended, if
-        the mode and the failure lines' rate allow. Cheap when it logs nothing:
-        it runs at the end of every call."""
-        if self._off:
-            return
+    def intercept(self, call: Call) -> Callable[[], None]:
+        started = time.perf_counter()
+        return lambda: self.ended(call, started)
+
+    def ended(self, call: Call, started: float) -> None:
+        """Logs `call`, which has just ended (its status set), if the mode and
+        the failure lines' rate allow. Cheap when it logs nothing: it runs at
+        the end of every call."""
+        context = call.context
         failure = call.failure
         if failure is not None:
             code, reason, message = failure.code, failure.reason, failure.message
         else:
-            # A servicer may also set its own status (health's NOT_FOUND).
-            code = call.context.code()
-            if code is None or code is grpc.StatusCode.OK:
+            code = context.code()  # a status the servicer set itself (health's NOT_FOUND)
+            if code is None and not context.is_active():
+                # Ended from the caller's side: cancelled, past its deadline
+                # or disconnected (a stream whose generator gRPC closed).
+                code = grpc.StatusCode.CANCELLED
+                message = "the caller left before the call's end"
+            elif code is None or code is grpc.StatusCode.OK:
                 if self._log_successes and log.isEnabledFor(logging.INFO):
-                    self._write(call, grpc.StatusCode.OK, "OK", reason=None, left_out=0)
+                    self._write(call, started, grpc.StatusCode.OK, "OK", reason=None, left_out=0)
                 return
-            reason, message = None, call.context.details()
+            else:
+                message = context.details()
+            reason = None
         if not log.isEnabledFor(logging.INFO):
             return
         with self._lock:
@@ -72,11 +80,12 @@ class AccessLog:
         if isinstance(message, bytes):  # gRPC keeps a servicer's own details encoded
             message = message.decode("utf-8", "replace")
         outcome = f"failed: {code.name} {reason or '-'}: {message or ''}"
-        self._write(call, code, outcome, reason=reason, left_out=left_out)
+        self._write(call, started, code, outcome, reason=reason, left_out=left_out)
 
     @staticmethod
-    def _write(call, code: grpc.StatusCode, outcome: str, *, reason: str | None, left_out: int) -> None:
-        duration_ms = round((time.perf_counter() - call.started) * 1000, 3)
+    def _write(call: Call, started: float, code: grpc.StatusCode, outcome: str, *,
+               reason: str | None, left_out: int) -> None:
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
         caller = call.caller
         principal = caller.principal if caller is not None else None
         fields = {
@@ -86,7 +95,7 @@ class AccessLog:
             "principal": principal,
             "caller_name": caller.display_name if caller is not None else None,
             # Given, not left to the log filter's context variable: a stream
-            # the caller abandons ends when its generator is collected, elsewhere.
+            # the caller abandons may end when its generator is collected.
             "request_id": call.request_id,
         }
         if reason is not None:

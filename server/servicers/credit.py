@@ -6,6 +6,7 @@ from orgbilling.v1 import types_pb2
 from orgbilling.server import convert
 from orgbilling.server.errors import ServiceError, batch_not_applied, refusal
 from orgbilling.server.group_commit import GroupCommitter
+from orgbilling.server.metrics import Metrics
 from orgbilling.server.page_tokens import Layout, read_page_size, read_position
 from orgbilling.server.request_context import current_request_id, fingerprint
 from orgbilling.server.store import (
@@ -21,8 +22,12 @@ REFUND_REASON_CHARS_MAX = 256
 class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
     def __init__(self, store: Store, *, committer: GroupCommitter, batch_items_max: int,
                  reservation_ttl_default_ms: int, reservation_ttl_min_ms: int,
-                 reservation_ttl_max_ms: int, page_size_default: int, page_size_max: int):
+                 reservation_ttl_max_ms: int, page_size_default: int, page_size_max: int,
+                 metrics: Metrics | None = None):
         self._store = store
+        # Charges and refunds applied, for metrics; replays are not new ones.
+        self._charged = metrics.charge if metrics else _uncounted
+        self._refunded = metrics.refund if metrics else _uncounted
         self._committer = committer
         self._batch_items_max = batch_items_max
         self._ttl_default_ms = reservation_ttl_default_ms
@@ -54,6 +59,8 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         result = self._committer.deduct(deduction_from(request))
         if result.outcome != "OK":
             raise deduction_refusal(result, request.amount_millicredits)
+        if not result.replayed:
+            self._charged(request.amount_millicredits)
         return deduction_response(result)
 
     def DeductCreditsBatch(self, request, context):
@@ -72,6 +79,9 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         if request.all_or_nothing and refused:
             raise batch_not_applied(refused_items=refused, item_count=count,
                                     first_refused_reason=results[refused[0]].outcome)
+        for result, item in zip(results, request.deductions):
+            if result.outcome == "OK" and not result.replayed:
+                self._charged(item.amount_millicredits)
         return pb.DeductCreditsBatchResponse(
             results=[
                 batch_result(result, item.amount_millicredits)
@@ -128,6 +138,8 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         ))
         if result["outcome"] != "OK":
             raise reservation_refusal(result, request.amount_millicredits)
+        if not result["replayed"]:
+            self._charged(request.amount_millicredits)
         return pb.CommitReservationResponse(
             deduction_id=result["deduction_id"],
             allocation_remaining_millicredits=result["allocation_remaining"],
@@ -208,11 +220,17 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
                           requested_millicredits=request.amount_millicredits)
         if result["outcome"] != "OK":
             raise refusal(result["outcome"])
+        if not result["replayed"]:
+            self._refunded(request.amount_millicredits)
         return pb.RefundCreditsResponse(
             refund_id=result["refund_id"],
             allocation_remaining_millicredits=result["allocation_remaining"],
             pool_spendable_millicredits=result["pool_spendable"], replayed=result["replayed"],
         )
+
+
+def _uncounted(amount_millicredits: int) -> None:
+    """What counts charges when metrics are off."""
 
 
 def reservation_refusal(result: dict, requested: int | None) -> ServiceError:
