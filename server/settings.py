@@ -11,6 +11,11 @@ import os
 from pathlib import Path
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+ACCESS_LOG_MODES = ("failures", "all", "off")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     # Where gRPC listens, host:port.
@@ -122,8 +127,15 @@ class Settings:
     # Page sizes of list RPCs.
     page_size_default: int = 100
     page_size_max: int = 1000
-    # Python logging level name.
+    # Python logging level name: DEBUG, INFO, WARNING, ERROR or CRITICAL.
     log_level: str = "INFO"
+    # How log lines are written (to stderr): "text" for people at a terminal,
+    # "json" for log collectors, one JSON object a line.
+    log_format: str = "text"
+    # The access log (INFO lines of logger orgbilling.server.access): a line
+    # per call that "failures" (failed calls), "all" (every call) or "off".
+    # Failed calls' lines are limited to refusal_log_lines_per_s in any mode.
+    access_log: str = "failures"
 
     # Security (see the README's "Security" section).
     # Services anyone may call without credentials, comma separated; empty
@@ -194,7 +206,8 @@ class Settings:
                 "--" + field.name.replace("_", "-"),
                 dest=field.name,
                 default=None,
-                help=f"env ORGBILLING_{field.name.upper()}, default {field.default!s}",
+                help=f"env ORGBILLING_{field.name.upper()}, default {field.default!s}"
+                     + (f", one of {', '.join(_CHOICES[field.name])}" if field.name in _CHOICES else ""),
                 **boolean,
             )
 
@@ -250,7 +263,17 @@ class Settings:
         if min(self.http2_streams_per_connection_max, self.connection_age_max_ms, self.probe_threads,
                self.open_service_streams_max, self.open_service_stream_lifetime_ms) < 1:
             raise ValueError("stream and connection limits must be at least 1")
+        self.validate_logging()
         self.validate_security()
+
+    def validate_logging(self) -> None:
+        # Refused here, at startup, with the choices: a typo must not mean
+        # "no access log" or a crash at the first log line.
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        for name, choices in (("log_format", LOG_FORMATS), ("access_log", ACCESS_LOG_MODES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
     def validate_security(self) -> None:
         from orgbilling.server.auth.jwks import ASYMMETRIC_ALGORITHMS
@@ -295,6 +318,9 @@ class Settings:
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert)
 
+
+# Settings that take one of a few words (checked by validate_logging).
+_CHOICES = {"log_level": LOG_LEVELS, "log_format": LOG_FORMATS, "access_log": ACCESS_LOG_MODES}
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 

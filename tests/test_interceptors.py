@@ -25,7 +25,6 @@ from orgbilling.server.interceptors.deadline import DeadlineInterceptor
 from orgbilling.server.interceptors.draining import DrainingInterceptor
 from orgbilling.server.interceptors.open_streams import OpenStreamsInterceptor
 from orgbilling.server.interceptors.ratelimit import RateLimitInterceptor, TokenBuckets
-from orgbilling.server.interceptors.refusal_log import RefusalLog
 from orgbilling.server.request_context import current_request_id, seconds_left
 from tests.support import error_info
 
@@ -99,7 +98,7 @@ class Harness:
             AuthInterceptor(FakeAuthenticator(), open_services=open_services),
             RateLimitInterceptor(reads=buckets, writes=buckets),
             DeadlineInterceptor(),
-        ], refusal_log=RefusalLog(lines_per_s=10))
+        ])
         self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(32), interceptors=[chain])
         self.server.add_generic_rpc_handlers((echo_service(SERVICE, self.behaviour),
                                               echo_service(OPEN_SERVICE, self.behaviour)))

@@ -22,9 +22,6 @@ The chain itself does what every call needs and no interceptor may skip:
   unauthenticated caller learns nothing about its request (not even whether
   it decodes), and bytes that are not a message get INVALID_ARGUMENT
   MALFORMED_REQUEST with an ErrorInfo rather than gRPC's bare INTERNAL.
-- Refusal logging, a line per refused call, limited in rate
-  (server.interceptors.refusal_log) so that a flood of refusals cannot
-  flood the log.
 """
 
 import time
@@ -33,7 +30,6 @@ from typing import Callable, Iterator
 import grpc
 
 from orgbilling.server.errors import ServiceError, malformed_request, status_for
-from orgbilling.server.interceptors.refusal_log import RefusalLog
 from orgbilling.server.interceptors.request_id import REQUEST_ID_HEADER, request_id_from
 from orgbilling.server.request_context import request_id_var
 
@@ -96,9 +92,8 @@ class Interceptor:
 class InterceptorChain(grpc.ServerInterceptor):
     """Runs `interceptors`, outermost first, around every call."""
 
-    def __init__(self, interceptors: list[Interceptor], *, refusal_log: RefusalLog):
+    def __init__(self, interceptors: list[Interceptor]):
         self._interceptors = list(interceptors)
-        self._refusal_log = refusal_log
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation, handler_call_details):
@@ -192,8 +187,6 @@ class InterceptorChain(grpc.ServerInterceptor):
         if context.code() is not None and not isinstance(error, ServiceError):
             raise error  # the servicer set its own status (context.abort): keep it
         status = call.failure = status_for(error)
-        if status.code is not grpc.StatusCode.INTERNAL:
-            self._refusal_log.refused(call.method.path, status)
         context.abort_with_status(status.to_status(((REQUEST_ID_HEADER, call.request_id),)))
 
 
