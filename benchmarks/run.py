@@ -75,6 +75,15 @@ VARIANTS = [
             scenarios=(BASELINE_A, "check", "deduct_hot")),
     Variant("pgbouncer", "prepared_statements off, through PgBouncer 1.18 in transaction mode",
             {"prepared_statements": False}, through_pgbouncer=True),
+    # The operations issue's budget: metrics may cost at most 3% of deduct_hot.
+    Variant("metrics", "metrics on (metrics_listen): every call counted and timed, charges"
+            " counted, group-commit batches observed", {"metrics_listen": "127.0.0.1:0"},
+            scenarios=(BASELINE_A, "check", "deduct_hot")),
+    # Against the main server's access_log=failures, which writes no line for
+    # a call that succeeds.
+    Variant("access-log-all", "access_log all: a text line per call", {"access_log": "all"}),
+    Variant("access-log-all-json", "access_log all in JSON: a JSON line per call",
+            {"access_log": "all", "log_format": "json"}),
 ]
 
 
