@@ -146,14 +146,9 @@ class OrgBillingServer:
         )
         self.security = Security(settings, self.pool)
         self.draining = DrainingInterceptor()
-        # Outermost first; the chain itself maps errors, outside all of them.
-        # Draining and admission first: a call refused for the server's state
-        # costs as little as possible. Authentication before anything looks at
-        # the request (it is decoded only when first asked for: the org check).
-        # The rate limiter counts per authenticated caller, so after it. The
-        # deadline last: it concerns the work itself.
         if self.metrics:
             self.metrics.watch(pool=self.pool, committer=self.committer, health=self.health)
+        # Outermost first; the chain itself maps errors, outside all of them.
         # Tracing and metrics outermost: calls refused by any interceptor are
         # traced and counted too; the span covers the metrics' own work.
         interceptors = [TracingInterceptor(tracer)] if tracer else []
@@ -164,6 +159,11 @@ class OrgBillingServer:
             interceptors.append(AccessLogInterceptor(
                 log_successes=settings.access_log == "all",
                 failure_lines_per_s=settings.refusal_log_lines_per_s))
+        # Draining and admission first: a call refused for the server's state
+        # costs as little as possible. Authentication before anything looks at
+        # the request (it is decoded only when first asked for: the org check).
+        # The rate limiter counts per authenticated caller, so after it. The
+        # deadline last: it concerns the work itself.
         interceptors += [
             self.draining,
             AdmissionInterceptor(
