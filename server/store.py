@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
@@ -172,9 +173,12 @@ class Store:
                 # outlive the work, and behind PgBouncer in transaction mode it
                 # would stay on a server connection that other clients use next
                 # (its RESET may even run on another one).
+                # SET LOCAL rather than set_config(): a utility statement takes
+                # no snapshot, so a report may still set its isolation level
+                # after it (ReportStore._snapshot).
                 with conn.transaction():
-                    conn.execute("SELECT set_config('statement_timeout', %s, true)",
-                                 (str(max(1, int(left * 1000))),))
+                    conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
+                        sql.Literal(max(1, int(left * 1000)))))
                     yield conn
             except psycopg.Error as error:
                 if conn.broken and not isinstance(error, ConnectionLost):
