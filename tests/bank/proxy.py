@@ -1,5 +1,6 @@
 """A small TCP proxy from 127.0.0.1 to PostgreSQL's Unix socket, through which
-one replica reaches the database, so the tests can stall and cut that link."""
+one replica reaches the database, so the tests can stall and cut that link;
+or to a server's TCP port, so the client's tests can lose its answers."""
 
 import contextlib
 import logging
@@ -35,11 +36,14 @@ class _Link:
 
 class TcpProxy:
     """Listens on 127.0.0.1:<port> and forwards each connection to a Unix
-    socket. stall() holds every byte in both directions until resume();
-    drop() closes every connection at once, as a network failure would."""
+    socket (a Path) or a TCP address (host, port). stall() holds every byte
+    in both directions until resume(); lose_answers() discards every byte
+    back from upstream until deliver_answers(); drop() closes every
+    connection at once, as a network failure would."""
 
-    def __init__(self, unix_socket_path: Path):
-        self._target = str(unix_socket_path)
+    def __init__(self, upstream: Path | tuple[str, int]):
+        self._target = upstream
+        self._losing_answers = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._flowing = threading.Event()
@@ -61,6 +65,12 @@ class TcpProxy:
 
     def resume(self) -> None:
         self._flowing.set()
+
+    def lose_answers(self) -> None:
+        self._losing_answers.set()
+
+    def deliver_answers(self) -> None:
+        self._losing_answers.clear()
 
     def drop(self) -> int:
         """Closes every connection through the proxy; returns how many."""
@@ -84,13 +94,11 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                upstream.connect(self._target)
+                upstream = self._connect_upstream()
             except OSError:
-                # PostgreSQL is down: the client sees its connection refused.
+                # The upstream is down: the client sees its connection refused.
                 client.close()
-                upstream.close()
                 continue
             link = _Link(client, upstream)
             with self._lock:
@@ -99,12 +107,25 @@ class TcpProxy:
                 threading.Thread(target=self._pump, args=(link, source, sink),
                                  name="proxy-pump", daemon=True).start()
 
+    def _connect_upstream(self) -> socket.socket:
+        if isinstance(self._target, tuple):
+            return socket.create_connection(self._target)
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            upstream.connect(str(self._target))
+        except OSError:
+            upstream.close()
+            raise
+        return upstream
+
     def _pump(self, link: _Link, source: socket.socket, sink: socket.socket) -> None:
         try:
             while True:
                 data = source.recv(_CHUNK_BYTES)
                 if not data:
                     break
+                if source is link.upstream and self._losing_answers.is_set():
+                    continue
                 while not self._flowing.wait(_STALL_POLL_S):
                     if link.closed.is_set():
                         return
