@@ -146,7 +146,7 @@ def test_a_hold_is_released_on_an_exception_and_when_left_uncommitted(billing):
     with pytest.raises(ZeroDivisionError):
         with billing.reserve(org_id="acme", user_id="alice", amount_millicredits=2_000,
                              **CHARGE) as failed:
-            1 / 0
+            raise ZeroDivisionError("the work failed")
     with billing.reserve(org_id="acme", user_id="alice", amount_millicredits=2_000,
                          **CHARGE) as unused:
         pass

@@ -31,7 +31,6 @@ from orgbilling.v1 import (
     credit_service_pb2_grpc,
     reporting_service_pb2,
     reporting_service_pb2_grpc,
-    types_pb2,
 )
 
 DEDUCTION = dict(org_id="acme", user_id="alice", amount_millicredits=1500,

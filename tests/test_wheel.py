@@ -26,6 +26,18 @@ def run(*command, cwd: Path, env=None) -> str:
     return finished.stdout
 
 
+CHARGE_WITH_THE_CLIENT = """
+import sys
+from orgbilling.client import CreditClient
+with CreditClient(sys.argv[1], token=sys.argv[2], insecure=True) as client:
+    client.allocate_credits(org_id="acme", user_id="alice", limit_millicredits=5_000,
+                            reset_period="RESET_PERIOD_NEVER")
+    charge = client.deduct_credits(org_id="acme", user_id="alice", amount_millicredits=1_500,
+                                   service_type="llm", service_name="wheel-test")
+    print(charge.replayed, client.get_credit_pool(org_id="acme").response.pool.used_millicredits)
+"""
+
+
 def test_the_wheel_installed_elsewhere_serves_on_the_embedded_default(embedded_data_dir):
     with tempfile.TemporaryDirectory(prefix="orgbilling-wheel-") as scratch:
         scratch = Path(scratch)
@@ -61,5 +73,8 @@ def test_the_wheel_installed_elsewhere_serves_on_the_embedded_default(embedded_d
                         billing_cycle=types_pb2.BILLING_CYCLE_MONTHLY, idempotency_key=new_key()),
                     metadata=(("authorization", f"Bearer {token}"),), timeout=10)
             assert created.subscription.org_id == "acme"
+            # The client library is in the wheel too: a charge through it.
+            charged = run(str(python), "-c", CHARGE_WITH_THE_CLIENT, server.address, token, cwd=scratch)
+            assert charged.split() == ["False", "1500"]
         finally:
             assert server.stop(timeout_s=30) == 0, server.log()
