@@ -6,13 +6,15 @@ client returns as a coroutine: so `client.deduct_credits(...)` and
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import re
 import uuid
 from collections.abc import Mapping, Sequence
 from functools import partial
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from orgbilling.client import results
 from orgbilling.client.errors import make_error
@@ -57,20 +59,27 @@ def _check(response, request_id) -> results.Check:
     )
 
 
-def _deduction(key: str, response, request_id) -> results.Deduction:
-    return results.Deduction(
-        deduction_id=response.deduction_id,
-        allocation_remaining_millicredits=response.allocation_remaining_millicredits,
-        pool_spendable_millicredits=response.pool_spendable_millicredits,
-        replayed=response.replayed, idempotency_key=key, request_id=request_id,
-    )
+def _answer(result_class: type[results.Answer], key: str):
+    """The decoder of a response into `result_class`: each of its fields
+    from the response's field of the same name (timestamps as UTC
+    datetimes), and the key and request ID the call adds."""
+    names = [field.name for field in dataclasses.fields(result_class)
+             if field.name not in ("idempotency_key", "request_id")]
+
+    def decode(response, request_id):
+        values = {name: getattr(response, name) for name in names}
+        for name, value in values.items():
+            if isinstance(value, timestamp_pb2.Timestamp):
+                values[name] = value.ToDatetime(tzinfo=datetime.timezone.utc)
+        return result_class(**values, idempotency_key=key, request_id=request_id)
+    return decode
 
 
 def _batch(keys: list[str], response, request_id) -> results.BatchDeductions:
     items = []
     for key, result in zip(keys, response.results, strict=True):
         if result.HasField("deduction"):
-            items.append(_deduction(key, result.deduction, request_id))
+            items.append(_answer(results.Deduction, key)(result.deduction, request_id))
         else:
             error = make_error(_CODES.get(result.error.code, grpc.StatusCode.UNKNOWN),
                                result.error.reason, result.error.message,
@@ -81,33 +90,6 @@ def _batch(keys: list[str], response, request_id) -> results.BatchDeductions:
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def _reservation(key: str, response, request_id) -> results.Reservation:
-    return results.Reservation(
-        reservation_id=response.reservation_id,
-        expire_time=response.expire_time.ToDatetime(),
-        allocation_remaining_millicredits=response.allocation_remaining_millicredits,
-        pool_spendable_millicredits=response.pool_spendable_millicredits,
-        replayed=response.replayed, idempotency_key=key, request_id=request_id,
-    )
-
-
-def _release(key: str, response, request_id) -> results.Release:
-    return results.Release(
-        allocation_remaining_millicredits=response.allocation_remaining_millicredits,
-        pool_spendable_millicredits=response.pool_spendable_millicredits,
-        replayed=response.replayed, idempotency_key=key, request_id=request_id,
-    )
-
-
-def _refund(key: str, response, request_id) -> results.Refund:
-    return results.Refund(
-        refund_id=response.refund_id,
-        allocation_remaining_millicredits=response.allocation_remaining_millicredits,
-        pool_spendable_millicredits=response.pool_spendable_millicredits,
-        replayed=response.replayed, idempotency_key=key, request_id=request_id,
-    )
 
 
 def _result(key: str | None, response, request_id) -> results.Result:
@@ -167,7 +149,7 @@ class Operations:
             service_type=service_type, service_name=service_name,
             idempotency_key=idempotency_key, metadata=metadata)
         key = request.idempotency_key
-        return self._invoke("CreditService", "DeductCredits", request, partial(_deduction, key),
+        return self._invoke("CreditService", "DeductCredits", request, _answer(results.Deduction, key),
                             timeout_s=timeout_s, idempotency_key=key)
 
     def deduct_credits_batch(self, deductions: Sequence[credit_pb.DeductCreditsRequest | Mapping],
@@ -197,7 +179,7 @@ class Operations:
             org_id=org_id, user_id=user_id, amount_millicredits=amount_millicredits,
             ttl=_duration(ttl_s), service_type=service_type, service_name=service_name,
             idempotency_key=key, metadata=metadata or {})
-        return self._invoke("CreditService", "ReserveCredits", request, partial(_reservation, key),
+        return self._invoke("CreditService", "ReserveCredits", request, _answer(results.Reservation, key),
                             timeout_s=timeout_s, idempotency_key=key)
 
     def commit_reservation(self, *, org_id: str, reservation_id: str, amount_millicredits: int,
@@ -209,7 +191,7 @@ class Operations:
             org_id=org_id, reservation_id=reservation_id, amount_millicredits=amount_millicredits,
             metadata=metadata or {}, idempotency_key=key)
         return self._invoke("CreditService", "CommitReservation", request,
-                            partial(_deduction, key), timeout_s=timeout_s, idempotency_key=key)
+                            _answer(results.Deduction, key), timeout_s=timeout_s, idempotency_key=key)
 
     def release_reservation(self, *, org_id: str, reservation_id: str,
                             idempotency_key: str | None = None, timeout_s: float | None = None):
@@ -217,7 +199,7 @@ class Operations:
         key = idempotency_key or new_idempotency_key()
         request = credit_pb.ReleaseReservationRequest(
             org_id=org_id, reservation_id=reservation_id, idempotency_key=key)
-        return self._invoke("CreditService", "ReleaseReservation", request, partial(_release, key),
+        return self._invoke("CreditService", "ReleaseReservation", request, _answer(results.Release, key),
                             timeout_s=timeout_s, idempotency_key=key)
 
     def refund_credits(self, *, org_id: str, deduction_id: str, amount_millicredits: int,
@@ -228,7 +210,7 @@ class Operations:
         request = credit_pb.RefundCreditsRequest(
             org_id=org_id, deduction_id=deduction_id, amount_millicredits=amount_millicredits,
             reason=reason, idempotency_key=key)
-        return self._invoke("CreditService", "RefundCredits", request, partial(_refund, key),
+        return self._invoke("CreditService", "RefundCredits", request, _answer(results.Refund, key),
                             timeout_s=timeout_s, idempotency_key=key)
 
 

@@ -23,15 +23,21 @@ class Check:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Deduction:
-    """A charge, or (`replayed`) the stored result of the same charge sent
-    earlier with the same key: then nothing was charged this time."""
-    deduction_id: str
+class Answer:
+    """What a mutation of the charging path answers: the balances after it,
+    and whether it was a replay (the stored result of the same operation
+    sent earlier with the same key: nothing was done this time)."""
     allocation_remaining_millicredits: int
     pool_spendable_millicredits: int
     replayed: bool
     idempotency_key: str
     request_id: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deduction(Answer):
+    """A charge (DeductCredits, a batch's item, CommitReservation)."""
+    deduction_id: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,35 +57,20 @@ class BatchDeductions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Reservation:
-    """An open hold: `expire_time` is when it counts as released if neither
-    committed nor released before."""
+class Reservation(Answer):
+    """An open hold: `expire_time` (UTC) is when it counts as released if
+    neither committed nor released before."""
     reservation_id: str
     expire_time: datetime
-    allocation_remaining_millicredits: int
-    pool_spendable_millicredits: int
-    replayed: bool
-    idempotency_key: str
-    request_id: str | None
+
+
+class Release(Answer):
+    """A hold released whole."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class Release:
-    allocation_remaining_millicredits: int
-    pool_spendable_millicredits: int
-    replayed: bool
-    idempotency_key: str
-    request_id: str | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class Refund:
+class Refund(Answer):
     refund_id: str
-    allocation_remaining_millicredits: int
-    pool_spendable_millicredits: int
-    replayed: bool
-    idempotency_key: str
-    request_id: str | None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -129,6 +129,16 @@ def set_ledger_clock(database_url: str, at: "datetime.datetime | None") -> None:
                          " ON CONFLICT (only_row) DO UPDATE SET frozen_at = excluded.frozen_at", (at,))
 
 
+def fund_org(client, org_id: str, pool_millicredits: int, users: dict[str, int]) -> None:
+    """Client.funded_org through an orgbilling.client CreditClient."""
+    client.create_subscription(org_id=org_id, plan="PLAN_BYOK", billing_cycle="BILLING_CYCLE_MONTHLY")
+    client.add_credits(org_id=org_id, source="CREDIT_SOURCE_GRANT",
+                       amount_millicredits=pool_millicredits)
+    for user_id, limit in users.items():
+        client.allocate_credits(org_id=org_id, user_id=user_id, limit_millicredits=limit,
+                                reset_period="RESET_PERIOD_NEVER")
+
+
 def new_key() -> str:
     return uuid.uuid4().hex
 

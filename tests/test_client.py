@@ -27,7 +27,7 @@ from orgbilling.client import (
     deduction_request,
 )
 from tests.bank.proxy import TcpProxy
-from tests.support import api_key
+from tests.support import api_key, fund_org
 
 CHARGE = dict(service_type="llm", service_name="chat-api")
 
@@ -43,21 +43,12 @@ def billing(target, token):
         yield client
 
 
-def fund(client: CreditClient, org_id: str, pool_millicredits: int, users: dict[str, int]) -> None:
-    client.create_subscription(org_id=org_id, plan="PLAN_BYOK", billing_cycle="BILLING_CYCLE_MONTHLY")
-    client.add_credits(org_id=org_id, source="CREDIT_SOURCE_GRANT",
-                       amount_millicredits=pool_millicredits)
-    for user_id, limit in users.items():
-        client.allocate_credits(org_id=org_id, user_id=user_id, limit_millicredits=limit,
-                                reset_period="RESET_PERIOD_NEVER")
-
-
 def pool_of(client: CreditClient, org_id: str):
     return client.get_credit_pool(org_id=org_id).response.pool
 
 
 def test_a_deduction_is_charged_once_and_its_replay_says_so(billing):
-    fund(billing, "acme", 10_000, {"alice": 5_000})
+    fund_org(billing, "acme", 10_000, {"alice": 5_000})
     first = billing.deduct_credits(org_id="acme", user_id="alice", amount_millicredits=1_500, **CHARGE)
     again = billing.deduct_credits(org_id="acme", user_id="alice", amount_millicredits=1_500,
                                    idempotency_key=first.idempotency_key, **CHARGE)
@@ -71,7 +62,7 @@ def test_a_deduction_is_charged_once_and_its_replay_says_so(billing):
 
 
 def test_refusals_are_typed_with_their_numbers_and_request_id(billing, database_url, target):
-    fund(billing, "acme", 10_000, {"alice": 1_000})
+    fund_org(billing, "acme", 10_000, {"alice": 1_000})
     with pytest.raises(InsufficientCredits) as refused:
         billing.deduct_credits(org_id="acme", user_id="alice", amount_millicredits=1_001, **CHARGE)
     error = refused.value
@@ -107,7 +98,7 @@ def test_refusals_are_typed_with_their_numbers_and_request_id(billing, database_
 
 
 def test_a_batch_gives_each_item_its_result_or_typed_error(billing):
-    fund(billing, "acme", 10_000, {"alice": 1_000})
+    fund_org(billing, "acme", 10_000, {"alice": 1_000})
     items = [deduction_request(org_id="acme", user_id="alice", amount_millicredits=100, **CHARGE),
              dict(org_id="acme", user_id="bob", amount_millicredits=100, **CHARGE)]
     batch = billing.deduct_credits_batch(items)
@@ -127,7 +118,7 @@ def test_a_batch_gives_each_item_its_result_or_typed_error(billing):
 
 
 def test_a_hold_commits_what_was_used_and_releases_the_rest(billing):
-    fund(billing, "acme", 10_000, {"alice": 5_000})
+    fund_org(billing, "acme", 10_000, {"alice": 5_000})
     with billing.reserve(org_id="acme", user_id="alice", amount_millicredits=2_000, **CHARGE) as hold:
         assert pool_of(billing, "acme").reserved_millicredits == 2_000
         charged = hold.commit(1_200)
@@ -142,7 +133,7 @@ def test_a_hold_commits_what_was_used_and_releases_the_rest(billing):
 
 
 def test_a_hold_is_released_on_an_exception_and_when_left_uncommitted(billing):
-    fund(billing, "acme", 10_000, {"alice": 5_000})
+    fund_org(billing, "acme", 10_000, {"alice": 5_000})
     with pytest.raises(ZeroDivisionError):
         with billing.reserve(org_id="acme", user_id="alice", amount_millicredits=2_000,
                              **CHARGE) as failed:
@@ -193,7 +184,7 @@ def test_an_answer_lost_on_the_way_back_is_retried_as_a_replay(server, token, bi
     """The deduction lands, its answer never arrives, the connection is cut:
     the client sends it again with the same key and gets the original
     result, flagged as a replay; the pool is charged once."""
-    fund(billing, "acme", 10_000, {"alice": 5_000})
+    fund_org(billing, "acme", 10_000, {"alice": 5_000})
     proxy = TcpProxy(("127.0.0.1", server.port))
     outcome = {}
     try:
@@ -223,7 +214,7 @@ def test_the_async_client_under_200_concurrent_calls(target, token, billing):
     all charged, once each; then holds, committed and released under an
     exception, the async way."""
     users = {f"user-{i}": 10_000 for i in range(20)}
-    fund(billing, "acme", 1_000_000, users)
+    fund_org(billing, "acme", 1_000_000, users)
 
     async def main():
         async with AsyncCreditClient(target, token=token, insecure=True,

@@ -9,17 +9,9 @@ import psycopg
 
 from orgbilling.client import CreditClient, RetryPolicy
 from tests.server_process import ServerProcess
+from tests.support import fund_org
 
 CHARGE = dict(service_type="llm", service_name="chat-api")
-
-
-def fund(client: CreditClient, org_id: str, pool_millicredits: int, users: dict[str, int]) -> None:
-    client.create_subscription(org_id=org_id, plan="PLAN_BYOK", billing_cycle="BILLING_CYCLE_MONTHLY")
-    client.add_credits(org_id=org_id, source="CREDIT_SOURCE_GRANT",
-                       amount_millicredits=pool_millicredits)
-    for user_id, limit in users.items():
-        client.allocate_credits(org_id=org_id, user_id=user_id, limit_millicredits=limit,
-                                reset_period="RESET_PERIOD_NEVER")
 
 
 def wait_for_lock_waiter(database_url: str, timeout_s: float = 10.0) -> None:
@@ -43,7 +35,7 @@ def test_a_server_killed_in_the_middle_of_a_deduction_and_restarted_charges_once
     try:
         with CreditClient(first.address, token=first.token, insecure=True, timeout_s=3,
                           retry=RetryPolicy(budget_s=60, backoff_max_s=0.5)) as client:
-            fund(client, "acme", 10_000, {"alice": 5_000})
+            fund_org(client, "acme", 10_000, {"alice": 5_000})
             with psycopg.connect(database_url) as lock:
                 lock.execute("SELECT 1 FROM organization_credit_pools WHERE org_id = 'acme' FOR UPDATE")
 
@@ -84,7 +76,7 @@ def test_a_drain_sends_the_clients_retries_to_the_other_replica(database_url):
     try:
         with CreditClient(target, token=replicas[0].token, insecure=True,
                           retry=RetryPolicy(budget_s=30)) as client:
-            fund(client, "acme", 1_000_000, {f"user-{i}": 100_000 for i in range(4)})
+            fund_org(client, "acme", 1_000_000, {f"user-{i}": 100_000 for i in range(4)})
             started = threading.Barrier(5)
 
             def charge(user_id: str):

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from orgbilling.client import CreditClient, RetryPolicy
 from tests.server_process import free_port
-from tests.support import REPO
+from tests.support import REPO, fund_org
 
 README = (REPO / "README.md").read_text()
 
@@ -27,11 +27,7 @@ def plaintext(code: str) -> str:
 @pytest.fixture
 def billing(server, token):
     with CreditClient(f"127.0.0.1:{server.port}", token=token, insecure=True) as client:
-        client.create_subscription(org_id="acme", plan="PLAN_BYOK",
-                                   billing_cycle="BILLING_CYCLE_MONTHLY")
-        client.add_credits(org_id="acme", source="CREDIT_SOURCE_GRANT", amount_millicredits=100_000)
-        client.allocate_credits(org_id="acme", user_id="alice", limit_millicredits=60_000,
-                                reset_period="RESET_PERIOD_NEVER")
+        fund_org(client, "acme", 100_000, {"alice": 60_000})
         yield client
 
 

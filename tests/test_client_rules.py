@@ -12,9 +12,6 @@ from concurrent import futures
 
 import grpc
 import pytest
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from orgbilling.client import (
     AsyncCreditClient,
@@ -26,6 +23,7 @@ from orgbilling.client import (
     Unavailable,
 )
 from orgbilling.client.operations import SERVICE_DESCRIPTORS, method_name
+from orgbilling.server.errors import ServiceError
 from orgbilling.v1 import (
     credit_service_pb2 as pb,
     credit_service_pb2_grpc,
@@ -37,24 +35,17 @@ DEDUCTION = dict(org_id="acme", user_id="alice", amount_millicredits=1500,
                  service_type="llm", service_name="chat-api")
 
 
-def status(code, reason, *, metadata=None, retry_delay_s=None, domain="orgbilling"):
-    details = [error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata or {})]
-    if retry_delay_s is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(retry_delay_s * 1e9))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    packed = []
-    for detail in details:
-        holder = any_pb2.Any()
-        holder.Pack(detail)
-        packed.append(holder)
-    return rpc_status.to_status(status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=f"scripted {reason}", details=packed))
+def status(code, reason, *, metadata=None, retry_delay_s=None):
+    """The status the server sends for this refusal (its own ServiceError)."""
+    error = ServiceError(code, reason, f"scripted {reason}", metadata=metadata,
+                         retry_after_s=retry_delay_s)
+    return error.to_status()
 
 
 class ScriptedCredits(credit_service_pb2_grpc.CreditServiceServicer):
     """Answers each DeductCredits with the next step of `script`: "ok", a
-    status to abort with, or ("sleep", seconds) then ok. Records every
+    status to abort with, a bare (code, message) to abort with, or
+    ("sleep", seconds) then ok. Records every
     request it received, with its x-request-id."""
 
     def __init__(self):
@@ -68,10 +59,12 @@ class ScriptedCredits(credit_service_pb2_grpc.CreditServiceServicer):
             self.received.append((request, metadata.get("x-request-id")))
             step = self.script.pop(0) if self.script else "ok"
         context.set_trailing_metadata((("x-request-id", metadata.get("x-request-id", "")),))
-        if isinstance(step, tuple) and step[0] == "sleep":
-            time.sleep(step[1])
-        elif step != "ok":
+        if isinstance(step, grpc.Status):
             context.abort_with_status(step)
+        elif isinstance(step, tuple) and step[0] == "sleep":
+            time.sleep(step[1])
+        elif isinstance(step, tuple):
+            context.abort(*step)
         return pb.DeductCreditsResponse(deduction_id="d-1", allocation_remaining_millicredits=10,
                                         pool_spendable_millicredits=20, replayed=len(self.received) > 1)
 
@@ -237,14 +230,14 @@ def test_refusals_are_not_retried_and_carry_their_numbers(scripted, kind):
 
 @both
 def test_errors_come_from_the_error_info_not_the_message(scripted, kind):
-    """A status whose message says 'insufficient credits' but whose ErrorInfo
-    is of another domain is not InsufficientCredits; the reason decides."""
+    """A status whose message says INSUFFICIENT_CREDITS but which carries no
+    ErrorInfo of the service is not InsufficientCredits: the reason decides."""
     target, credits, _ = scripted
-    credits.script = [status(grpc.StatusCode.RESOURCE_EXHAUSTED, "INSUFFICIENT_CREDITS",
-                             domain="someone-else")] * 1
+    credits.script = [(grpc.StatusCode.RESOURCE_EXHAUSTED, "INSUFFICIENT_CREDITS")]
     error = run(kind, target, lambda c: c.deduct_credits(**DEDUCTION),
                 retry=RetryPolicy(attempts_max=1))
     assert type(error) is Overloaded and error.reason == "RESOURCE_EXHAUSTED"
+    assert error.message == "INSUFFICIENT_CREDITS" and not error.from_service
 
 
 @both
