@@ -2,6 +2,7 @@
 
 import logging
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -31,7 +32,7 @@ from orgbilling.server.interceptors.open_streams import OpenStreamsInterceptor
 from orgbilling.server.interceptors.ratelimit import RateLimitInterceptor
 from orgbilling.server.interceptors.tracing import TracingInterceptor
 from orgbilling.server.interceptors.access_log import AccessLogInterceptor
-from orgbilling.server.migrate import migrate
+from orgbilling.server.migrate import migrate, unapplied
 from orgbilling.server.servicers.credit import CreditServicer
 from orgbilling.server.servicers.org_billing import OrgBillingServicer
 from orgbilling.server.servicers.reporting import ReportingServicer
@@ -52,6 +53,10 @@ SERVICE_NAMES = [
     org_billing_service_pb2.DESCRIPTOR.services_by_name["OrgBillingService"].full_name,
     reporting_service_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
 ]
+# A health name SERVING from start until shutdown whatever the database says,
+# for liveness probes: restarting a replica cannot bring a database back.
+# The other names ("" and each service) follow the database: readiness.
+LIVENESS_SERVICE = "liveness"
 
 
 class RequestIdLogFilter(logging.Filter):
@@ -138,7 +143,8 @@ class OrgBillingServer:
             batch_size_max=settings.period_sweeper_batch_size_max,
         )
         self.health_servicer = HealthServicer(
-            service_names=SERVICE_NAMES, watch_lifetime_ms=settings.open_service_stream_lifetime_ms,
+            service_names=[*SERVICE_NAMES, LIVENESS_SERVICE],
+            watch_lifetime_ms=settings.open_service_stream_lifetime_ms,
         )
         self.health = DatabaseHealthMonitor(
             self.store, servicer=self.health_servicer, service_names=SERVICE_NAMES,
@@ -239,6 +245,7 @@ class OrgBillingServer:
     def start(self) -> None:
         self.security.start()
         self.health.start()
+        self.health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.sweeper.start()
         self.reservation_sweeper.start()
         self.period_sweeper.start()
@@ -278,8 +285,15 @@ class OrgBillingServer:
 def serve(settings: Settings) -> None:
     configure_logging(level=settings.log_level, log_format=settings.log_format)
     url = resolve_database_url(settings)
-    for name in migrate(url):
-        log.info("migrated: %s", name)
+    if settings.migrate_on_start:
+        for name in migrate(url):
+            log.info("migrated: %s", name)
+    elif missing := unapplied(url):
+        # A log record (every stderr line parses in JSON), then exit 1: the
+        # orchestrator restarts the replica, which starts once the Job has run.
+        log.error("the database lacks migrations this release needs: %s; run `orgbilling migrate`"
+                  " (the migration Job) first, or set migrate_on_start", ", ".join(missing))
+        sys.exit(1)
     # The embedded default is for trying things out: give its user a key.
     admin_key_path = (
         ensure_local_admin_key(url, settings.data_dir) if settings.uses_embedded_database else None

@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="orgbilling", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
-        ("serve", "migrate the database, then serve gRPC until SIGTERM"),
+        ("serve", "migrate the database (unless migrate_on_start is off), then serve gRPC until SIGTERM"),
         ("migrate", "apply pending migrations and exit"),
         ("verify", "check the ledger's invariants for every organization"),
     ):

@@ -96,6 +96,40 @@ def migrate(url: str, directory: Path | None = None) -> list[str]:
     return applied_now
 
 
+def unapplied(url: str, directory: Path | None = None) -> list[str]:
+    """What this code needs that the database lacks (applies nothing, takes
+    no lock): for a server that does not migrate on start. Empty when the
+    database is up to date, or was migrated by a newer release.
+
+    A newer release's migration Job may already have run while this one's
+    replicas (re)start: the database then holds versioned files this code
+    does not know, and repeatable files of another checksum, which every
+    migration must keep working for the release before it (expand, then
+    contract). Otherwise a repeatable file of another checksum cannot be told
+    apart from one not yet applied, so it counts as missing: run this
+    release's `orgbilling migrate`."""
+    versioned = migration_files(directory)
+    repeatable = repeatable_files(directory)
+    with psycopg.connect(url, autocommit=True, connect_timeout=10, prepare_threshold=None) as conn:
+        if conn.execute("SELECT to_regclass('schema_migrations') IS NULL"
+                        " OR to_regclass('schema_repeatable_files') IS NULL").fetchone()[0]:
+            return [name for _, name, _ in versioned] + [name for name, _ in repeatable]
+        applied = {version: (name, digest) for version, name, digest in
+                   conn.execute("SELECT version, name, sha256 FROM schema_migrations")}
+        recorded = dict(conn.execute("SELECT name, sha256 FROM schema_repeatable_files").fetchall())
+    missing = []
+    for version, name, sql in versioned:
+        if applied.get(version) is None:
+            missing.append(name)
+        elif applied[version] != (name, _sha256(sql)):
+            missing.append(f"{name} (the database applied version {version} with another name or contents)")
+    newer_release = bool(set(applied) - {version for version, _, _ in versioned})
+    for name, sql in repeatable:
+        if name not in recorded or (recorded[name] != _sha256(sql) and not newer_release):
+            missing.append(name)
+    return missing
+
+
 @contextlib.contextmanager
 def _locked(conn: psycopg.Connection):
     """A transaction holding the migration lock, which ends with it."""

@@ -33,6 +33,12 @@ class Settings:
     database_url: str = ""
     # Where the embedded PostgreSQL keeps its data when database_url is empty.
     data_dir: Path = Path(".orgbilling")
+    # Whether `serve` applies pending migrations before it listens (under a
+    # lock, so replicas starting at once are safe). Off where a migration Job
+    # runs `orgbilling migrate` first: a replica then refuses to start while
+    # the database lacks a migration of its release, rather than serve
+    # against a schema its code does not know.
+    migrate_on_start: bool = True
     # Connections kept open to PostgreSQL, and the most ever opened.
     pool_size_min: int = 4
     pool_size_max: int = 16

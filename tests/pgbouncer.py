@@ -40,10 +40,11 @@ class PgBouncer:
     default, or another (the bank test's TCP proxy, so that its stalls and
     drops hit the pooler's server connections). The startup parameter
     `options` is ignored, as 1.18 refuses a connection that sends it
-    otherwise (see the README's Operations section)."""
+    otherwise (see the README's Operations section). `settings` add to or
+    replace those of its [pgbouncer] section (deploy/pgbouncer/pgbouncer.ini's)."""
 
     def __init__(self, server_url: str, *, pool_size: int, run_as: str | None = None,
-                 upstream: tuple[str, int] | None = None):
+                 upstream: tuple[str, int] | None = None, settings: dict[str, str] | None = None):
         program = executable()
         if program is None:
             raise RuntimeError(missing_reason())
@@ -54,22 +55,17 @@ class PgBouncer:
         self.root = Path(tempfile.mkdtemp(prefix="orgbilling-pgbouncer-"))
         login = f" user={user}" + (f" password={server['password']}" if server.get("password") else "")
         (self.root / "userlist.txt").write_text(f'"{user}" ""\n')
-        (self.root / "pgbouncer.ini").write_text(f"""\
-[databases]
-* = host={host} port={port}{login}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {self.port}
-unix_socket_dir =
-auth_type = trust
-auth_file = {self.root}/userlist.txt
-pool_mode = transaction
-default_pool_size = {pool_size}
-max_client_conn = 1000
-ignore_startup_parameters = options
-logfile = {self.root}/pgbouncer.log
-""")
+        options = {
+            "pool_mode": "transaction", "default_pool_size": str(pool_size), "max_client_conn": "1000",
+            "ignore_startup_parameters": "options", **(settings or {}),
+            # Where it listens, logs and finds its users: the test's own.
+            "listen_addr": "127.0.0.1", "listen_port": str(self.port), "unix_socket_dir": "",
+            "auth_type": "trust", "auth_file": f"{self.root}/userlist.txt",
+            "logfile": f"{self.root}/pgbouncer.log",
+        }
+        (self.root / "pgbouncer.ini").write_text(
+            f"[databases]\n* = host={host} port={port}{login}\n\n[pgbouncer]\n"
+            + "".join(f"{name} = {value}\n" for name, value in options.items()))
         command = [program, str(self.root / "pgbouncer.ini")]
         if os.geteuid() == 0:
             # PgBouncer refuses to run as root: it switches to PostgreSQL's own
