@@ -29,7 +29,7 @@ from benchmarks.environment import (
 from benchmarks.load import Measurement, Probes, measure
 from benchmarks.pgbench import run_pgbench
 from benchmarks.scenarios import (
-    ALL_ORGS, BASELINE_A, BIG_TABLE_ORG, BIG_TABLE_SCENARIO, PGBENCH_ORG, SCENARIOS, USER_ID, Stubs,
+    ALL_ORGS, BARE_SCENARIO, BASELINE_A, BIG_TABLE_ORG, BIG_TABLE_SCENARIO, PGBENCH_ORG, SCENARIOS, USER_ID, Stubs,
     create_orgs, use_token,
 )
 from orgbilling.server.settings import Settings
@@ -37,9 +37,9 @@ from tests import pgbouncer
 from tests.server_process import ServerProcess
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# The issue's 10 million rows take minutes to insert on a 2-core machine:
-# the default run adds 1 million, --big-table-rows 10000000 the full figure.
-FULL = {"duration_s": 5.0, "warmup_s": 1.0, "callers": [1, 16, 64], "big_table_rows": 1_000_000}
+# 10 million rows take minutes to insert on a 2-core machine: the default
+# run adds 2 million, --big-table-rows 10000000 the full figure.
+FULL = {"duration_s": 5.0, "warmup_s": 1.0, "callers": [1, 16, 64], "big_table_rows": 2_000_000}
 QUICK = {"duration_s": 1.0, "warmup_s": 0.3, "callers": [1, 16], "big_table_rows": 0}
 
 
@@ -100,7 +100,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pgbench-threads", type=int, default=2)
     parser.add_argument("--big-table-rows", type=int,
                         help="attribution rows to add before measuring deduct @1 again (0: skip;"
-                             " default 1000000, quick 0; the issue's figure is 10000000)")
+                             " default 2000000, quick 0; the issue's figure is 10000000)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--variants", type=lambda text: [name for name in text.split(",") if name],
                         default=[variant.name for variant in VARIANTS],
@@ -117,12 +117,19 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-async def measure_scenarios(stubs: Stubs, arguments, probes: Probes) -> list[dict]:
-    """Every scenario at each number of callers. Scenarios of one level run
-    back to back, so each is compared with a baseline A measured moments
-    before it, not minutes."""
+async def measure_scenarios(stubs: Stubs, arguments, probes: Probes,
+                            bare: tuple[Stubs, Probes]) -> list[dict]:
+    """Every scenario at each number of callers, after baseline A0 (the bare
+    server's no-op). Scenarios of one level run back to back, so each is
+    compared with baselines measured moments before it, not minutes."""
     rows = []
+    bare_stubs, bare_probes = bare
     for callers in arguments.callers:
+        result = await measure(BARE_SCENARIO.make_call(bare_stubs), callers, arguments.warmup_s,
+                               arguments.duration_s, bare_probes)
+        log(f"  {BARE_SCENARIO.name} @{callers}: {result.calls_per_s:.0f} calls/s, "
+            f"p50 {result.p50_ms:.2f} ms, {result.errors} errors")
+        rows.append(report.scenario_row(BARE_SCENARIO.name, BARE_SCENARIO.description, 0, result))
         for scenario in SCENARIOS:
             if scenario.max_callers is not None and callers > scenario.max_callers:
                 continue
@@ -168,6 +175,17 @@ async def measure_big_table(stubs: Stubs, arguments, probes: Probes, database_ur
         "noop_after": dataclasses.asdict(noop_after),
         "noop_p50_ratio": report.ratio(noop_after.p50_ms, noop_before.p50_ms),
     }
+
+
+@contextlib.contextmanager
+def bare_server(database_url: str):
+    """Yields the running bare server of baseline A0 (benchmarks.bare_server),
+    with the main server's settings."""
+    server = ServerProcess(database_url, inherit_settings=True,
+                           command=[sys.executable, "-m", "benchmarks.bare_server"])
+    with server:
+        yield server
+    server.log_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -261,11 +279,14 @@ VARIANT_FIGURES = ("calls_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_call",
 
 
 async def measure_everything(address: str, database_url: str, data_dir: Path | None, arguments,
-                             probes: Probes) -> dict:
-    async with grpc.aio.insecure_channel(address) as channel:
+                             probes: Probes, bare: ServerProcess) -> dict:
+    async with grpc.aio.insecure_channel(address) as channel, \
+            grpc.aio.insecure_channel(bare.address) as bare_channel:
         stubs = Stubs.over(channel)
         log("measuring scenarios...")
-        rows = await measure_scenarios(stubs, arguments, probes)
+        with Probes(bare.pid, None) as bare_probes:
+            rows = await measure_scenarios(stubs, arguments, probes,
+                                           (Stubs.over(bare_channel), bare_probes))
         log(f"baseline B: pgbench, {arguments.pgbench_clients} clients...")
         # Right after the top level of callers, so it is compared with figures
         # measured moments before.
@@ -301,7 +322,7 @@ def run(arguments) -> dict:
     started_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     log("starting PostgreSQL and the server...")
     with benchmark_database() as (database_url, data_dir), \
-            benchmark_server(database_url) as server:
+            benchmark_server(database_url) as server, bare_server(database_url) as bare:
         setup_started = time.monotonic()
         use_token(bench_token(database_url))
         log(f"creating {len(ALL_ORGS)} orgs through the API...")
@@ -309,7 +330,7 @@ def run(arguments) -> dict:
         setup_s = time.monotonic() - setup_started
         with Probes(server.process.pid, postmaster_process(data_dir), database_url) as probes:
             measured = asyncio.run(measure_everything(server.address, database_url, data_dir,
-                                                      arguments, probes))
+                                                      arguments, probes, bare))
             peak_rss_mb = probes.peak_rss_bytes / 2**20
         # The server's settings that differ from its defaults.
         server_environment = {key: value for key, value in server.env.items()

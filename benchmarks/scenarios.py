@@ -192,6 +192,10 @@ def server_has_rpc(name: str) -> bool:
     return name in credit_pb.DESCRIPTOR.services_by_name["CreditService"].methods_by_name
 
 
+# Baseline A0: the same health Check on a bare grpcio server (benchmarks.bare_server).
+BARE_SCENARIO = Scenario("noop_bare", "A0: health Check on a bare grpcio server, same threads"
+                         " and options, no interceptors", health_check)
+
 # The first entry is baseline A: every other figure is divided by it.
 BASELINE_A = "noop"
 SCENARIOS = [

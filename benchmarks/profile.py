@@ -1,0 +1,150 @@
+"""Where one scenario's time goes: the server sampled by py-spy, the ledger
+functions timed by PostgreSQL (track_functions), while the benchmark's load
+runs one scenario (benchmarks/README.md, "Profiles").
+
+    python -m benchmarks.profile                          # deduct_hot, 64 callers, 10 s
+    python -m benchmarks.profile --scenario check --callers 64 --duration-s 10
+    python -m benchmarks.profile --bare          # baseline A0's server under the noop load
+
+Prints the server's top functions by own time and by time inside them (as a
+share of the samples, and as CPU microseconds per call from the measured
+CPU), then each ledger function's calls and time per scenario call.
+"""
+
+import argparse
+import asyncio
+import collections
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+import psycopg
+
+from benchmarks.environment import (
+    bench_token, benchmark_database, benchmark_server, postmaster_process, stop_on_sigterm,
+)
+from benchmarks.load import Probes, measure
+from benchmarks.run import bare_server
+from benchmarks.scenarios import BARE_SCENARIO, HOT_ORG, SCENARIOS, SPREAD_ORGS, Stubs, create_orgs, use_token
+
+PY_SPY = Path(sys.executable).parent / "py-spy"
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", default="deduct_hot",
+                        choices=[scenario.name for scenario in SCENARIOS])
+    parser.add_argument("--callers", type=int, default=64)
+    parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--warmup-s", type=float, default=2.0)
+    parser.add_argument("--bare", action="store_true",
+                        help="profile the bare grpcio server (baseline A0) under the noop scenario")
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--top", type=int, default=25)
+    return parser.parse_args(argv)
+
+
+def collapsed_stacks(path: Path) -> list[tuple[list[str], int]]:
+    """py-spy's raw output: one `frame;frame;... count` line a stack."""
+    stacks = []
+    for line in path.read_text().splitlines():
+        frames, _, count = line.rpartition(" ")
+        if frames:
+            stacks.append((frames.split(";"), int(count)))
+    return stacks
+
+
+def frame_name(frame: str) -> str:
+    """`function (path/to/file.py:12)` -> `function (file.py)`: lines apart."""
+    function, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    return f"{function} ({'/'.join(Path(where).parts[-2:])})"
+
+
+def top_functions(stacks, top: int) -> tuple[list, list, int]:
+    own, inside = collections.Counter(), collections.Counter()
+    total = 0
+    for frames, count in stacks:
+        total += count
+        names = [frame_name(frame) for frame in frames if not frame.startswith("process ")
+                 and not frame.startswith("thread ")]
+        if names:
+            own[names[-1]] += count
+        for name in set(names):
+            inside[name] += count
+    return own.most_common(top), inside.most_common(top), total
+
+
+def function_times(conn) -> dict[str, tuple[int, float]]:
+    rows = conn.execute("SELECT funcname, calls, self_time FROM pg_stat_user_functions").fetchall()
+    return {name: (calls, self_ms) for name, calls, self_ms in rows}
+
+
+async def load(address: str, scenario, arguments, probes):
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await measure(scenario.make_call(Stubs.over(channel)), arguments.callers,
+                             arguments.warmup_s, arguments.duration_s, probes)
+
+
+def main(argv=None) -> None:
+    arguments = parse_arguments(argv)
+    stop_on_sigterm()
+    scenario = (BARE_SCENARIO if arguments.bare
+                else next(s for s in SCENARIOS if s.name == arguments.scenario))
+    with benchmark_database() as (database_url, data_dir):
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            database = conn.info.dbname
+            conn.execute(f"ALTER DATABASE {database} SET track_functions = 'pl'")
+        with (bare_server(database_url) if arguments.bare
+              else benchmark_server(database_url)) as server:
+            use_token(bench_token(database_url))
+            if not arguments.bare:
+                create_orgs(server.address, [HOT_ORG, *SPREAD_ORGS])
+            with tempfile.TemporaryDirectory() as scratch, \
+                    Probes(server.process.pid, postmaster_process(data_dir), database_url) as probes, \
+                    psycopg.connect(database_url, autocommit=True) as stats:
+                profile = Path(scratch) / "profile.txt"
+                # Sampling starts with the warm-up and ends with the window.
+                sampler = subprocess.Popen(
+                    [str(PY_SPY), "record", "--pid", str(server.process.pid), "--format", "raw",
+                     "--rate", str(arguments.rate), "--duration",
+                     str(int(arguments.warmup_s + arguments.duration_s)), "--output", str(profile),
+                     "--nonblocking", "--gil"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                stats.execute("SELECT pg_stat_reset()")
+                before = function_times(stats)
+                result = asyncio.run(load(server.address, scenario, arguments, probes))
+                stats.execute("SELECT pg_stat_clear_snapshot()")
+                after = function_times(stats)
+                _, sampler_errors = sampler.communicate(timeout=60)
+                if sampler.returncode != 0:
+                    sys.exit(f"py-spy failed: {sampler_errors.decode(errors='replace')}")
+                stacks = collapsed_stacks(profile)
+
+    # The function counters run from the warm-up on, as the sampler does.
+    calls = result.calls_per_s * (arguments.warmup_s + arguments.duration_s)
+    print(f"{scenario.name} @{arguments.callers}: {result.calls_per_s:.0f} calls/s, "
+          f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms; server CPU "
+          f"{result.server_cpu_us_per_call:.0f} us a call, PostgreSQL "
+          f"{result.database_cpu_us_per_call:.0f} us")
+    own, inside, total = top_functions(stacks, arguments.top)
+    # Only the thread holding the GIL is sampled (--gil): a thread waiting
+    # for a lock or a socket is not using the CPU. What gRPC's core does in
+    # its own threads, without the GIL, is not in these samples.
+    for title, rows in (("own time", own), ("time inside (with what it calls)", inside)):
+        print(f"\nserver, top functions by {title}: share of samples, us of server CPU a call")
+        for name, count in rows:
+            share = count / total
+            print(f"  {share * 100:5.1f}%  {share * result.server_cpu_us_per_call:6.0f} us  {name}")
+    print("\nPostgreSQL, ledger functions (track_functions): calls and own time per scenario call")
+    for name, (count, self_ms) in sorted(after.items(), key=lambda item: -item[1][1]):
+        count_before, ms_before = before.get(name, (0, 0.0))
+        if count - count_before:
+            print(f"  {(count - count_before) / calls:6.2f} calls  "
+                  f"{(self_ms - ms_before) * 1000 / calls:7.1f} us  {name}")
+
+
+if __name__ == "__main__":
+    main()
