@@ -75,3 +75,47 @@ def test_verify_finds_a_tampered_running_total(client, database_url):
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(f"UPDATE {table} SET used_millicredits_total = used_millicredits_total - 1")
     assert violations(database_url) == {}
+
+
+def batch(client, items: list[tuple[str, str, str, int]]):
+    """One DeductCreditsBatch of (org_id, user_id, service_name, amount)."""
+    return client.credits.DeductCreditsBatch(pb.DeductCreditsBatchRequest(deductions=[
+        pb.DeductCreditsRequest(org_id=org_id, user_id=user_id, amount_millicredits=amount,
+                                service_type="llm", service_name=service, idempotency_key=new_key())
+        for org_id, user_id, service, amount in items]))
+
+
+def test_a_batch_dated_before_a_later_days_row_adds_to_both(client, database_url):
+    """The batch's set-based summaries (add_usage_batch_to_summaries) keep
+    the same rules: with tomorrow's row already written, the batch's charges
+    of today start today's row from yesterday's and add to tomorrow's, for
+    the org and the user, next to another org that had no row at all."""
+    client.funded_org("late", 10**9, {"u": 10**8})
+    client.funded_org("fresh", 10**9, {"w": 10**8})
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        conn.execute("""INSERT INTO org_usage_running VALUES
+                          ('late', current_date - 1, 100, 2), ('late', current_date + 1, 107, 3)""")
+        conn.execute("""INSERT INTO user_usage_running VALUES
+                          ('late', 'u', current_date - 1, 100, 2, now() - interval '1 day'),
+                          ('late', 'u', current_date + 1, 107, 3, now() + interval '1 day')""")
+        batch(client, [("late", "u", "a", 2), ("fresh", "w", "a", 9), ("late", "u", "b", 3)])
+        assert running_rows(conn) == {
+            "org": [(-1, 100, 2), (0, 105, 4), (1, 112, 5)],
+            "user": [(-1, 100, 2), (0, 105, 4), (1, 112, 5)],
+        }
+        assert conn.execute("SELECT used_millicredits_total, request_count_total"
+                            " FROM org_usage_running WHERE org_id = 'fresh'").fetchall() == [(9, 1)]
+
+
+def test_batches_over_many_orgs_users_and_services_keep_every_summary_exact(client, database_url):
+    """Batches spread over five orgs, two users each, two services, with
+    refused items and replays among them: verify finds every summary table
+    (daily, monthly, running) equal to the attribution rows it sums."""
+    for org in range(5):
+        client.funded_org(f"org-{org}", 10**9, {"u": 10**8, "v": 300})
+    items = [(f"org-{n % 5}", "uv"[n % 2], f"svc-{n % 3 % 2}", 100 + n) for n in range(40)]
+    results = batch(client, items).results
+    assert {r.WhichOneof("result") for r in results} == {"deduction", "error"}  # v's limit ran out
+    batch(client, items[:7] + [("org-0", "nobody", "svc-0", 1)])
+    assert violations(database_url) == {}
