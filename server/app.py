@@ -150,6 +150,14 @@ class OrgBillingServer:
             on_batch=self.metrics.batch_size.observe if self.metrics else None,
             tracer=tracer,
         )
+        # Checks coalesce as deductions do, in lanes of their own: a check
+        # never waits behind a deduction's transaction.
+        self.check_coalescer = GroupCommitter(
+            self.store.check_batch,
+            lanes=settings.group_commit_lanes,
+            batch_size_max=settings.group_commit_batch_size_max,
+            queue_length_max=settings.group_commit_queue_length_max,
+        )
         self.sweeper = IdempotencySweeper(
             self.store,
             retention_ms=settings.idempotency_retention_ms,
@@ -210,7 +218,7 @@ class OrgBillingServer:
         ]
         self.grpc_server = new_grpc_server(settings, interceptors=[InterceptorChain(interceptors)])
         credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
-            CreditServicer(self.store, committer=self.committer,
+            CreditServicer(self.store, committer=self.committer, checks=self.check_coalescer,
                            batch_items_max=settings.deduct_batch_items_max,
                            reservation_ttl_default_ms=settings.reservation_ttl_default_ms,
                            reservation_ttl_min_ms=settings.reservation_ttl_min_ms,

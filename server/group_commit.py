@@ -13,6 +13,11 @@ fast, and one lane keeps them all in arrival order. Whoever
 arrives while that transaction runs waits; when it ends, the leader hands the
 lane to the oldest waiter, who commits the next batch.
 
+The same mechanism, in a second GroupCommitter over Store.check_batch,
+coalesces CheckCredits: the checks waiting at one moment share one
+statement (no lock, no write, unless a period ended) instead of a pooled
+connection and a round trip each.
+
 There is no timer: a call that finds its lane idle is committed at once, so
 under light load nothing waits, and batches form only from calls that are
 already waiting. Each caller gets its answer only after its batch commits.
@@ -132,26 +137,29 @@ class GroupCommitter:
         return self._lanes[zlib.crc32(org_id.encode()) % len(self._lanes)]
 
     def deduct(self, deduction: Deduction) -> DeductionResult:
-        return self._submit(deduction)
+        return self.submit(deduction)
 
     def reserve(self, reservation: Reservation) -> dict:
         """reserve_credits' jsonb result."""
-        return self._submit(reservation)
+        return self.submit(reservation)
 
     def commit_reservation(self, commit: ReservationCommit) -> dict:
         """commit_reservation's jsonb result."""
-        return self._submit(commit)
+        return self.submit(commit)
 
     def release_reservation(self, release: ReservationRelease) -> dict:
         """release_reservation's jsonb result."""
-        return self._submit(release)
+        return self.submit(release)
 
-    def _submit(self, item: Item):
+    def submit(self, item):
+        """Queues any item with an org_id for commit_batch, and returns its
+        result once its batch is done (the typed methods above, for the
+        ledger's committer; a check committer's items are CreditChecks)."""
         lane = self._lane_of(item.org_id)
         ticket = _Ticket(item, None if self._tracer is None else trace.get_current_span())
         with lane.lock:
             if len(lane.queue) >= self._queue_length_max:
-                raise server_busy("too many deductions are waiting for this pool",
+                raise server_busy("too many calls are waiting for this pool",
                                   limit="group_commit_queue_length_max")
             lane.queue.append(ticket)
             if not lane.leader_active:

@@ -10,7 +10,7 @@ from orgbilling.server.metrics import Metrics
 from orgbilling.server.page_tokens import Layout, read_page_size, read_position
 from orgbilling.server.request_context import current_request_id, fingerprint
 from orgbilling.server.store import (
-    Deduction, DeductionResult, Refund, Reservation, ReservationCommit, ReservationRelease, Store,
+    CreditCheck, Deduction, DeductionResult, Refund, Reservation, ReservationCommit, ReservationRelease, Store,
 )
 from orgbilling.server.validation import Checks
 
@@ -20,7 +20,8 @@ REFUND_REASON_CHARS_MAX = 256
 
 
 class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
-    def __init__(self, store: Store, *, committer: GroupCommitter, batch_items_max: int,
+    def __init__(self, store: Store, *, committer: GroupCommitter, checks: GroupCommitter,
+                 batch_items_max: int,
                  reservation_ttl_default_ms: int, reservation_ttl_min_ms: int,
                  reservation_ttl_max_ms: int, page_size_default: int, page_size_max: int,
                  metrics: Metrics | None = None):
@@ -29,6 +30,8 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         self._charged = metrics.charge if metrics else _uncounted
         self._refunded = metrics.refund if metrics else _uncounted
         self._committer = committer
+        # CheckCredits' coalescer (Store.check_batch).
+        self._checks = checks
         self._batch_items_max = batch_items_max
         self._ttl_default_ms = reservation_ttl_default_ms
         self._ttl_min_ms = reservation_ttl_min_ms
@@ -42,8 +45,9 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         checks.identifier("user_id", request.user_id)
         checks.amount("amount_millicredits", request.amount_millicredits)
         checks.done()
-        result = self._store.check(request.org_id, user_id=request.user_id,
-                                   amount_millicredits=request.amount_millicredits)
+        result = self._checks.submit(CreditCheck(
+            org_id=request.org_id, user_id=request.user_id,
+            amount_millicredits=request.amount_millicredits))
         if result.outcome != "OK":
             raise refusal(result.outcome)
         return pb.CheckCreditsResponse(
