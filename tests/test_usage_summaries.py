@@ -86,8 +86,8 @@ def batch(client, items: list[tuple[str, str, str, int]]):
 
 
 def test_a_batch_dated_before_a_later_days_row_adds_to_both(client, database_url):
-    """The batch's set-based summaries (add_usage_batch_to_summaries) keep
-    the same rules: with tomorrow's row already written, the batch's charges
+    """A batch's summaries keep the same rules as a lone charge's: with
+    tomorrow's row already written, the batch's charges
     of today start today's row from yesterday's and add to tomorrow's, for
     the org and the user, next to another org that had no row at all."""
     client.funded_org("late", 10**9, {"u": 10**8})

@@ -36,7 +36,11 @@
 -- later day already written.
 -- Scalar, with plans cached by plpgsql: the same upserts over unnest() of
 -- one-element arrays cost a lone deduction 50 us more of database CPU
--- (measured: 345 against 295 us). No SET lines: it runs with its callers'
+-- (measured: 345 against 295 us). Nor does one statement a table for all of
+-- a batch's buckets: batches spread over many orgs (about 4 items a batch
+-- at 64 callers) spent about 355 us of database time per item that way,
+-- against 186 with this function per bucket (benchmarks/README.md,
+-- "Performance, round two"). No SET lines: it runs with its callers'
 -- settings, and a SET would cost each call.
 CREATE OR REPLACE FUNCTION add_usage_to_summaries(
     p_org_id text, p_user_id text, p_service_type text, p_service_name text,
@@ -105,107 +109,6 @@ BEGIN
                  WHERE org_id = p_org_id AND user_id = p_user_id AND day < today
                  ORDER BY day DESC LIMIT 1) AS r;
     END IF;
-END $$;
-
--- add_usage_to_summaries for many charges at once (deduct_credits_batch):
--- each item one charge, of any org, user and service. Set-based: each
--- summary table takes one statement for the whole batch, where the scalar
--- function takes five per bucket; a batch spread over many orgs has as many
--- buckets as items (measured: see benchmarks/README.md, "Performance, round
--- two"). The same buckets and rules as the scalar function above, which
--- stays for one charge (its plans are cheaper for one).
-CREATE OR REPLACE FUNCTION add_usage_batch_to_summaries(
-    p_org_ids text[], p_user_ids text[], p_service_types text[], p_service_names text[],
-    p_amounts bigint[])
-RETURNS void
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    now_at timestamptz := ledger_now();
-    today date := (now_at AT TIME ZONE 'UTC')::date;
-BEGIN
-    INSERT INTO usage_daily AS s (org_id, day, service_type, service_name,
-                                  used_millicredits, request_count)
-    SELECT c.org_id, today, c.service_type, c.service_name, sum(c.amount)::bigint, count(*)
-      FROM unnest(p_org_ids, p_service_types, p_service_names, p_amounts)
-           AS c(org_id, service_type, service_name, amount)
-     GROUP BY c.org_id, c.service_type, c.service_name
-    ON CONFLICT (org_id, day, service_type, service_name) DO UPDATE
-       SET used_millicredits = s.used_millicredits + excluded.used_millicredits,
-           request_count = s.request_count + excluded.request_count;
-    INSERT INTO user_usage_daily AS s (org_id, user_id, day, service_type, service_name,
-                                       used_millicredits, request_count, last_used_at)
-    SELECT c.org_id, c.user_id, today, c.service_type, c.service_name, sum(c.amount)::bigint,
-           count(*), now_at
-      FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
-           AS c(org_id, user_id, service_type, service_name, amount)
-     GROUP BY c.org_id, c.user_id, c.service_type, c.service_name
-    ON CONFLICT (org_id, user_id, day, service_type, service_name) DO UPDATE
-       SET used_millicredits = s.used_millicredits + excluded.used_millicredits,
-           request_count = s.request_count + excluded.request_count,
-           last_used_at = greatest(s.last_used_at, excluded.last_used_at);
-    INSERT INTO user_usage_monthly AS s (org_id, user_id, month, service_type, service_name,
-                                         used_millicredits, request_count, last_used_at)
-    SELECT c.org_id, c.user_id, date_trunc('month', today::timestamp)::date, c.service_type,
-           c.service_name, sum(c.amount)::bigint, count(*), now_at
-      FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
-           AS c(org_id, user_id, service_type, service_name, amount)
-     GROUP BY c.org_id, c.user_id, c.service_type, c.service_name
-    ON CONFLICT (org_id, user_id, month, service_type, service_name) DO UPDATE
-       SET used_millicredits = s.used_millicredits + excluded.used_millicredits,
-           request_count = s.request_count + excluded.request_count,
-           last_used_at = greatest(s.last_used_at, excluded.last_used_at);
-
-    -- Running totals, as the scalar function keeps them: add to today's row
-    -- and any later one; an org or user without today's row starts it from
-    -- its latest row before today. Every sub-statement sees the rows as they
-    -- were before the UPDATE, which touches none from before today.
-    WITH g AS (
-        SELECT c.org_id, sum(c.amount)::bigint AS amount, count(*) AS requests
-          FROM unnest(p_org_ids, p_amounts) AS c(org_id, amount)
-         GROUP BY c.org_id),
-    updated AS (
-        UPDATE org_usage_running AS r
-           SET used_millicredits_total = r.used_millicredits_total + g.amount,
-               request_count_total = r.request_count_total + g.requests
-          FROM g
-         WHERE r.org_id = g.org_id AND r.day >= today
-        RETURNING r.org_id, r.day)
-    INSERT INTO org_usage_running (org_id, day, used_millicredits_total, request_count_total)
-    SELECT g.org_id, today, coalesce(prior.used, 0) + g.amount, coalesce(prior.requests, 0) + g.requests
-      FROM g
-      LEFT JOIN LATERAL (
-            SELECT r.used_millicredits_total AS used, r.request_count_total AS requests
-              FROM org_usage_running AS r
-             WHERE r.org_id = g.org_id AND r.day < today
-             ORDER BY r.day DESC LIMIT 1) AS prior ON true
-     WHERE NOT EXISTS (SELECT 1 FROM updated AS u WHERE u.org_id = g.org_id AND u.day = today);
-
-    WITH g AS (
-        SELECT c.org_id, c.user_id, sum(c.amount)::bigint AS amount, count(*) AS requests
-          FROM unnest(p_org_ids, p_user_ids, p_amounts) AS c(org_id, user_id, amount)
-         GROUP BY c.org_id, c.user_id),
-    updated AS (
-        UPDATE user_usage_running AS r
-           SET used_millicredits_total = r.used_millicredits_total + g.amount,
-               request_count_total = r.request_count_total + g.requests,
-               last_used_at = CASE WHEN r.day = today THEN greatest(r.last_used_at, now_at)
-                                   ELSE r.last_used_at END
-          FROM g
-         WHERE r.org_id = g.org_id AND r.user_id = g.user_id AND r.day >= today
-        RETURNING r.org_id, r.user_id, r.day)
-    INSERT INTO user_usage_running (org_id, user_id, day, used_millicredits_total,
-                                    request_count_total, last_used_at)
-    SELECT g.org_id, g.user_id, today, coalesce(prior.used, 0) + g.amount,
-           coalesce(prior.requests, 0) + g.requests, now_at
-      FROM g
-      LEFT JOIN LATERAL (
-            SELECT r.used_millicredits_total AS used, r.request_count_total AS requests
-              FROM user_usage_running AS r
-             WHERE r.org_id = g.org_id AND r.user_id = g.user_id AND r.day < today
-             ORDER BY r.day DESC LIMIT 1) AS prior ON true
-     WHERE NOT EXISTS (SELECT 1 FROM updated AS u
-                        WHERE u.org_id = g.org_id AND u.user_id = g.user_id AND u.day = today);
 END $$;
 
 -- Whether an amount fits the allocation and the pool. Reads only, but for
@@ -604,13 +507,14 @@ BEGIN
       JOIN unnest(w_n, w_id, w_period, w_remaining, w_spendable)
            AS w(n, id, period, remaining, spendable) ON w.n = i.n;
 
-    -- The same charges, into the summary tables: one statement a table.
-    PERFORM add_usage_batch_to_summaries(array_agg(i.org_id), array_agg(i.user_id),
-                                         array_agg(i.service_type), array_agg(i.service_name),
-                                         array_agg(i.amount))
+    -- The same charges, summed into the summary tables once per user and
+    -- service: a batch on a hot allocation is one bucket.
+    PERFORM add_usage_to_summaries(i.org_id, i.user_id, i.service_type, i.service_name,
+                                   sum(i.amount)::bigint, count(*))
        FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
             WITH ORDINALITY AS i(org_id, user_id, service_type, service_name, amount, n)
-       JOIN unnest(w_n) AS w(n) ON w.n = i.n;
+       JOIN unnest(w_n) AS w(n) ON w.n = i.n
+      GROUP BY i.org_id, i.user_id, i.service_type, i.service_name;
 
     INSERT INTO idempotency_records (org_id, family, idempotency_key, operation, request_hash, result)
     SELECT i.org_id, 'deductions', i.idempotency_key, 'DeductCredits', i.request_hash, f.result
