@@ -12,7 +12,7 @@ import grpc.aio
 from orgbilling.client.channel import ClientSettings, open_channel, plaintext_metadata
 from orgbilling.client.errors import REQUEST_ID_HEADER, OrgBillingError, request_id_in
 from orgbilling.client.hold import HoldState
-from orgbilling.client.operations import STUBS, Operations
+from orgbilling.client.operations import STUBS, Operations, export_request
 from orgbilling.client.policy import Attempts
 from orgbilling.client.results import Deduction
 from orgbilling.v1 import reporting_service_pb2
@@ -80,9 +80,8 @@ class AsyncCreditClient(Operations):
         request_id = uuid.uuid4().hex
         metadata = (*self._auth_metadata, (REQUEST_ID_HEADER, request_id))
         while True:
-            request = reporting_service_pb2.ExportUsageRequest(
-                org_id=org_id, time_range=time_range, chunk_size=chunk_size,
-                resume_token=resume_token)
+            request = export_request(org_id=org_id, time_range=time_range,
+                                     chunk_size=chunk_size, resume_token=resume_token)
             try:
                 async for chunk in self._stubs["ReportingService"].ExportUsage(
                         request, timeout=attempts.next_timeout_s(), metadata=metadata):

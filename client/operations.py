@@ -117,6 +117,14 @@ def deduction_request(*, org_id: str, user_id: str, amount_millicredits: int, se
     )
 
 
+def export_request(*, org_id: str, time_range, chunk_size: int,
+                   resume_token: str) -> reporting_service_pb2.ExportUsageRequest:
+    """ExportUsage's request, sent again with the last chunk's resume_token
+    after a cut (both clients' export_usage)."""
+    return reporting_service_pb2.ExportUsageRequest(
+        org_id=org_id, time_range=time_range, chunk_size=chunk_size, resume_token=resume_token)
+
+
 class Operations:
     """The RPCs. Subclasses provide `_invoke(service, rpc, request, decode,
     *, timeout_s, idempotency_key)` and `reserve`. Every method takes

@@ -26,20 +26,25 @@ def running_rows(conn) -> dict[str, list[tuple]]:
     }
 
 
+def write_yesterday_and_tomorrow(conn) -> None:
+    """Usage of 'late' (user u) up to yesterday (100 in 2 charges), and
+    tomorrow's row as if one charge of 7 had already been committed after
+    midnight."""
+    conn.execute("SET TIME ZONE 'UTC'")
+    conn.execute("""INSERT INTO org_usage_running VALUES
+                      ('late', current_date - 1, 100, 2), ('late', current_date + 1, 107, 3)""")
+    conn.execute("""INSERT INTO user_usage_running VALUES
+                      ('late', 'u', current_date - 1, 100, 2, now() - interval '1 day'),
+                      ('late', 'u', current_date + 1, 107, 3, now() + interval '1 day')""")
+
+
 def test_a_charge_dated_before_a_later_days_row_adds_to_both(client, database_url):
     """With a row already written for tomorrow (what a transaction that
     started before midnight finds when it commits after), a charge dated today
     starts today's row from the latest before it and adds to tomorrow's too."""
     client.funded_org("late", 10**9, {"u": 10**8})
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("SET TIME ZONE 'UTC'")
-        # Usage up to yesterday (100 in 2 charges), and tomorrow's row as if
-        # one charge of 7 had already been committed after midnight.
-        conn.execute("""INSERT INTO org_usage_running VALUES
-                          ('late', current_date - 1, 100, 2), ('late', current_date + 1, 107, 3)""")
-        conn.execute("""INSERT INTO user_usage_running VALUES
-                          ('late', 'u', current_date - 1, 100, 2, now() - interval '1 day'),
-                          ('late', 'u', current_date + 1, 107, 3, now() + interval '1 day')""")
+        write_yesterday_and_tomorrow(conn)
         deduct(client, 5)
         assert running_rows(conn) == {
             "org": [(-1, 100, 2), (0, 105, 3), (1, 112, 4)],
@@ -93,12 +98,7 @@ def test_a_batch_dated_before_a_later_days_row_adds_to_both(client, database_url
     client.funded_org("late", 10**9, {"u": 10**8})
     client.funded_org("fresh", 10**9, {"w": 10**8})
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("SET TIME ZONE 'UTC'")
-        conn.execute("""INSERT INTO org_usage_running VALUES
-                          ('late', current_date - 1, 100, 2), ('late', current_date + 1, 107, 3)""")
-        conn.execute("""INSERT INTO user_usage_running VALUES
-                          ('late', 'u', current_date - 1, 100, 2, now() - interval '1 day'),
-                          ('late', 'u', current_date + 1, 107, 3, now() + interval '1 day')""")
+        write_yesterday_and_tomorrow(conn)
         batch(client, [("late", "u", "a", 2), ("fresh", "w", "a", 9), ("late", "u", "b", 3)])
         assert running_rows(conn) == {
             "org": [(-1, 100, 2), (0, 105, 4), (1, 112, 5)],
