@@ -269,29 +269,6 @@ def test_draining_refuses_new_calls_and_waits_for_running_ones(harness, kind, mo
     assert h.draining.wait_quiet(quiet_s=0.0, timeout_s=5)
 
 
-def test_refused_calls_do_not_keep_a_draining_server_from_being_quiet(harness):
-    """A caller retrying on the same connection during the drain is refused
-    each time, and the server still becomes quiet once its quiet period has
-    passed since the last call it accepted."""
-    h = harness()
-    h.draining.begin_draining()
-    retrying = threading.Event()
-
-    def retry_until_stopped():
-        while not retrying.is_set():
-            refusal(lambda: h.call("unary"))
-            time.sleep(0.01)
-    caller = threading.Thread(target=retry_until_stopped)
-    caller.start()
-    try:
-        started = time.monotonic()
-        assert h.draining.wait_quiet(quiet_s=0.2, timeout_s=5)
-        assert time.monotonic() - started < 1
-    finally:
-        retrying.set()
-        caller.join()
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_callers_deadline_reaches_the_servicer(harness, kind, monkeypatch):
     """seconds_left() in the servicer is the caller's deadline, or None without one."""

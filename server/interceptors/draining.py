@@ -1,7 +1,7 @@
 """Lets a stopping server finish what it started: once draining, new calls
 get UNAVAILABLE SHUTTING_DOWN (retryable, nothing done) while calls already
 running complete; `wait_quiet` returns when none is left and none has
-been accepted for a moment. Stopping the gRPC server any sooner would cancel the
+arrived for a moment. Stopping the gRPC server any sooner would cancel the
 calls still in its transport with CANCELLED, which a caller cannot tell from
 a lost answer."""
 
@@ -38,13 +38,9 @@ class DrainingInterceptor(Interceptor):
 
     def intercept(self, call: Call):
         with self._idle:
-            # A refused call is not an arrival: a caller that retries on the
-            # same connection (no balancing of its own) would otherwise keep
-            # the server from ever being quiet, and be refused for the whole
-            # grace instead of reconnecting to another replica once it stops.
+            self._last_arrival = time.monotonic()
             if self._draining:
                 raise shutting_down()
-            self._last_arrival = time.monotonic()
             self._running += 1
         return self._ended
 
