@@ -356,40 +356,6 @@ def run(arguments) -> dict:
     return results
 
 
-def print_variants(variants: list[dict]) -> None:
-    if not variants:
-        return
-    print()
-    print("Server variants: a second server with other settings, same run and database; each")
-    print(f"scenario measured on the main server and on the variant in turn, {VARIANT_ROUNDS} rounds")
-    print("(means shown). x: variant / main. noop, without the database, is the control.")
-    header = (f"{'variant':<12}{'scenario':<12}{'callers':>8}{'calls/s':>9}{'->':>8}{'x':>6}"
-              f"{'p50 ms':>8}{'->':>7}{'x':>6}{'p99 ms':>8}{'->':>7}{'srv us':>8}{'->':>6}"
-              f"{'db us':>7}{'->':>6}{'x':>6}")
-    print(header)
-    print("-" * len(header))
-    for variant in variants:
-        if variant.get("skipped"):
-            print(f"{variant['variant']:<12}skipped: {variant['skipped']}")
-            continue
-        for row in variant["rows"]:
-            main_row, other, x = row["main"], row["variant"], row["x"]
-            print(f"{variant['variant']:<12}{row['scenario']:<12}{variant['callers']:>8}"
-                  f"{report._cell(main_row['calls_per_s'], 0):>9}{report._cell(other['calls_per_s'], 0):>8}"
-                  f"{report._ratio_cell(x['calls_per_s']):>6}"
-                  f"{report._cell(main_row['p50_ms'], 2):>8}{report._cell(other['p50_ms'], 2):>7}"
-                  f"{report._ratio_cell(x['p50_ms']):>6}"
-                  f"{report._cell(main_row['p99_ms'], 2):>8}{report._cell(other['p99_ms'], 2):>7}"
-                  f"{report._cell(main_row['server_cpu_us_per_call'], 0):>8}"
-                  f"{report._cell(other['server_cpu_us_per_call'], 0):>6}"
-                  f"{report._cell(main_row['database_cpu_us_per_call'], 0):>7}"
-                  f"{report._cell(other['database_cpu_us_per_call'], 0):>6}"
-                  f"{report._ratio_cell(x['database_cpu_us_per_call']):>6}")
-            if main_row["errors"] or other["errors"]:
-                print(f"{'':<24}errors: main {main_row['error_codes']}, variant {other['error_codes']}")
-        print(f"{'':<12}{variant['description']}")
-
-
 def main(argv: list[str] | None = None) -> None:
     arguments = parse_arguments(argv)
     stop_on_sigterm()
@@ -400,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     report.print_table(results["scenarios"])
     report.print_summary(results)
-    print_variants(results["variants"])
+    report.print_variants(results["variants"], rounds=VARIANT_ROUNDS)
     path = report.write_json(results, arguments.results_dir)
     print(f"\nJSON: {path}")
 

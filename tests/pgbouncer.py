@@ -12,9 +12,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import contextlib
+
+import grpc
 import psycopg
 
+from orgbilling.v1 import credit_service_pb2 as pb
 from tests.server_process import free_port
+from tests.support import Client
 
 
 def executable() -> str | None:
@@ -119,3 +124,19 @@ class PgBouncer:
                 self.process.wait()
         self._output.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def check_codes(address: str, token: str, calls: int) -> list[grpc.StatusCode]:
+    """The codes of `calls` CheckCredits of an unknown org, one after another
+    on one channel: NOT_FOUND when a call worked (it reached the database,
+    through whichever server connection the pool handed out)."""
+    codes = []
+    with contextlib.closing(Client(address, token=token)) as client:
+        for _ in range(calls):
+            try:
+                client.credits.CheckCredits(pb.CheckCreditsRequest(
+                    org_id="no-such-org", user_id="alice", amount_millicredits=1))
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+    return codes

@@ -7,7 +7,6 @@ configuration is what the service needs, and the server works through a
 real PgBouncer running it."""
 
 import configparser
-import contextlib
 import re
 import shutil
 import subprocess
@@ -22,9 +21,8 @@ import pytest
 from orgbilling.server.app import LIVENESS_SERVICE
 from orgbilling.server.migrate import migrate, unapplied
 from orgbilling.server.settings import Settings
-from orgbilling.v1 import credit_service_pb2 as pb
 from tests import pgbouncer as pgbouncer_module
-from tests.support import REPO, Client
+from tests.support import REPO
 
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -389,13 +387,6 @@ def test_the_job_migrates_and_the_replicas_serve_through_pgbouncer_as_configured
     server = start_server(deploy_pgbouncer.url(database_url), prepared_statements=settings.prepared_statements,
                           pool_size_max=settings.pool_size_max,
                           statement_timeout_ms=settings.statement_timeout_ms)
-    codes = []
-    with contextlib.closing(Client(f"127.0.0.1:{server.port}", token=token)) as client:
-        for _ in range(2 * settings.pool_size_max):  # every connection of the pool, twice
-            try:
-                client.credits.CheckCredits(pb.CheckCreditsRequest(
-                    org_id="no-such-org", user_id="alice", amount_millicredits=1))
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as error:
-                codes.append(error.code())
+    # Every connection of the pool, twice.
+    codes = pgbouncer_module.check_codes(f"127.0.0.1:{server.port}", token, 2 * settings.pool_size_max)
     assert codes == [grpc.StatusCode.NOT_FOUND] * len(codes), (codes, deploy_pgbouncer.log())

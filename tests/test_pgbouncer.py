@@ -5,7 +5,6 @@ replicas apart, and the bank test holds (a short run).
 tests/test_pgbouncer_credit_service.py runs the credit-service tests through it."""
 
 import concurrent.futures
-import contextlib
 import os
 import time
 
@@ -19,11 +18,9 @@ from orgbilling.server.migrate import migrate, migration_files, repeatable_files
 from orgbilling.server.request_context import call_deadline_var
 from orgbilling.server.settings import Settings
 from orgbilling.server.store import Store
-from orgbilling.v1 import credit_service_pb2 as pb
 from tests.bank import replicas as bank_replicas
 from tests.bank.run import BankRun, RunOptions
-from tests.pgbouncer import PgBouncer, missing_reason
-from tests.support import Client
+from tests.pgbouncer import PgBouncer, check_codes, missing_reason
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +42,7 @@ def test_prepared_statements_break_calls_through_pgbouncer_unless_turned_off(
     finds the first one's (and a statement prepared on one server connection
     is missing on the next). With prepared_statements off, every call works."""
     server = start_server(pgbouncer.url(database_url), prepared_statements=prepared)
-    codes = []
-    with contextlib.closing(Client(f"127.0.0.1:{server.port}", token=token)) as client:
-        for _ in range(20):  # the pool hands out its connections in turn
-            try:
-                client.credits.CheckCredits(pb.CheckCreditsRequest(
-                    org_id="no-such-org", user_id="alice", amount_millicredits=1))
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as error:
-                codes.append(error.code())
+    codes = check_codes(f"127.0.0.1:{server.port}", token, 20)  # the pool hands out its connections in turn
     answered = codes.count(grpc.StatusCode.NOT_FOUND)  # the unknown org: the call worked
     if prepared:
         # A missing or duplicate prepared statement is no outage: INTERNAL.
