@@ -11,6 +11,7 @@ UNAVAILABLE.
 import contextlib
 import dataclasses
 import datetime
+import uuid
 
 import psycopg
 from psycopg import sql
@@ -80,6 +81,14 @@ class ReservationRelease:
     request_id: str
 
 
+# reservations_batch's name for each kind of call.
+_OPERATIONS = {
+    Reservation: "ReserveCredits",
+    ReservationCommit: "CommitReservation",
+    ReservationRelease: "ReleaseReservation",
+}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Refund:
     """A RefundCredits call, checked."""
@@ -109,6 +118,10 @@ class CheckResult:
 
 
 _DEDUCT_BATCH = "SELECT * FROM deduct_credits_batch(%b, %b, %b, %b, %b, %b, %b, %b, %b)"
+_RESERVATIONS_BATCH = (
+    "SELECT * FROM reservations_batch(%b::text[], %b::text[], %b::text[], %b::uuid[], %b::bigint[],"
+    " %b::bigint[], %b::text[], %b::text[], %b::text[], %b::bytea[], %b::text[], %b::jsonb[])"
+)
 # Many checks in one statement, in the order given (has_sufficient_credits
 # may lock a pool whose period ended: in org_id order, as every batch does).
 _CHECK_BATCH = (
@@ -284,16 +297,17 @@ class Store:
         each (a DeductionResult, or a reservation function's dict).
 
         Deductions alone take deduct_batch, set-based. A mix runs its
-        consecutive deductions as one deduct_credits_batch and each other item
-        as its own function, pipelined: one round trip, and the pool lock taken
-        once for all of them instead of once per call."""
+        consecutive deductions as one deduct_credits_batch and its consecutive
+        holds, commits and releases as one reservations_batch, pipelined: one
+        round trip, and the pool lock taken once for all of them instead of
+        once per call."""
         if all(isinstance(item, Deduction) for item in items):
             return self.deduct_batch(items)
         if len(items) == 1:
             return [self._apply_one(items[0])]
         runs: list[list] = []
         for item in items:
-            if isinstance(item, Deduction) and runs and isinstance(runs[-1][0], Deduction):
+            if runs and isinstance(item, Deduction) == isinstance(runs[-1][0], Deduction):
                 runs[-1].append(item)
             else:
                 runs.append([item])
@@ -310,10 +324,11 @@ class Store:
 
         results = []
         for run, rows in zip(runs, self._run(work), strict=True):
+            in_order = sorted(rows, key=lambda row: row[0])
             if isinstance(run[0], Deduction):
-                results += [_deduction_result(row[1:]) for row in sorted(rows, key=lambda row: row[0])]
+                results += [_deduction_result(row[1:]) for row in in_order]
             else:
-                results.append(rows[0][0])
+                results += [row[1] for row in in_order]
         return results
 
     def _apply_one(self, item):
@@ -330,17 +345,17 @@ class Store:
         row = self._one(*_statement([d]))
         return _deduction_result(row[1:])
 
-    # Reservations: each returns the jsonb outcome of its SQL function
+    # Reservations: each returns its jsonb answer from reservations_batch
     # (migrations/functions/35_reservations.sql).
 
     def reserve(self, r: Reservation) -> dict:
-        return self._json(*_statement([r]))
+        return self._one(*_statement([r]))[1]
 
     def commit_reservation(self, c: ReservationCommit) -> dict:
-        return self._json(*_statement([c]))
+        return self._one(*_statement([c]))[1]
 
     def release_reservation(self, r: ReservationRelease) -> dict:
-        return self._json(*_statement([r]))
+        return self._one(*_statement([r]))[1]
 
     def get_reservation(self, org_id: str, *, reservation_id: str) -> dict | None:
         row = self._one(
@@ -535,8 +550,8 @@ _LOCK_POOLS = "SELECT 1 FROM organization_credit_pools WHERE org_id = ANY (%s) O
 
 def _statement(run: list) -> tuple[str, tuple]:
     """The SQL and parameters of one run of a group commit's batch: a
-    deduction, several (deduct_credits_batch, rows numbered by item), a hold,
-    or the commit or release of one. The deductions' rows all start with the item number."""
+    deduction, several (deduct_credits_batch), or holds and their commits and
+    releases (reservations_batch). Every row starts with its item's number."""
     item = run[0]
     if isinstance(item, Deduction):
         if len(run) > 1:
@@ -545,18 +560,7 @@ def _statement(run: list) -> tuple[str, tuple]:
                 (item.org_id, item.user_id, item.amount_millicredits, item.service_type,
                  item.service_name, item.idempotency_key, item.request_hash, item.request_id,
                  Jsonb(item.metadata)))
-    if isinstance(item, Reservation):
-        return ("SELECT reserve_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b, %b)",
-                (item.org_id, item.user_id, item.amount_millicredits, item.ttl_ms * 1000,
-                 item.service_type, item.service_name, item.idempotency_key, item.request_hash,
-                 item.request_id, Jsonb(item.metadata)))
-    if isinstance(item, ReservationCommit):
-        return ("SELECT commit_reservation(%b, %b::uuid, %b, %b, %b, %b, %b)",
-                (item.org_id, item.reservation_id, item.amount_millicredits, item.idempotency_key,
-                 item.request_hash, item.request_id, Jsonb(item.metadata)))
-    return ("SELECT release_reservation(%b, %b::uuid, %b, %b, %b)",
-            (item.org_id, item.reservation_id, item.idempotency_key, item.request_hash,
-             item.request_id))
+    return _RESERVATIONS_BATCH, _reservations_params(run)
 
 
 def _batch_params(items: list[Deduction]) -> tuple:
@@ -568,6 +572,24 @@ def _batch_params(items: list[Deduction]) -> tuple:
         [d.service_name for d in items], [d.idempotency_key for d in items],
         [d.request_hash for d in items], [d.request_id for d in items],
         [Jsonb(d.metadata) for d in items],
+    )
+
+
+def _reservations_params(items: list) -> tuple:
+    """reservations_batch's arrays: each call's operation and fields, NULL
+    where its kind has none (reservation IDs were checked by the servicer)."""
+    def column(name: str) -> list:
+        return [getattr(item, name, None) for item in items]
+
+    return (
+        [_OPERATIONS[type(item)] for item in items], column("org_id"), column("user_id"),
+        [uuid.UUID(item.reservation_id) if hasattr(item, "reservation_id") else None
+         for item in items],
+        column("amount_millicredits"),
+        [item.ttl_ms * 1000 if isinstance(item, Reservation) else None for item in items],
+        column("service_type"), column("service_name"), column("idempotency_key"),
+        column("request_hash"), column("request_id"),
+        [Jsonb(getattr(item, "metadata", {})) for item in items],
     )
 
 

@@ -551,3 +551,99 @@ def test_a_mixed_group_commit_batch_runs_in_arrival_order(client, database_url, 
     assert results[5].allocation_remaining_millicredits == 199
     assert results[6]["allocation_remaining"] == 249
     assert violations(database_url) == {}
+
+
+def test_a_batch_of_holds_commits_and_releases_answers_as_one_call_at_a_time(client, database_url, server):
+    """reservations_batch keeps the balances in memory for the whole batch:
+    the same calls, over two orgs and two users each, answer exactly as they
+    do one transaction each (replays, refusals, a hold ended twice, a commit
+    beyond its hold), and leave the same balances."""
+    from orgbilling.server.store import Reservation, ReservationCommit, ReservationRelease
+
+    def calls(orgs: dict[str, str], holds: dict[str, str]) -> list:
+        def hold(org, user, amount, key):
+            return Reservation(org_id=orgs[org], user_id=user, amount_millicredits=amount,
+                               ttl_ms=60_000, service_type="llm", service_name="mix",
+                               idempotency_key=key, request_hash=f"{user} {amount}".encode(),
+                               request_id="", metadata={"n": key})
+
+        def commit_(org, hold_name, amount, key):
+            return ReservationCommit(org_id=orgs[org], reservation_id=holds[hold_name],
+                                     amount_millicredits=amount, idempotency_key=key,
+                                     request_hash=f"{hold_name} {amount}".encode(), request_id="",
+                                     metadata={})
+
+        def release_(org, hold_name, key):
+            return ReservationRelease(org_id=orgs[org], reservation_id=holds[hold_name],
+                                      idempotency_key=key, request_hash=hold_name.encode(),
+                                      request_id="")
+
+        return [
+            hold("a", "alice", 450, "k0"),            # after her reset: 500 - 100 held - 450
+            hold("b", "alice", 200, "k1"), hold("a", "alice", 200, "k1"),
+            hold("a", "alice", 200, "k1"),            # the same call again: its replay
+            commit_("a", "a-alice", 150, "k2"),
+            release_("a", "a-alice", "k3"),           # ended just before: not open
+            hold("a", "bob", 250, "k4"),              # bob has 300 - 100 held
+            commit_("a", "a-bob", 250, "k5"),         # 150 more than held: fits
+            commit_("b", "b-bob", 400, "k5"),         # 300 more than held: does not
+            release_("b", "b-bob", "k6"),
+            hold("a", "alice", 10**6, "k7"),
+            hold("a", "nobody", 1, "k8"),
+            release_("a", "missing", "k9"),
+            commit_("a", "a-bob", 250, "k5"),         # replayed, not charged twice
+            hold("a", "bob", 50, "k10"),
+            commit_("a", "a-alice", 1, "k2"),         # k2 with another request
+            hold("b", "alice", 400, "k11"),           # 200 held by k1: 400 does not fit
+        ]
+
+    def setup(name):
+        client.funded_org(name, 10_000, {"alice": 500, "bob": 300})
+        holds = {user: reserve(client, 100, user=user, org=name).reservation_id
+                 for user in ("alice", "bob")}
+        if name.endswith("-a"):
+            # alice spent 100 this period, which ends before the calls arrive.
+            deduct(client, 100, org=name)
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute("UPDATE user_credit_allocations SET reset_period = 'MONTHLY',"
+                             " next_reset_at = now() - interval '1 second'"
+                             " WHERE org_id = %s AND user_id = 'alice'", (name,))
+        return holds
+
+    orgs_batch, orgs_alone = {"a": "batch-a", "b": "batch-b"}, {"a": "alone-a", "b": "alone-b"}
+    holds_batch, holds_alone = {"missing": str(uuid.uuid4())}, {"missing": str(uuid.uuid4())}
+    for letter in "ab":
+        for holds, orgs in ((holds_batch, orgs_batch), (holds_alone, orgs_alone)):
+            for user, reservation_id in setup(orgs[letter]).items():
+                holds[f"{letter}-{user}"] = reservation_id
+
+    batched = server.store.commit_group(calls(orgs_batch, holds_batch))
+    alone = [server.store.commit_group([call])[0] for call in calls(orgs_alone, holds_alone)]
+
+    def comparable(answer):
+        return {k: v for k, v in answer.items() if k not in ("reservation_id", "deduction_id", "expires_at_us")}
+
+    assert [comparable(a) for a in batched] == [comparable(a) for a in alone]
+    assert [a["outcome"] for a in batched] == [
+        "INSUFFICIENT_CREDITS", "OK", "OK", "OK", "OK", "RESERVATION_NOT_OPEN", "INSUFFICIENT_CREDITS", "OK",
+        "INSUFFICIENT_CREDITS", "OK", "INSUFFICIENT_CREDITS", "ALLOCATION_NOT_FOUND",
+        "RESERVATION_NOT_FOUND", "OK", "OK", "IDEMPOTENCY_KEY_REUSED", "INSUFFICIENT_CREDITS"]
+    assert batched[3]["replayed"] and batched[13]["replayed"]
+    assert batched[13]["deduction_id"] == batched[7]["deduction_id"]
+    assert batched[0]["allocation_remaining"] == 400  # the reset came first
+    for letter in "ab":
+        for user in ("alice", "bob"):
+            assert (balances(database_url, orgs_batch[letter], user)
+                    == balances(database_url, orgs_alone[letter], user))
+    def periods(org):
+        with psycopg.connect(database_url) as conn:
+            return conn.execute(
+                """SELECT array_agg(period_number ORDER BY user_id),
+                          (SELECT count(*) FROM org_billing_history
+                            WHERE org_id = %(org)s AND event_type = 'PERIOD_RESET')
+                     FROM user_credit_allocations WHERE org_id = %(org)s""", {"org": org}).fetchone()
+
+    assert periods("batch-a") == periods("alone-a") == ([1, 0], 1)
+    assert balances(database_url, "batch-a", "bob") == (250, 50, 500, 250)
+    assert balances(database_url, "batch-a", "alice") == (150, 200, 500, 250)
+    assert violations(database_url) == {}

@@ -1,13 +1,17 @@
-"""Database and client CPU per hold when a group-commit batch of holds is sent
-as one statement each (pipelined, as server/store.py does) or as one
-statement over unnest(): does the statement's own overhead matter?
+"""Database and client CPU per hold, for holds sent one transaction each or
+in batches of 16 in one transaction as the group commit sends them.
 
     .venv/bin/python -m benchmarks.micro.hold_batch_statements
 
-One connection, batches of 16 holds on one allocation, each batch in one
-transaction under the pool's lock; the backend's own CPU time is read from
-/proc/<pid>/stat, which no other process disturbs. The two ways alternate,
-three rounds each; the first round warms plans and caches. See benchmarks/README.md.
+Ways: "alone", one hold per transaction as the server sends a lone call (a
+reservations_batch of one where the schema has it, else reserve_credits); "pipelined",
+16 reserve_credits statements in one transaction (the group commit before
+reservations_batch); "batch", one reservations_batch of 16 (the group
+commit now), when the schema has it. Run it from a worktree of an older
+commit to measure that commit's functions. One connection, one hot
+allocation; the backend's own CPU time is read from /proc/<pid>/stat, which
+no other process disturbs. The ways alternate, three rounds each; the first
+round warms plans and caches. See benchmarks/README.md.
 """
 
 import os
@@ -20,14 +24,14 @@ from psycopg.types.json import Jsonb
 from tests.postgres import TEMPLATE_DATABASE, Postgres
 
 ONE = "SELECT reserve_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b, %b)"
-MANY = """
-    SELECT reserve_credits(i.o, i.u, i.a, i.t, i.st, i.sn, i.k, i.h, i.r, i.m)
-      FROM unnest(%b::text[], %b::text[], %b::int8[], %b::int8[], %b::text[], %b::text[],
-                  %b::text[], %b::bytea[], %b::text[], %b::jsonb[])
-           WITH ORDINALITY AS i(o, u, a, t, st, sn, k, h, r, m, n)
-     ORDER BY i.n"""
-BATCHES, BATCH_SIZE = 100, 16
+BATCH = """
+    SELECT * FROM reservations_batch(
+        array_fill('ReserveCredits'::text, ARRAY[%(n)s]), %(o)b::text[], %(u)b::text[],
+        array_fill(NULL::uuid, ARRAY[%(n)s]), %(a)b::int8[], %(t)b::int8[], %(st)b::text[],
+        %(sn)b::text[], %(k)b::text[], %(h)b::bytea[], %(r)b::text[], %(m)b::jsonb[])"""
+HOLDS, BATCH_SIZE = 1600, 16
 TTL_US = 600_000_000
+LOCK = "SELECT 1 FROM organization_credit_pools WHERE org_id = 'o' FOR UPDATE"
 
 
 def backend_cpu_s(conn: psycopg.Connection) -> float:
@@ -40,24 +44,44 @@ def holds(count: int) -> list[tuple]:
             for _ in range(count)]
 
 
-def measure(conn: psycopg.Connection, *, one_statement: bool) -> str:
-    cpu_before, wall_before, client_before = backend_cpu_s(conn), time.perf_counter(), time.process_time()
-    for _ in range(BATCHES):
-        batch = holds(BATCH_SIZE)
+def alone(conn: psycopg.Connection) -> None:
+    for hold in holds(HOLDS):
+        conn.execute(ONE, hold).fetchall()
+
+
+def alone_batch(conn: psycopg.Connection) -> None:
+    for hold in holds(HOLDS):
+        columns = [[value] for value in hold]
+        conn.execute(BATCH, dict(zip(("o", "u", "a", "t", "st", "sn", "k", "h", "r", "m"), columns),
+                                 n=1)).fetchall()
+
+
+def pipelined(conn: psycopg.Connection) -> None:
+    for _ in range(HOLDS // BATCH_SIZE):
         with conn.transaction():
-            conn.execute("SELECT 1 FROM organization_credit_pools WHERE org_id = 'o' FOR UPDATE")
-            if one_statement:
-                conn.execute(MANY, [list(column) for column in zip(*batch)]).fetchall()
-            else:
-                with conn.pipeline():
-                    cursors = [conn.execute(ONE, hold) for hold in batch]
-                for cursor in cursors:
-                    cursor.fetchall()
+            conn.execute(LOCK)
+            with conn.pipeline():
+                cursors = [conn.execute(ONE, hold) for hold in holds(BATCH_SIZE)]
+            for cursor in cursors:
+                cursor.fetchall()
+
+
+def batch(conn: psycopg.Connection) -> None:
+    for _ in range(HOLDS // BATCH_SIZE):
+        columns = [list(column) for column in zip(*holds(BATCH_SIZE))]
+        with conn.transaction():
+            conn.execute(LOCK)
+            conn.execute(BATCH, dict(zip(("o", "u", "a", "t", "st", "sn", "k", "h", "r", "m"), columns),
+                                     n=BATCH_SIZE)).fetchall()
+
+
+def measure(conn: psycopg.Connection, way) -> str:
+    cpu_before, wall_before, client_before = backend_cpu_s(conn), time.perf_counter(), time.process_time()
+    way(conn)
     time.sleep(0.05)  # /proc's CPU time catches up
-    count = BATCHES * BATCH_SIZE
-    return (f"db {(backend_cpu_s(conn) - cpu_before) / count * 1e6:.0f} us/hold, "
-            f"client {(time.process_time() - client_before) / count * 1e6:.0f} us/hold, "
-            f"wall {(time.perf_counter() - wall_before) / count * 1e6:.0f} us/hold")
+    return (f"db {(backend_cpu_s(conn) - cpu_before) / HOLDS * 1e6:.0f} us/hold, "
+            f"client {(time.process_time() - client_before) / HOLDS * 1e6:.0f} us/hold, "
+            f"wall {(time.perf_counter() - wall_before) / HOLDS * 1e6:.0f} us/hold")
 
 
 def main() -> None:
@@ -71,12 +95,14 @@ def main() -> None:
                          " VALUES ('o', 10^15)")
             conn.execute("INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits,"
                          " reset_period) VALUES ('o', 'u', 10^15, 'NEVER')")
-            for one_statement in (False, True) * 3:
-                # Fresh statistics each round: the holds pile up (none is
-                # committed), and a plan of an empty table would scan them all.
-                conn.execute("ANALYZE credit_reservations")
-                way = "one statement over unnest()" if one_statement else "one statement a hold"
-                print(f"{way}: {measure(conn, one_statement=one_statement)}", flush=True)
+            has_batch = conn.execute("SELECT to_regproc('reservations_batch') IS NOT NULL").fetchone()[0]
+            ways = [alone_batch, pipelined, batch] if has_batch else [alone, pipelined]
+            for _ in range(3):
+                for way in ways:
+                    # Fresh statistics each round: the holds pile up (none is
+                    # committed), and a plan of an empty table would scan them all.
+                    conn.execute("ANALYZE credit_reservations")
+                    print(f"{way.__name__:>11}: {measure(conn, way)}", flush=True)
     finally:
         postgres.close()
 
