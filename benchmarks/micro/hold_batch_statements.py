@@ -29,6 +29,12 @@ BATCH = """
         array_fill('ReserveCredits'::text, ARRAY[%(n)s]), %(o)b::text[], %(u)b::text[],
         array_fill(NULL::uuid, ARRAY[%(n)s]), %(a)b::int8[], %(t)b::int8[], %(st)b::text[],
         %(sn)b::text[], %(k)b::text[], %(h)b::bytea[], %(r)b::text[], %(m)b::jsonb[])"""
+# As server/store.py sends a lone call: scalars, made arrays by the server.
+BATCH_OF_ONE = """
+    SELECT * FROM reservations_batch(
+        ARRAY['ReserveCredits'], ARRAY[%b::text], ARRAY[%b::text], ARRAY[NULL::uuid], ARRAY[%b::int8],
+        ARRAY[%b::int8], ARRAY[%b::text], ARRAY[%b::text], ARRAY[%b::text], ARRAY[%b::bytea],
+        ARRAY[%b::text], ARRAY[%b::jsonb])"""
 HOLDS, BATCH_SIZE = 1600, 16
 TTL_US = 600_000_000
 LOCK = "SELECT 1 FROM organization_credit_pools WHERE org_id = 'o' FOR UPDATE"
@@ -51,9 +57,7 @@ def alone(conn: psycopg.Connection) -> None:
 
 def alone_batch(conn: psycopg.Connection) -> None:
     for hold in holds(HOLDS):
-        columns = [[value] for value in hold]
-        conn.execute(BATCH, dict(zip(("o", "u", "a", "t", "st", "sn", "k", "h", "r", "m"), columns),
-                                 n=1)).fetchall()
+        conn.execute(BATCH_OF_ONE, hold).fetchall()
 
 
 def pipelined(conn: psycopg.Connection) -> None:
