@@ -11,15 +11,19 @@ Prints the server's top functions by own time and by time inside them (as a
 share of the samples, and as CPU microseconds per call from the measured
 CPU), then each ledger function's calls and time per scenario call, then
 the statements that took the most time, those run inside the functions
-included (pg_stat_statements.track = all, which costs each statement a
-little: the figures above it are a few percent higher than make bench's).
-With ORGBILLING_DATABASE_URL, the statements are shown only where that
-server preloads pg_stat_statements.
+included (pg_stat_statements.track = all), then the plans of the costliest
+as they ran (auto_explain's EXPLAIN ANALYZE with BUFFERS, on 2% of the
+statements, without per-node timing). Both cost each statement a little: the
+figures are a few percent higher than make bench's. With
+ORGBILLING_DATABASE_URL, statements and plans are shown only where that
+server preloads pg_stat_statements and auto_explain so.
 """
 
 import argparse
 import asyncio
 import collections
+import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import grpc
 import psycopg
+from psycopg import sql
 
 from benchmarks.environment import (
     bench_token, benchmark_database, benchmark_server, postmaster_process, stop_on_sigterm,
@@ -51,6 +56,9 @@ def parse_arguments(argv):
                         help="profile the bare grpcio server (baseline A0) under the noop scenario")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--plans", type=int, default=5,
+                        help="print the plans (EXPLAIN ANALYZE, BUFFERS, by auto_explain on a"
+                             " sample of the calls) of the statements that took the most time")
     return parser.parse_args(argv)
 
 
@@ -90,14 +98,33 @@ def function_times(conn) -> dict[str, tuple[int, float]]:
     return {name: (calls, self_ms) for name, calls, self_ms in rows}
 
 
+# What the embedded PostgreSQL is restarted with: every statement counted,
+# those inside functions too, and a sample of them explained into its log.
+STATEMENT_SETTINGS = {
+    "shared_preload_libraries": ("pg_stat_statements", "auto_explain"),
+    "pg_stat_statements.track": "all",
+    "auto_explain.log_min_duration": "0",
+    "auto_explain.sample_rate": "0.02",
+    "auto_explain.log_analyze": "on",
+    "auto_explain.log_buffers": "on",
+    "auto_explain.log_timing": "off",
+    "auto_explain.log_nested_statements": "on",
+    "auto_explain.log_format": "json",
+    "auto_explain.log_parameter_max_length": "0",
+}
+LOG_FILE = "restart.log"  # in the data directory's postgres/, by restart_embedded_database
+
+
 def with_statement_statistics(database_url: str, data_dir: Path | None) -> bool:
-    """Restarts the embedded PostgreSQL in data_dir with pg_stat_statements
-    loaded, counting the statements run inside functions too; whether the
-    database now has it (with another server, whether it preloads it)."""
+    """Restarts the embedded PostgreSQL in data_dir with STATEMENT_SETTINGS;
+    whether the database now has pg_stat_statements (with another server,
+    whether it preloads it)."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         if data_dir is not None:
-            conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
-            conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
+            for name, value in STATEMENT_SETTINGS.items():
+                values = value if isinstance(value, tuple) else (value,)
+                conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                    sql.Identifier(*name.split(".")), sql.SQL(", ").join(map(sql.Literal, values))))
     if data_dir is not None:
         restart_embedded_database(data_dir)
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -107,6 +134,40 @@ def with_statement_statistics(database_url: str, data_dir: Path | None) -> bool:
         except psycopg.Error:
             return False
     return True
+
+
+def explained_plans(log: Path, *, start: int) -> list[tuple[float, int, str, dict]]:
+    """auto_explain's entries in the server's log from byte start on, by
+    statement: (total ms, times explained, the statement, its first plan),
+    most time first. Only statements that read or write a table: a call of a
+    function shows as a bare Function Scan or Result, its statements on their own."""
+    with log.open("rb") as file:
+        file.seek(start)
+        text = file.read().decode(errors="replace")
+    plans: dict[str, list] = {}
+    for found in re.finditer(r"duration: ([\d.]+) ms\s+plan:\s*\n\t(\{.*?\n\t\})", text, re.S):
+        explained = json.loads(found[2])
+        if '"Relation Name"' not in found[2]:
+            continue
+        query = " ".join(explained["Query Text"].split())
+        entry = plans.setdefault(query, [0.0, 0, explained["Plan"]])
+        entry[0] += float(found[1])
+        entry[1] += 1
+    return sorted(((total, count, query, plan) for query, (total, count, plan) in plans.items()),
+                  key=lambda entry: -entry[0])
+
+
+def plan_lines(node: dict, depth: int = 0) -> list[str]:
+    """A plan node and its children, one line each, as EXPLAIN's text shows
+    the essentials: the node, what it reads, the rows and the buffers."""
+    target = " ".join(f"{key.split()[0].lower()} {node[key]}" for key in
+                      ("Relation Name", "Index Name") if key in node)
+    buffers = ", ".join(f"{key.split()[-2].lower()}={node[key]}" for key in
+                        ("Shared Hit Blocks", "Shared Read Blocks", "Shared Dirtied Blocks",
+                         "Shared Written Blocks") if node.get(key))
+    line = (f"{'  ' * depth}-> {node['Node Type']} {target} (rows={node.get('Actual Rows', '?')}"
+            f"{', ' + buffers if buffers else ''})")
+    return [line] + [child for sub in node.get("Plans", []) for child in plan_lines(sub, depth + 1)]
 
 
 def statement_times(conn, database: str) -> dict[str, tuple[int, float]]:
@@ -158,6 +219,8 @@ def main(argv=None) -> None:
                      "--rate", str(arguments.rate), "--duration",
                      str(int(arguments.warmup_s + arguments.duration_s)), "--output", str(profile),
                      "--nonblocking", "--gil"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                log = data_dir / "postgres" / LOG_FILE if data_dir is not None else None
+                log_start = log.stat().st_size if log is not None else 0
                 stats.execute("SELECT pg_stat_reset()")
                 before = function_times(stats)
                 statements_before = statement_times(stats, database) if has_statements else {}
@@ -169,6 +232,7 @@ def main(argv=None) -> None:
                 if sampler.returncode != 0:
                     sys.exit(f"py-spy failed: {sampler_errors.decode(errors='replace')}")
                 stacks = collapsed_stacks(profile)
+        explained = explained_plans(log, start=log_start) if log is not None else []
 
     # The function counters run from the warm-up on, as the sampler does.
     calls = result.calls_per_s * (arguments.warmup_s + arguments.duration_s)
@@ -193,6 +257,12 @@ def main(argv=None) -> None:
                      statements_before, statements_after, calls, top=arguments.top, width=150)
     else:
         print("\nPostgreSQL, statements: pg_stat_statements is not loaded by that server")
+    if arguments.plans and explained:
+        print("\nPostgreSQL, plans of the statements that took the most time (auto_explain on"
+              " a sample of the calls): time in the sample, and one call's plan")
+        for total_ms, count, query, plan in explained[:arguments.plans]:
+            print(f"\n  {total_ms:.1f} ms in {count} explained: {query[:150]}")
+            print("\n".join("    " + line for line in plan_lines(plan)))
 
 
 if __name__ == "__main__":

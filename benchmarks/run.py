@@ -84,6 +84,10 @@ VARIANTS = [
     Variant("access-log-all", "access_log all: a text line per call", {"access_log": "all"}),
     Variant("access-log-all-json", "access_log all in JSON: a JSON line per call",
             {"access_log": "all", "log_format": "json"}),
+    # The default before 2026-11-26: more transactions at once, each over
+    # fewer orgs (server/settings.py says why 2).
+    Variant("lanes-8", "group_commit_lanes 8 (default 2)", {"group_commit_lanes": 8},
+            scenarios=(BASELINE_A, "deduct_hot", "deduct_spread")),
 ]
 
 
