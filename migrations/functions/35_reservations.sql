@@ -138,12 +138,13 @@ $$;
 --     It ends an open hold whole, charging nothing;
 --   RESERVATION_NOT_OPEN carries the hold's state.
 --
--- The balances are kept in memory and written once per pool and allocation
--- at the end, as deduct_credits_batch does, and the charges are added to
--- the summaries once per bucket: rewriting a hot pool's row for every call
--- made each call slower than the one before it in the same transaction (the
--- row's versions pile up on its page). Measured in benchmarks/README.md
--- ("Performance, round two"). Holds, keys and attribution rows are written
+-- The balances are kept in memory and written once per pool and allocation,
+-- after the org's last call, as deduct_credits_batch does, and the charges
+-- are added to the summaries once per bucket: one function call a hold,
+-- each rewriting the hot pool and allocation rows, cost about 210 us of
+-- database CPU a hold in batches of 16, this about 115
+-- (benchmarks/micro/hold_batch_statements.py; benchmarks/README.md,
+-- "Performance, round two"). Holds, keys and attribution rows are written
 -- call by call, so a key or a hold used twice in one batch reads what the
 -- call before it wrote.
 --
