@@ -104,8 +104,8 @@ class Settings:
     # wait in one lane before callers get RESOURCE_EXHAUSTED. Lanes: about the
     # database's cores. Fewer lanes make bigger transactions over many pools;
     # on the 2-core bench machine 2 lanes against 8 gave deductions spread
-    # over 1,000 orgs 13-46% more calls/s and a hot pool 9-17% (make bench's
-    # lanes-8 variant, benchmarks/README.md).
+    # over 1,000 orgs 13-46% more calls/s, a hot pool the same within the
+    # noise (make bench's lanes-8 variant, benchmarks/README.md).
     group_commit_lanes: int = 2
     group_commit_batch_size_max: int = 256
     group_commit_queue_length_max: int = 4096
