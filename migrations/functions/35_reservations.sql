@@ -199,10 +199,7 @@ BEGIN
     LOOP
         IF current_org IS DISTINCT FROM d.org_id THEN
             IF current_org IS NOT NULL THEN
-                IF u IS NOT NULL THEN
-                    allocations[u] := a;
-                END IF;
-                PERFORM write_balances(p, allocations);
+                PERFORM write_balances(p, allocations, a);
             END IF;
             current_org := d.org_id;
             p := lock_pool(d.org_id);
@@ -266,8 +263,9 @@ BEGIN
         END IF;
 
         -- The allocation, as the calls before left it: a is the last call's
-        -- (users[u]), kept back in allocations only when another is needed,
-        -- since copying rows in and out of an array cost a lone call 30 us.
+        -- (users[u]), kept back in allocations only when another is needed
+        -- (write_balances takes it as it is), since copying rows in and out
+        -- of an array cost a lone call 30 us.
         IF u IS NULL OR users[u] <> holder THEN
             IF u IS NOT NULL THEN
                 allocations[u] := a;
@@ -386,10 +384,7 @@ BEGIN
         END CASE;
     END LOOP;
     IF current_org IS NOT NULL THEN
-        IF u IS NOT NULL THEN
-            allocations[u] := a;
-        END IF;
-        PERFORM write_balances(p, allocations);
+        PERFORM write_balances(p, allocations, a);
     END IF;
 
     IF cardinality(s_org) > 0 THEN
@@ -404,9 +399,12 @@ BEGIN
 END $$;
 
 -- Writes the balances a batch kept in memory: a pool's used and reserved,
--- and those of its allocations, where they changed.
+-- and those of its allocations, where they changed; latest, the allocation
+-- the batch's last call used, stands for its older copy in allocations.
+DROP FUNCTION IF EXISTS write_balances(organization_credit_pools, user_credit_allocations[]);
 CREATE OR REPLACE FUNCTION write_balances(p organization_credit_pools,
-                                          allocations user_credit_allocations[])
+                                          allocations user_credit_allocations[],
+                                          latest user_credit_allocations)
 RETURNS void
 LANGUAGE plpgsql
 AS $$
@@ -422,6 +420,9 @@ BEGIN
     -- One statement per allocation: an org's users in a batch are few, and
     -- joining unnest() cost a lone call more than the loop.
     FOREACH a IN ARRAY allocations LOOP
+        IF a.org_id = latest.org_id AND a.user_id = latest.user_id THEN
+            a := latest;
+        END IF;
         UPDATE user_credit_allocations AS x
            SET used_millicredits = a.used_millicredits,
                reserved_millicredits = a.reserved_millicredits, updated_at = ledger_now()
