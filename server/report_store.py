@@ -8,9 +8,11 @@ Times go in and come out as epoch microseconds (PostgreSQL's precision), the
 form the servicer's timestamps use.
 """
 
+import contextlib
 import datetime
 import uuid
 
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from orgbilling.server.store import Store
@@ -98,7 +100,11 @@ class ReportStore(Store):
         """Runs work(conn) in one read-only transaction on one snapshot, so
         that a report's several statements agree with each other."""
         def in_snapshot(conn):
-            with conn.transaction():
+            # A short deadline's connection comes in the transaction that
+            # bounds its statements (Store._connection): set the level there,
+            # for in a nested block (a savepoint) it can no longer be set.
+            opened = conn.info.transaction_status == TransactionStatus.INTRANS
+            with contextlib.nullcontext() if opened else conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 return work(conn)
 

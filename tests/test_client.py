@@ -180,6 +180,23 @@ def test_refunds_and_the_administrative_and_report_rpcs(billing):
         billing.get_usage_summary(org_id="acme", no_such_field=1)
 
 
+def test_reports_read_in_one_snapshot_answer_a_deadline_shorter_than_the_statement_timeout(
+        billing, server):
+    """A deadline under statement_timeout_ms bounds a call's statements in a
+    transaction of its own (Store._connection): the reports that read one
+    snapshot set their isolation level in it and answer. They failed
+    INTERNAL, and the client always sends a deadline (5 s by default, the
+    server's statement timeout too)."""
+    fund_org(billing, "acme", 10_000, {"alice": 5_000})
+    billing.deduct_credits(org_id="acme", user_id="alice", amount_millicredits=800, **CHARGE)
+    short_s = server.settings.statement_timeout_ms / 1000 / 5
+    summary = billing.get_usage_summary(org_id="acme", timeout_s=short_s).response
+    assert summary.totals.used_millicredits == 800
+    system = billing.get_system_billing(timeout_s=short_s).response
+    assert system.organization_count >= 1
+    assert [org.org_id for org in system.top_orgs] == ["acme"]
+
+
 def test_an_answer_lost_on_the_way_back_is_retried_as_a_replay(server, token, billing):
     """The deduction lands, its answer never arrives, the connection is cut:
     the client sends it again with the same key and gets the original
