@@ -146,9 +146,9 @@ def explained_plans(log: Path, *, start: int) -> list[tuple[float, int, str, dic
         text = file.read().decode(errors="replace")
     plans: dict[str, list] = {}
     for found in re.finditer(r"duration: ([\d.]+) ms\s+plan:\s*\n\t(\{.*?\n\t\})", text, re.S):
-        explained = json.loads(found[2])
         if '"Relation Name"' not in found[2]:
             continue
+        explained = json.loads(found[2])
         query = " ".join(explained["Query Text"].split())
         entry = plans.setdefault(query, [0.0, 0, explained["Plan"]])
         entry[0] += float(found[1])

@@ -56,12 +56,20 @@ def _ratio_cell(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-def print_table(rows: list[dict]) -> None:
-    header = (f"{'scenario':<17}{'callers':>8}{'calls/s':>9}{'xA':>6}{'p50 ms':>8}{'xA':>6}"
-              f"{'p99 ms':>8}{'xA':>6}{'deduct/s':>9}{'xB':>6}{'errors':>7}"
-              f"{'srv us':>9}{'db us':>9}{'cli us':>8}{'busy%':>6}{'rss MB':>7}{'seq/call':>9}")
+def _print_header(*columns: tuple[str, int]) -> None:
+    """A table's header and its rule: each column's title and width,
+    negative for a left-aligned column."""
+    header = "".join(f"{title:<{-width}}" if width < 0 else f"{title:>{width}}"
+                     for title, width in columns)
     print(header)
     print("-" * len(header))
+
+
+def print_table(rows: list[dict]) -> None:
+    _print_header(("scenario", -17), ("callers", 8), ("calls/s", 9), ("xA", 6), ("p50 ms", 8),
+                  ("xA", 6), ("p99 ms", 8), ("xA", 6), ("deduct/s", 9), ("xB", 6), ("errors", 7),
+                  ("srv us", 9), ("db us", 9), ("cli us", 8), ("busy%", 6), ("rss MB", 7),
+                  ("seq/call", 9))
     for row in rows:
         vs_a = row["vs_a"]
         print(f"{row['scenario']:<17}{row['callers']:>8}{_cell(row['calls_per_s'], 0):>9}"
@@ -188,11 +196,9 @@ def print_variants(variants: list[dict], *, rounds: int) -> None:
     print("Server variants: a second server with other settings, same run and database; each")
     print(f"scenario measured on the main server and on the variant in turn, {rounds} rounds")
     print("(means shown). x: variant / main. noop, without the database, is the control.")
-    header = (f"{'variant':<12}{'scenario':<12}{'callers':>8}{'calls/s':>9}{'->':>8}{'x':>6}"
-              f"{'p50 ms':>8}{'->':>7}{'x':>6}{'p99 ms':>8}{'->':>7}{'srv us':>8}{'->':>6}"
-              f"{'db us':>7}{'->':>6}{'x':>6}")
-    print(header)
-    print("-" * len(header))
+    _print_header(("variant", -12), ("scenario", -12), ("callers", 8), ("calls/s", 9), ("->", 8),
+                  ("x", 6), ("p50 ms", 8), ("->", 7), ("x", 6), ("p99 ms", 8), ("->", 7),
+                  ("srv us", 8), ("->", 6), ("db us", 7), ("->", 6), ("x", 6))
     for variant in variants:
         if variant.get("skipped"):
             print(f"{variant['variant']:<12}skipped: {variant['skipped']}")

@@ -140,15 +140,15 @@ class GroupCommitter:
         return self.submit(deduction)
 
     def reserve(self, reservation: Reservation) -> dict:
-        """reserve_credits' jsonb result."""
+        """Its answer from reservations_batch (jsonb)."""
         return self.submit(reservation)
 
     def commit_reservation(self, commit: ReservationCommit) -> dict:
-        """commit_reservation's jsonb result."""
+        """Its answer from reservations_batch (jsonb)."""
         return self.submit(commit)
 
     def release_reservation(self, release: ReservationRelease) -> dict:
-        """release_reservation's jsonb result."""
+        """Its answer from reservations_batch (jsonb)."""
         return self.submit(release)
 
     def submit(self, item):
