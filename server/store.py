@@ -117,7 +117,12 @@ class CheckResult:
     pool_spendable_millicredits: int
 
 
-_DEDUCT_BATCH = "SELECT * FROM deduct_credits_batch(%b, %b, %b, %b, %b, %b, %b, %b, %b)"
+# The deductions' answers, deduction_id as text: the answer's form, and half
+# the client's cost of a uuid (loaded, then formatted).
+_DEDUCTION_COLUMNS = "outcome, deduction_id::text, allocation_remaining, pool_spendable, replayed"
+_DEDUCT_BATCH = (f"SELECT item, {_DEDUCTION_COLUMNS}"
+                 " FROM deduct_credits_batch(%b, %b, %b, %b, %b, %b, %b, %b, %b)")
+_DEDUCT_ONE = f"SELECT 1, {_DEDUCTION_COLUMNS} FROM deduct_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b)"
 _RESERVATION_TYPES = ("text", "text", "text", "uuid", "bigint", "bigint", "text", "text", "text",
                       "bytea", "text", "jsonb")
 _RESERVATIONS_BATCH = "SELECT * FROM reservations_batch({})".format(
@@ -561,7 +566,7 @@ def _statement(run: list) -> tuple[str, tuple]:
     if isinstance(item, Deduction):
         if len(run) > 1:
             return _DEDUCT_BATCH, _batch_params(run)
-        return ("SELECT 1, * FROM deduct_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b)",
+        return (_DEDUCT_ONE,
                 (item.org_id, item.user_id, item.amount_millicredits, item.service_type,
                  item.service_name, item.idempotency_key, item.request_hash, item.request_id,
                  Jsonb(item.metadata)))
@@ -611,7 +616,7 @@ def _check_result(row) -> CheckResult:
 def _deduction_result(row) -> DeductionResult:
     outcome, deduction_id, remaining, spendable, replayed = row
     return DeductionResult(
-        outcome=outcome, deduction_id=str(deduction_id) if deduction_id else "",
+        outcome=outcome, deduction_id=deduction_id or "",
         allocation_remaining_millicredits=remaining or 0,
         pool_spendable_millicredits=spendable or 0, replayed=bool(replayed),
     )
