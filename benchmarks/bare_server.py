@@ -5,22 +5,43 @@ thread pool and options), and nothing else: no interceptors, no database.
 Our no-op over it is what our interceptor chain costs.
 
     python -m benchmarks.bare_server    # listens on ORGBILLING_LISTEN_ADDRESS until SIGTERM
+
+With --pause-ms, each health Check first waits that long, as a call waits
+for the database; with --group-commit too, it waits in a GroupCommitter
+(server.group_commit) whose batches take that long, as a deduction waits
+for its batch. The two side by side (`python -m benchmarks.profile --bare
+--bare-pause-ms 0.3 [--bare-group-commit]`) give what the hand-off between
+a batch's leader and its callers costs in a real grpcio server, with no
+database competing for the cores (benchmarks/README.md).
 """
 
+import argparse
 import signal
 import threading
+import time
+from types import SimpleNamespace
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orgbilling.server.app import new_grpc_server
+from orgbilling.server.group_commit import GroupCommitter
 from orgbilling.server.health import HealthServicer
 from orgbilling.server.settings import Settings
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bare_server")
+    parser.add_argument("--pause-ms", type=float, default=0.0,
+                        help="each Check waits this long first (0: not at all)")
+    parser.add_argument("--group-commit", action="store_true",
+                        help="and waits it as one batch of a GroupCommitter shared by all calls")
+    arguments = parser.parse_args(argv)
     settings = Settings.load()
     health = HealthServicer(service_names=[], watch_lifetime_ms=settings.open_service_stream_lifetime_ms)
     health.set_all(health_pb2.HealthCheckResponse.SERVING)
+    if arguments.pause_ms > 0:
+        health.Check = paused(health.Check, pause_s=arguments.pause_ms / 1000,
+                              group_commit=arguments.group_commit)
     server = new_grpc_server(settings, interceptors=[])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.add_insecure_port(settings.listen_address)
@@ -30,6 +51,27 @@ def main() -> None:
     server.start()
     stopping.wait()
     server.stop(grace=1).wait()
+
+
+def paused(check, *, pause_s: float, group_commit: bool):
+    """check, after a wait of pause_s: its own, or its batch's."""
+    if not group_commit:
+        def check_after_pause(request, context):
+            time.sleep(pause_s)
+            return check(request, context)
+        return check_after_pause
+
+    def commit_batch(items: list) -> list:
+        time.sleep(pause_s)
+        return [None] * len(items)
+
+    committer = GroupCommitter(commit_batch, lanes=2, batch_size_max=64, queue_length_max=10_000)
+    item = SimpleNamespace(org_id="bench")  # one lane, as a hot pool
+
+    def check_after_batch(request, context):
+        committer.submit(item)
+        return check(request, context)
+    return check_after_batch
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ pg_stat_statements, while the benchmark's load runs one scenario
     python -m benchmarks.profile                          # deduct_hot, 64 callers, 10 s
     python -m benchmarks.profile --scenario check --callers 64 --duration-s 10
     python -m benchmarks.profile --bare          # baseline A0's server under the noop load
+    python -m benchmarks.profile --bare --bare-pause-ms 0.3 --bare-group-commit   # the hand-off alone
 
 Prints the server's top functions by own time and by time inside them (as a
 share of the samples, and as CPU microseconds per call from the measured
@@ -54,6 +55,10 @@ def parse_arguments(argv):
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--bare", action="store_true",
                         help="profile the bare grpcio server (baseline A0) under the noop scenario")
+    parser.add_argument("--bare-pause-ms", type=float, default=0.0,
+                        help="with --bare: each call waits this long, as for the database")
+    parser.add_argument("--bare-group-commit", action="store_true",
+                        help="with --bare-pause-ms: the wait is a group commit's batch")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--plans", type=int, default=5,
@@ -204,7 +209,9 @@ def main(argv=None) -> None:
             database = conn.info.dbname
             conn.execute(f"ALTER DATABASE {database} SET track_functions = 'pl'")
         has_statements = with_statement_statistics(database_url, data_dir)
-        with (bare_server(database_url) if arguments.bare
+        bare_options = [f"--pause-ms={arguments.bare_pause_ms}",
+                        *(["--group-commit"] if arguments.bare_group_commit else [])]
+        with (bare_server(database_url, *bare_options) if arguments.bare
               else benchmark_server(database_url)) as server:
             use_token(bench_token(database_url))
             if not arguments.bare:

@@ -182,11 +182,11 @@ async def measure_big_table(stubs: Stubs, arguments, probes: Probes, database_ur
 
 
 @contextlib.contextmanager
-def bare_server(database_url: str):
-    """Yields the running bare server of baseline A0 (benchmarks.bare_server),
-    with the main server's settings."""
+def bare_server(database_url: str, *options: str):
+    """Yields the running bare server of baseline A0 (benchmarks.bare_server,
+    with its command-line options), with the main server's settings."""
     server = ServerProcess(database_url, inherit_settings=True,
-                           command=[sys.executable, "-m", "benchmarks.bare_server"])
+                           command=[sys.executable, "-m", "benchmarks.bare_server", *options])
     with server:
         yield server
     server.log_path.unlink(missing_ok=True)
