@@ -17,6 +17,7 @@ import time
 import grpc
 import psycopg
 import pytest
+from psycopg_pool import ConnectionPool
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
@@ -25,6 +26,10 @@ from orgbilling.v1 import credit_service_pb2 as credit_pb
 from orgbilling.v1 import credit_service_pb2_grpc as credit_pb_grpc
 from orgbilling.v1 import org_billing_service_pb2 as billing_pb
 from orgbilling.v1 import types_pb2
+from orgbilling.server.database import connection_options
+from orgbilling.server.request_context import call_deadline_var
+from orgbilling.server.settings import Settings
+from orgbilling.server.store import DEADLINE_SLACK_MS, Store
 from orgbilling.server.verify import violations
 from tests.bank.connect import Connection, connect
 from tests.bank.proxy import TcpProxy
@@ -232,6 +237,33 @@ def test_a_stalled_database_link_means_not_serving_and_calls_end_by_their_deadli
 
 
 # Deadlines.
+
+@pytest.mark.parametrize("deadline_s, own_transaction, timeout_ms", [
+    (None, False, 5000),
+    (6.0, False, 5000),
+    (5.0 - DEADLINE_SLACK_MS / 1000 / 2, False, 5000),  # as the client's default arrives
+    (2.0, True, 2000),
+], ids=["none", "longer", "within-the-slack", "shorter"])
+def test_only_a_deadline_shorter_than_the_statement_timeout_bounds_the_statements(
+        database_url, deadline_s, own_transaction, timeout_ms):
+    """A deadline shorter than statement_timeout_ms runs the call's
+    statements in a transaction of its own, with the deadline as their
+    timeout; one no shorter (or shorter by less than DEADLINE_SLACK_MS)
+    costs no more round trips than no deadline."""
+    settings = Settings(database_url=database_url, statement_timeout_ms=5000)
+    with ConnectionPool(database_url, min_size=1, max_size=1, kwargs=connection_options(settings)) as pool:
+        store = Store(pool, pool_wait_timeout_ms=5000, statement_timeout_ms=settings.statement_timeout_ms)
+        token = call_deadline_var.set(None if deadline_s is None else time.monotonic() + deadline_s)
+        try:
+            with store._connection() as conn:
+                status = conn.info.transaction_status
+                timeout = conn.execute("SHOW statement_timeout").fetchone()[0]
+        finally:
+            call_deadline_var.reset(token)
+    assert (status == psycopg.pq.TransactionStatus.INTRANS) == own_transaction
+    milliseconds = int(timeout[:-2]) if timeout.endswith("ms") else int(timeout[:-1]) * 1000
+    assert timeout_ms - 100 <= milliseconds <= timeout_ms, timeout
+
 
 def test_an_administrative_call_that_outlives_its_deadline_is_never_applied_later(cluster_url):
     """The statement timeout comes from the caller's deadline: a mutation
