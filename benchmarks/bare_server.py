@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     health.set_all(health_pb2.HealthCheckResponse.SERVING)
     if arguments.pause_ms > 0:
         health.Check = paused(health.Check, pause_s=arguments.pause_ms / 1000,
-                              group_commit=arguments.group_commit)
+                              group_commit=arguments.group_commit, settings=settings)
     server = new_grpc_server(settings, interceptors=[])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.add_insecure_port(settings.listen_address)
@@ -53,8 +53,9 @@ def main(argv=None) -> None:
     server.stop(grace=1).wait()
 
 
-def paused(check, *, pause_s: float, group_commit: bool):
-    """check, after a wait of pause_s: its own, or its batch's."""
+def paused(check, *, pause_s: float, group_commit: bool, settings: Settings):
+    """check, after a wait of pause_s: its own, or its batch's (in a
+    GroupCommitter set as the server's)."""
     if not group_commit:
         def check_after_pause(request, context):
             time.sleep(pause_s)
@@ -65,7 +66,9 @@ def paused(check, *, pause_s: float, group_commit: bool):
         time.sleep(pause_s)
         return [None] * len(items)
 
-    committer = GroupCommitter(commit_batch, lanes=2, batch_size_max=64, queue_length_max=10_000)
+    committer = GroupCommitter(commit_batch, lanes=settings.group_commit_lanes,
+                               batch_size_max=settings.group_commit_batch_size_max,
+                               queue_length_max=settings.group_commit_queue_length_max)
     item = SimpleNamespace(org_id="bench")  # one lane, as a hot pool
 
     def check_after_batch(request, context):

@@ -17,10 +17,10 @@ import time
 import grpc
 import psycopg
 import pytest
-from psycopg_pool import ConnectionPool
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
+from psycopg_pool import ConnectionPool
 
 from orgbilling.v1 import credit_service_pb2 as credit_pb
 from orgbilling.v1 import credit_service_pb2_grpc as credit_pb_grpc
