@@ -16,9 +16,7 @@ and caches. See benchmarks/README.md.
 import os
 import time
 
-import psycopg
-
-from benchmarks.micro.hold_batch_statements import backend_cpu_s
+from benchmarks.micro.ledger import backend_cpu_s, hot_allocation_database
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.server.database import open_pool
 from orgbilling.server.servicers.credit import CreditServicer
@@ -41,15 +39,7 @@ def request() -> pb.DeductCreditsBatchRequest:
 def main() -> None:
     postgres = Postgres()
     try:
-        # Migrated as a deployment is, not from the tests' template: its
-        # test clock (tests/postgres.py) costs each ledger_now() a query.
-        url = postgres.create_database("batch_server_cost")
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("INSERT INTO organizations VALUES ('o')")
-            conn.execute("INSERT INTO organization_credit_pools (org_id, total_millicredits)"
-                         " VALUES ('o', 10^15)")
-            conn.execute("INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits,"
-                         " reset_period) VALUES ('o', 'u', 10^15, 'NEVER')")
+        url = hot_allocation_database(postgres, "batch_server_cost")
         settings = Settings(database_url=url, pool_size_min=1, pool_size_max=1)
         pool = open_pool(settings, url)
         pool.wait()

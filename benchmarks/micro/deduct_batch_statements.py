@@ -20,7 +20,7 @@ import time
 import psycopg
 from psycopg.types.json import Jsonb
 
-from benchmarks.micro.hold_batch_statements import backend_cpu_s
+from benchmarks.micro.ledger import backend_cpu_s, hot_allocation_database
 from tests.postgres import Postgres
 
 ONE = "SELECT 1, * FROM deduct_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b)"
@@ -62,15 +62,8 @@ def measure(conn: psycopg.Connection, way) -> str:
 def main() -> None:
     postgres = Postgres()
     try:
-        # Migrated as a deployment is, not from the tests' template: its
-        # test clock (tests/postgres.py) costs each ledger_now() a query.
-        url = postgres.create_database("deduct_batches")
+        url = hot_allocation_database(postgres, "deduct_batches")
         with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
-            conn.execute("INSERT INTO organizations VALUES ('o')")
-            conn.execute("INSERT INTO organization_credit_pools (org_id, total_millicredits)"
-                         " VALUES ('o', 10^15)")
-            conn.execute("INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits,"
-                         " reset_period) VALUES ('o', 'u', 10^15, 'NEVER')")
             for _ in range(3):
                 for way in (alone, batches_of(16), batches_of(1000)):
                     conn.execute("ANALYZE")

@@ -14,13 +14,13 @@ no other process disturbs. The ways alternate, three rounds each; the first
 round warms plans and caches. See benchmarks/README.md.
 """
 
-import os
 import time
 import uuid
 
 import psycopg
 from psycopg.types.json import Jsonb
 
+from benchmarks.micro.ledger import backend_cpu_s, hot_allocation_database
 from tests.postgres import Postgres
 
 ONE = "SELECT reserve_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b, %b)"
@@ -38,11 +38,6 @@ BATCH_OF_ONE = """
 HOLDS, BATCH_SIZE = 1600, 16
 TTL_US = 600_000_000
 LOCK = "SELECT 1 FROM organization_credit_pools WHERE org_id = 'o' FOR UPDATE"
-
-
-def backend_cpu_s(conn: psycopg.Connection) -> float:
-    fields = open(f"/proc/{conn.info.backend_pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def holds(count: int) -> list[tuple]:
@@ -91,15 +86,8 @@ def measure(conn: psycopg.Connection, way) -> str:
 def main() -> None:
     postgres = Postgres()
     try:
-        # Migrated as a deployment is, not from the tests' template: its
-        # test clock (tests/postgres.py) costs each ledger_now() a query.
-        url = postgres.create_database("hold_batches")
+        url = hot_allocation_database(postgres, "hold_batches")
         with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
-            conn.execute("INSERT INTO organizations VALUES ('o')")
-            conn.execute("INSERT INTO organization_credit_pools (org_id, total_millicredits)"
-                         " VALUES ('o', 10^15)")
-            conn.execute("INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits,"
-                         " reset_period) VALUES ('o', 'u', 10^15, 'NEVER')")
             has_batch = conn.execute("SELECT to_regproc('reservations_batch') IS NOT NULL").fetchone()[0]
             ways = [alone_batch, pipelined, batch] if has_batch else [alone, pipelined]
             for _ in range(3):

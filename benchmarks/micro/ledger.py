@@ -1,0 +1,33 @@
+"""What the micro benches of the ledger share: a database with one hot
+allocation, and the CPU time of the PostgreSQL backend serving a
+connection. To run them from a worktree of an older commit, copy this
+folder there."""
+
+import os
+from pathlib import Path
+
+import psycopg
+
+from tests.postgres import Postgres
+
+
+def hot_allocation_database(postgres: Postgres, name: str) -> str:
+    """A new database called name, migrated as a deployment's is (not cut
+    from the tests' template, whose test clock, tests/postgres.py, costs each
+    ledger_now() a query), holding org 'o' with a pool of 10^15 millicredits
+    and user 'u''s allocation of as much, reset never. Returns its URL."""
+    url = postgres.create_database(name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO organizations VALUES ('o')")
+        conn.execute("INSERT INTO organization_credit_pools (org_id, total_millicredits)"
+                     " VALUES ('o', 10^15)")
+        conn.execute("INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits,"
+                     " reset_period) VALUES ('o', 'u', 10^15, 'NEVER')")
+    return url
+
+
+def backend_cpu_s(conn: psycopg.Connection) -> float:
+    """The CPU time of conn's backend so far, from /proc (a few ms late:
+    sleep a little before the last reading)."""
+    fields = Path(f"/proc/{conn.info.backend_pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
