@@ -15,12 +15,11 @@ plans and caches. See benchmarks/README.md.
 """
 
 import os
-import time
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from benchmarks.micro.ledger import backend_cpu_s, hot_allocation_database
+from benchmarks.micro.ledger import hot_allocation_database, measure
 from tests.postgres import Postgres
 
 ONE = "SELECT 1, * FROM deduct_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b)"
@@ -51,14 +50,6 @@ def batches_of(size: int):
     return way
 
 
-def measure(conn: psycopg.Connection, way) -> str:
-    cpu_before, wall_before = backend_cpu_s(conn), time.perf_counter()
-    count = way(conn)
-    time.sleep(0.05)  # /proc's CPU time catches up
-    return (f"db {(backend_cpu_s(conn) - cpu_before) / count * 1e6:.1f} us/deduction, "
-            f"wall {(time.perf_counter() - wall_before) / count * 1e6:.1f} us/deduction")
-
-
 def main() -> None:
     postgres = Postgres()
     try:
@@ -67,7 +58,7 @@ def main() -> None:
             for _ in range(3):
                 for way in (alone, batches_of(16), batches_of(1000)):
                     conn.execute("ANALYZE")
-                    print(f"{way.__name__:>14}: {measure(conn, way)}", flush=True)
+                    print(f"{way.__name__:>14}: {measure(conn, way, unit='deduction')}", flush=True)
     finally:
         postgres.close()
 

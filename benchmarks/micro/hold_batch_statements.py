@@ -14,13 +14,12 @@ no other process disturbs. The ways alternate, three rounds each; the first
 round warms plans and caches. See benchmarks/README.md.
 """
 
-import time
 import uuid
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from benchmarks.micro.ledger import backend_cpu_s, hot_allocation_database
+from benchmarks.micro.ledger import hot_allocation_database, measure
 from tests.postgres import Postgres
 
 ONE = "SELECT reserve_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b, %b)"
@@ -45,17 +44,19 @@ def holds(count: int) -> list[tuple]:
             for _ in range(count)]
 
 
-def alone(conn: psycopg.Connection) -> None:
+def alone(conn: psycopg.Connection) -> int:
     for hold in holds(HOLDS):
         conn.execute(ONE, hold).fetchall()
+    return HOLDS
 
 
-def alone_batch(conn: psycopg.Connection) -> None:
+def alone_batch(conn: psycopg.Connection) -> int:
     for hold in holds(HOLDS):
         conn.execute(BATCH_OF_ONE, hold).fetchall()
+    return HOLDS
 
 
-def pipelined(conn: psycopg.Connection) -> None:
+def pipelined(conn: psycopg.Connection) -> int:
     for _ in range(HOLDS // BATCH_SIZE):
         with conn.transaction():
             conn.execute(LOCK)
@@ -63,24 +64,17 @@ def pipelined(conn: psycopg.Connection) -> None:
                 cursors = [conn.execute(ONE, hold) for hold in holds(BATCH_SIZE)]
             for cursor in cursors:
                 cursor.fetchall()
+    return HOLDS
 
 
-def batch(conn: psycopg.Connection) -> None:
+def batch(conn: psycopg.Connection) -> int:
     for _ in range(HOLDS // BATCH_SIZE):
         columns = [list(column) for column in zip(*holds(BATCH_SIZE))]
         with conn.transaction():
             conn.execute(LOCK)
             conn.execute(BATCH, dict(zip(("o", "u", "a", "t", "st", "sn", "k", "h", "r", "m"), columns),
                                      n=BATCH_SIZE)).fetchall()
-
-
-def measure(conn: psycopg.Connection, way) -> str:
-    cpu_before, wall_before, client_before = backend_cpu_s(conn), time.perf_counter(), time.process_time()
-    way(conn)
-    time.sleep(0.05)  # /proc's CPU time catches up
-    return (f"db {(backend_cpu_s(conn) - cpu_before) / HOLDS * 1e6:.0f} us/hold, "
-            f"client {(time.process_time() - client_before) / HOLDS * 1e6:.0f} us/hold, "
-            f"wall {(time.perf_counter() - wall_before) / HOLDS * 1e6:.0f} us/hold")
+    return HOLDS
 
 
 def main() -> None:
@@ -95,7 +89,7 @@ def main() -> None:
                     # Fresh statistics each round: the holds pile up (none is
                     # committed), and a plan of an empty table would scan them all.
                     conn.execute("ANALYZE credit_reservations")
-                    print(f"{way.__name__:>11}: {measure(conn, way)}", flush=True)
+                    print(f"{way.__name__:>11}: {measure(conn, way, unit='hold')}", flush=True)
     finally:
         postgres.close()
 

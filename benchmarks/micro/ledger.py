@@ -4,6 +4,7 @@ connection. To run them from a worktree of an older commit, copy this
 folder there."""
 
 import os
+import time
 from pathlib import Path
 
 import psycopg
@@ -31,3 +32,15 @@ def backend_cpu_s(conn: psycopg.Connection) -> float:
     sleep a little before the last reading)."""
     fields = Path(f"/proc/{conn.info.backend_pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(conn: psycopg.Connection, way, *, unit: str) -> str:
+    """Runs way(conn), which returns how many units it did, and says the CPU
+    of conn's backend and of this process, and the wall time, per unit."""
+    db_before, client_before, wall_before = backend_cpu_s(conn), time.process_time(), time.perf_counter()
+    count = way(conn)
+    client_s, wall_s = time.process_time() - client_before, time.perf_counter() - wall_before
+    time.sleep(0.05)  # /proc's CPU time catches up
+    db_s = backend_cpu_s(conn) - db_before
+    return ", ".join(f"{name} {seconds / count * 1e6:.1f} us/{unit}"
+                     for name, seconds in (("db", db_s), ("client", client_s), ("wall", wall_s)))
