@@ -19,8 +19,7 @@ import os
 import psycopg
 from psycopg.types.json import Jsonb
 
-from benchmarks.micro.ledger import hot_allocation_database, measure
-from tests.postgres import Postgres
+from benchmarks.micro.ledger import compare
 
 ONE = "SELECT 1, * FROM deduct_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b)"
 BATCH = "SELECT * FROM deduct_credits_batch(%b, %b, %b, %b, %b, %b, %b, %b, %b)"
@@ -51,16 +50,8 @@ def batches_of(size: int):
 
 
 def main() -> None:
-    postgres = Postgres()
-    try:
-        url = hot_allocation_database(postgres, "deduct_batches")
-        with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
-            for _ in range(3):
-                for way in (alone, batches_of(16), batches_of(1000)):
-                    conn.execute("ANALYZE")
-                    print(f"{way.__name__:>14}: {measure(conn, way, unit='deduction')}", flush=True)
-    finally:
-        postgres.close()
+    compare("deduct_batches", lambda conn: [alone, batches_of(16), batches_of(1000)],
+            unit="deduction", before_each="ANALYZE")
 
 
 if __name__ == "__main__":

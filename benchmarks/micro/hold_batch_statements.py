@@ -19,8 +19,7 @@ import uuid
 import psycopg
 from psycopg.types.json import Jsonb
 
-from benchmarks.micro.ledger import hot_allocation_database, measure
-from tests.postgres import Postgres
+from benchmarks.micro.ledger import compare
 
 ONE = "SELECT reserve_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b, %b)"
 BATCH = """
@@ -77,21 +76,15 @@ def batch(conn: psycopg.Connection) -> int:
     return HOLDS
 
 
+def ways(conn: psycopg.Connection) -> list:
+    has_batch = conn.execute("SELECT to_regproc('reservations_batch') IS NOT NULL").fetchone()[0]
+    return [alone_batch, pipelined, batch] if has_batch else [alone, pipelined]
+
+
 def main() -> None:
-    postgres = Postgres()
-    try:
-        url = hot_allocation_database(postgres, "hold_batches")
-        with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
-            has_batch = conn.execute("SELECT to_regproc('reservations_batch') IS NOT NULL").fetchone()[0]
-            ways = [alone_batch, pipelined, batch] if has_batch else [alone, pipelined]
-            for _ in range(3):
-                for way in ways:
-                    # Fresh statistics each round: the holds pile up (none is
-                    # committed), and a plan of an empty table would scan them all.
-                    conn.execute("ANALYZE credit_reservations")
-                    print(f"{way.__name__:>11}: {measure(conn, way, unit='hold')}", flush=True)
-    finally:
-        postgres.close()
+    # Fresh statistics each round: the holds pile up (none is committed),
+    # and a plan of an empty table would scan them all.
+    compare("hold_batches", ways, unit="hold", before_each="ANALYZE credit_reservations")
 
 
 if __name__ == "__main__":

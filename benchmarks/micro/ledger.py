@@ -44,3 +44,22 @@ def measure(conn: psycopg.Connection, way, *, unit: str) -> str:
     db_s = backend_cpu_s(conn) - db_before
     return ", ".join(f"{name} {seconds / count * 1e6:.1f} us/{unit}"
                      for name, seconds in (("db", db_s), ("client", client_s), ("wall", wall_s)))
+
+
+def compare(database: str, ways, *, unit: str, before_each: str, rounds: int = 3) -> None:
+    """On a new hot_allocation_database, on one connection, runs the ways
+    (ways(conn): the functions to compare, each returning how many units it
+    did) in turn, rounds times, before_each before each, and prints what
+    each measured. The first round warms plans and caches."""
+    postgres = Postgres()
+    try:
+        url = hot_allocation_database(postgres, database)
+        with psycopg.connect(url, autocommit=True, prepare_threshold=0) as conn:
+            chosen = ways(conn)
+            width = max(len(way.__name__) for way in chosen)
+            for _ in range(rounds):
+                for way in chosen:
+                    conn.execute(before_each)
+                    print(f"{way.__name__:>{width}}: {measure(conn, way, unit=unit)}", flush=True)
+    finally:
+        postgres.close()
