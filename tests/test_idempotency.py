@@ -4,6 +4,8 @@ and operation family, and the records of refusals and administrative changes
 are swept after their retention window."""
 
 import concurrent.futures
+import itertools
+import re
 import threading
 import time
 
@@ -17,7 +19,7 @@ from orgbilling.v1 import types_pb2 as t
 from orgbilling.server.settings import Settings
 from orgbilling.server.store import SWEEP_LOCK_KEY
 from orgbilling.server.sweeper import IdempotencySweeper
-from tests.support import raises_rpc
+from tests.support import REPO, raises_rpc
 
 WEEK_MS = 7 * 24 * 3_600_000
 
@@ -151,6 +153,23 @@ def test_an_admin_refusal_is_replayed_for_its_key(client):
 
 
 # Keys are scoped per organization and operation family.
+
+def test_the_readme_lists_every_operation_in_its_family():
+    """The README's table of families is idempotency_family()'s list,
+    operation for operation (it once fell behind: holds, refunds, overage)."""
+    table = (REPO / "README.md").read_text().split("| family | operations |\n|---|---|\n", 1)[1]
+    in_readme = {}
+    for row in itertools.takewhile(lambda line: line.startswith("| "), table.splitlines()):
+        family, operations = (cell.strip() for cell in row.strip("|").split("|"))
+        for operation in operations.split(","):
+            in_readme[operation.strip()] = family
+    function = (REPO / "migrations" / "functions" / "20_idempotency.sql").read_text()
+    case = re.sub(r"--[^\n]*", "", function.split("CASE p_operation", 1)[1].split("END CASE", 1)[0])
+    in_function = {"DeductCreditsBatch items": "deductions"}  # each item is a DeductCredits
+    for operations, family in re.findall(r"WHEN (.*?) THEN RETURN '(\w+)'", case, re.DOTALL):
+        in_function |= {operation: family for operation in re.findall(r"'(\w+)'", operations)}
+    assert in_readme == in_function
+
 
 def test_a_key_refused_for_a_deduction_is_free_in_every_other_family(client, database_url):
     """The review's case: a deduction refused under `buy-acme-2`, then an
