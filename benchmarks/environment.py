@@ -82,14 +82,15 @@ def bench_token(database_url: str) -> str | None:
 
 
 @contextlib.contextmanager
-def benchmark_server(database_url: str):
-    """Yields a running `orgbilling serve` process over database_url.
+def benchmark_server(database_url: str, *, module: str = "orgbilling.server"):
+    """Yields a running `orgbilling serve` process over database_url (run
+    as `python -m module serve`: another module may change it first).
 
     Every other ORGBILLING_* variable of our environment reaches the server,
     so its settings (worker threads, pool size...) can be tried from outside.
     """
     server = ServerProcess(
-        database_url, inherit_settings=True,
+        database_url, inherit_settings=True, command=[sys.executable, "-m", module, "serve"],
         # The per-caller rate limit would cap our one caller at its budget:
         # off, unless asked for. Servers without the setting ignore it.
         **{name: 0 for name in RATE_LIMITS if f"ORGBILLING_{name.upper()}" not in os.environ},

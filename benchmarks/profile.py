@@ -7,6 +7,7 @@ pg_stat_statements, while the benchmark's load runs one scenario
     python -m benchmarks.profile --scenario check --callers 64 --duration-s 10
     python -m benchmarks.profile --bare          # baseline A0's server under the noop load
     python -m benchmarks.profile --bare --bare-pause-ms 0.3 --bare-group-commit   # the hand-off alone
+    python -m benchmarks.profile --canned-ledger  # the real server, but deductions and checks answered at once
 
 Prints the server's top functions by own time and by time inside them (as a
 share of the samples, and as CPU microseconds per call from the measured
@@ -59,6 +60,9 @@ def parse_arguments(argv):
                         help="with --bare: each call waits this long, as for the database")
     parser.add_argument("--bare-group-commit", action="store_true",
                         help="with --bare-pause-ms: the wait is a group commit's batch")
+    parser.add_argument("--canned-ledger", action="store_true",
+                        help="the server's ledger answers DeductCredits and CheckCredits at once"
+                             " (benchmarks.canned_ledger_server)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--plans", type=int, default=5,
@@ -212,7 +216,8 @@ def main(argv=None) -> None:
         bare_options = [f"--pause-ms={arguments.bare_pause_ms}",
                         *(["--group-commit"] if arguments.bare_group_commit else [])]
         with (bare_server(database_url, *bare_options) if arguments.bare
-              else benchmark_server(database_url)) as server:
+              else benchmark_server(database_url, module="benchmarks.canned_ledger_server"
+                                    if arguments.canned_ledger else "orgbilling.server")) as server:
             use_token(bench_token(database_url))
             if not arguments.bare:
                 create_orgs(server.address, [HOT_ORG, *SPREAD_ORGS])

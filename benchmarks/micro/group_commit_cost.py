@@ -1,0 +1,86 @@
+"""The server's own CPU per DeductCredits through the servicer, the group
+commit and the Store, gRPC aside: threads of this process call
+CreditServicer.DeductCredits directly, on one hot allocation, as gRPC's
+workers do in the server.
+
+    .venv/bin/python -m benchmarks.micro.group_commit_cost
+
+For 1, 16 and 64 calling threads, three rounds each: calls/s, this
+process's CPU per call (time.process_time(), the callers' requests
+included: about 10 us), and the mean batch size. Next to `python -m
+benchmarks.profile --canned-ledger` (the real server, deductions answered
+at once), it says how much of a hot deduction's server CPU is the ledger's
+path and how much running it among gRPC's threads adds (benchmarks/README.md).
+"""
+
+import os
+import threading
+import time
+
+from benchmarks.micro.ledger import hot_allocation_database
+from orgbilling.v1 import credit_service_pb2 as pb
+from orgbilling.server.database import open_pool
+from orgbilling.server.group_commit import GroupCommitter
+from orgbilling.server.servicers.credit import CreditServicer
+from orgbilling.server.settings import Settings
+from orgbilling.server.store import Store
+from tests.postgres import Postgres
+
+THREADS = (1, 16, 64)
+ROUND_S = 3.0
+ROUNDS = 3
+
+
+def deduct_until(servicer: CreditServicer, deadline: float, counts: list[int], index: int) -> None:
+    while time.perf_counter() < deadline:
+        servicer.DeductCredits(pb.DeductCreditsRequest(
+            org_id="o", user_id="u", amount_millicredits=1, service_type="llm",
+            service_name="bench", idempotency_key=os.urandom(16).hex(),
+            metadata={"model": "bench-model", "tokens": "100"}), None)
+        counts[index] += 1
+
+
+def main() -> None:
+    postgres = Postgres()
+    try:
+        url = hot_allocation_database(postgres, "group_commit_cost")
+        settings = Settings(database_url=url)
+        pool = open_pool(settings, url)
+        pool.wait()
+        store = Store(pool, pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
+                      statement_timeout_ms=settings.statement_timeout_ms)
+        batch_sizes: list[int] = []
+        committer = GroupCommitter(
+            store.commit_group, lanes=settings.group_commit_lanes,
+            batch_size_max=settings.group_commit_batch_size_max,
+            queue_length_max=settings.group_commit_queue_length_max, on_batch=batch_sizes.append)
+        servicer = CreditServicer(
+            store, committer=committer, checks=None, batch_items_max=settings.deduct_batch_items_max,
+            reservation_ttl_default_ms=settings.reservation_ttl_default_ms,
+            reservation_ttl_min_ms=settings.reservation_ttl_min_ms,
+            reservation_ttl_max_ms=settings.reservation_ttl_max_ms,
+            page_size_default=settings.page_size_default, page_size_max=settings.page_size_max)
+        for _ in range(ROUNDS):
+            for thread_count in THREADS:
+                counts = [0] * thread_count
+                batch_sizes.clear()
+                deadline = time.perf_counter() + ROUND_S
+                threads = [threading.Thread(target=deduct_until, args=(servicer, deadline, counts, i))
+                           for i in range(thread_count)]
+                cpu_before, wall_before = time.process_time(), time.perf_counter()
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                cpu_s, wall_s = time.process_time() - cpu_before, time.perf_counter() - wall_before
+                calls = sum(counts)
+                print(f"{thread_count:>2} threads: {calls / wall_s:7,.0f} calls/s, "
+                      f"{cpu_s / calls * 1e6:5.1f} us of CPU a call, "
+                      f"batches of {calls / max(1, len(batch_sizes)):.1f}", flush=True)
+        pool.close()
+    finally:
+        postgres.close()
+
+
+if __name__ == "__main__":
+    main()
