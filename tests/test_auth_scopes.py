@@ -2,12 +2,15 @@
 request names. No server needed: these read the generated descriptors."""
 
 import importlib
+import itertools
 import pkgutil
+import re
 
 import orgbilling.v1
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.server.auth.orgs import org_ids_in
 from orgbilling.server.auth.scopes import ALL_SCOPES, METHOD_SCOPES, is_read, required_scope
+from tests.support import REPO
 
 
 def every_rpc_in_the_generated_code() -> set[str]:
@@ -31,6 +34,18 @@ def test_every_rpc_of_every_service_declares_a_known_scope():
     missing = sorted(rpc for rpc in rpcs if rpc not in METHOD_SCOPES)
     assert not missing, f"add these to METHOD_SCOPES in server/auth/scopes.py: {missing}"
     assert set(METHOD_SCOPES.values()) <= ALL_SCOPES
+
+
+def test_the_readme_table_of_scopes_is_the_servers():
+    """The README's table says what METHOD_SCOPES says, RPC for RPC (it
+    once fell behind by a dozen RPCs)."""
+    table = (REPO / "README.md").read_text().split("| scope | RPCs |\n|---|---|\n", 1)[1]
+    in_readme = {}
+    for row in itertools.takewhile(lambda line: line.startswith("| "), table.splitlines()):
+        scope, rpcs = (cell.strip() for cell in row.strip("|").split("|"))
+        for rpc in re.split(r",\s*", rpcs.split(":")[0]):
+            in_readme[rpc] = scope.strip("`")
+    assert in_readme == {path.rsplit("/", 1)[1]: scope for path, scope in METHOD_SCOPES.items()}
 
 
 def test_the_scope_table_names_only_rpcs_that_exist():
