@@ -4,6 +4,7 @@ a failed call's google.rpc.Status details."""
 import collections
 import contextlib
 import datetime
+import itertools
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,14 @@ from orgbilling.server.auth.api_keys import create_api_key
 from orgbilling.server.auth.scopes import ALL_SCOPES
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def readme_table(header: str) -> list[list[str]]:
+    """The rows of the README's table whose header row is `header` (as
+    written, "| a | b |"), each a list of its stripped cells."""
+    text = (REPO / "README.md").read_text().split(f"{header}\n", 1)[1]
+    rows = itertools.takewhile(lambda line: line.startswith("|"), text.splitlines()[1:])
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
 
 
 class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

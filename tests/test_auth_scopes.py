@@ -2,7 +2,6 @@
 request names. No server needed: these read the generated descriptors."""
 
 import importlib
-import itertools
 import pkgutil
 import re
 
@@ -10,7 +9,7 @@ import orgbilling.v1
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.server.auth.orgs import org_ids_in
 from orgbilling.server.auth.scopes import ALL_SCOPES, METHOD_SCOPES, is_read, required_scope
-from tests.support import REPO
+from tests.support import readme_table
 
 
 def every_rpc_in_the_generated_code() -> set[str]:
@@ -39,12 +38,8 @@ def test_every_rpc_of_every_service_declares_a_known_scope():
 def test_the_readme_table_of_scopes_is_the_servers():
     """The README's table says what METHOD_SCOPES says, RPC for RPC (it
     once fell behind by a dozen RPCs)."""
-    table = (REPO / "README.md").read_text().split("| scope | RPCs |\n|---|---|\n", 1)[1]
-    in_readme = {}
-    for row in itertools.takewhile(lambda line: line.startswith("| "), table.splitlines()):
-        scope, rpcs = (cell.strip() for cell in row.strip("|").split("|"))
-        for rpc in re.split(r",\s*", rpcs.split(":")[0]):
-            in_readme[rpc] = scope.strip("`")
+    in_readme = {rpc: scope.strip("`") for scope, rpcs in readme_table("| scope | RPCs |")
+                 for rpc in re.split(r",\s*", rpcs.split(":")[0])}
     assert in_readme == {path.rsplit("/", 1)[1]: scope for path, scope in METHOD_SCOPES.items()}
 
 

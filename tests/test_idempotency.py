@@ -4,7 +4,6 @@ and operation family, and the records of refusals and administrative changes
 are swept after their retention window."""
 
 import concurrent.futures
-import itertools
 import re
 import threading
 import time
@@ -19,7 +18,7 @@ from orgbilling.v1 import types_pb2 as t
 from orgbilling.server.settings import Settings
 from orgbilling.server.store import SWEEP_LOCK_KEY
 from orgbilling.server.sweeper import IdempotencySweeper
-from tests.support import REPO, raises_rpc
+from tests.support import REPO, raises_rpc, readme_table
 
 WEEK_MS = 7 * 24 * 3_600_000
 
@@ -157,12 +156,9 @@ def test_an_admin_refusal_is_replayed_for_its_key(client):
 def test_the_readme_lists_every_operation_in_its_family():
     """The README's table of families is idempotency_family()'s list,
     operation for operation (it once fell behind: holds, refunds, overage)."""
-    table = (REPO / "README.md").read_text().split("| family | operations |\n|---|---|\n", 1)[1]
-    in_readme = {}
-    for row in itertools.takewhile(lambda line: line.startswith("| "), table.splitlines()):
-        family, operations = (cell.strip() for cell in row.strip("|").split("|"))
-        for operation in operations.split(","):
-            in_readme[operation.strip()] = family
+    in_readme = {operation.strip(): family
+                 for family, operations in readme_table("| family | operations |")
+                 for operation in operations.split(",")}
     function = (REPO / "migrations" / "functions" / "20_idempotency.sql").read_text()
     case = re.sub(r"--[^\n]*", "", function.split("CASE p_operation", 1)[1].split("END CASE", 1)[0])
     in_function = {"DeductCreditsBatch items": "deductions"}  # each item is a DeductCredits
