@@ -43,6 +43,15 @@ def test_the_readme_table_of_scopes_is_the_servers():
     assert in_readme == {path.rsplit("/", 1)[1]: scope for path, scope in METHOD_SCOPES.items()}
 
 
+def test_the_readme_table_of_the_api_names_every_rpc():
+    """The README's table of services and RPCs, against the generated code."""
+    in_readme, service = set(), None
+    for row_service, rpcs, _ in readme_table("| service | RPC | what it does |"):
+        service = row_service or service
+        in_readme |= {f"/orgbilling.v1.{service}/{rpc}" for rpc in rpcs.split(" / ")}
+    assert in_readme == every_rpc_in_the_generated_code()
+
+
 def test_the_scope_table_names_only_rpcs_that_exist():
     """A typo in the table would leave the real RPC without a scope."""
     assert set(METHOD_SCOPES) - every_rpc_in_the_generated_code() == set()
