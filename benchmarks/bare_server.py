@@ -13,17 +13,24 @@ for its batch. The two side by side (`python -m benchmarks.profile --bare
 --bare-pause-ms 0.3 [--bare-group-commit]`) give what the hand-off between
 a batch's leader and its callers costs in a real grpcio server, with no
 database competing for the cores (benchmarks/README.md).
+
+With --asyncio, the same on a grpc.aio server (one event loop, no thread
+pool; its batches hand off through futures): what the serving layer and
+the hand-off would cost if the server were rewritten on asyncio.
 """
 
 import argparse
+import asyncio
 import signal
 import threading
 import time
 from types import SimpleNamespace
 
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
-from orgbilling.server.app import new_grpc_server
+from orgbilling.server.app import grpc_server_options, new_grpc_server
 from orgbilling.server.group_commit import GroupCommitter
 from orgbilling.server.health import HealthServicer
 from orgbilling.server.settings import Settings
@@ -35,8 +42,15 @@ def main(argv=None) -> None:
                         help="each Check waits this long first (0: not at all)")
     parser.add_argument("--group-commit", action="store_true",
                         help="and waits it as one batch of a GroupCommitter shared by all calls")
+    parser.add_argument("--asyncio", action="store_true",
+                        help="a grpc.aio server (one event loop, no thread pool) instead;"
+                             " its batches are AsyncBatches")
     arguments = parser.parse_args(argv)
     settings = Settings.load()
+    if arguments.asyncio:
+        asyncio.run(serve_asyncio(settings, pause_s=arguments.pause_ms / 1000,
+                                  group_commit=arguments.group_commit))
+        return
     health = HealthServicer(service_names=[], watch_lifetime_ms=settings.open_service_stream_lifetime_ms)
     health.set_all(health_pb2.HealthCheckResponse.SERVING)
     if arguments.pause_ms > 0:
@@ -75,6 +89,55 @@ def paused(check, *, pause_s: float, group_commit: bool, settings: Settings):
         committer.submit(item)
         return check(request, context)
     return check_after_batch
+
+
+async def serve_asyncio(settings: Settings, *, pause_s: float, group_commit: bool) -> None:
+    """The same health service on a grpc.aio server with the same options:
+    what the serving layer would cost without gRPC's thread pool."""
+    health = health_aio.HealthServicer()
+    if pause_s > 0:
+        check, batches = health.Check, AsyncBatches(pause_s)
+
+        async def check_after_pause(request, context):
+            await (batches.join() if group_commit else asyncio.sleep(pause_s))
+            return await check(request, context)
+        health.Check = check_after_pause
+    server = grpc.aio.server(options=grpc_server_options(settings),
+                             maximum_concurrent_rpcs=settings.worker_threads)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_insecure_port(settings.listen_address)
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
+    await server.start()
+    await stopping.wait()
+    await server.stop(grace=1)
+
+
+class AsyncBatches:
+    """A group commit's hand-off on one event loop: the callers waiting at one
+    moment share a batch that takes pause_s; one batch at a time, as a lane."""
+
+    def __init__(self, pause_s: float):
+        self._pause_s = pause_s
+        self._waiting: list[asyncio.Future] = []
+        self._committing = False
+
+    async def join(self) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append(done)
+        if not self._committing:
+            self._committing = True
+            asyncio.get_running_loop().create_task(self._commit_while_waiting())
+        await done
+
+    async def _commit_while_waiting(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            await asyncio.sleep(self._pause_s)
+            for done in batch:
+                done.set_result(None)
+        self._committing = False
 
 
 if __name__ == "__main__":

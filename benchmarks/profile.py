@@ -7,6 +7,7 @@ pg_stat_statements, while the benchmark's load runs one scenario
     python -m benchmarks.profile --scenario check --callers 64 --duration-s 10
     python -m benchmarks.profile --bare          # baseline A0's server under the noop load
     python -m benchmarks.profile --bare --bare-pause-ms 0.3 --bare-group-commit   # the hand-off alone
+    python -m benchmarks.profile --bare --bare-asyncio [...]   # the same on a grpc.aio server
     python -m benchmarks.profile --canned-ledger  # the real server, but deductions and checks answered at once
 
 Prints the server's top functions by own time and by time inside them (as a
@@ -60,6 +61,8 @@ def parse_arguments(argv):
                         help="with --bare: each call waits this long, as for the database")
     parser.add_argument("--bare-group-commit", action="store_true",
                         help="with --bare-pause-ms: the wait is a group commit's batch")
+    parser.add_argument("--bare-asyncio", action="store_true",
+                        help="with --bare: a grpc.aio server, with no thread pool")
     parser.add_argument("--canned-ledger", action="store_true",
                         help="the server's ledger answers DeductCredits and CheckCredits at once"
                              " (benchmarks.canned_ledger_server)")
@@ -214,7 +217,8 @@ def main(argv=None) -> None:
             conn.execute(f"ALTER DATABASE {database} SET track_functions = 'pl'")
         has_statements = with_statement_statistics(database_url, data_dir)
         bare_options = [f"--pause-ms={arguments.bare_pause_ms}",
-                        *(["--group-commit"] if arguments.bare_group_commit else [])]
+                        *(["--group-commit"] if arguments.bare_group_commit else []),
+                        *(["--asyncio"] if arguments.bare_asyncio else [])]
         with (bare_server(database_url, *bare_options) if arguments.bare
               else benchmark_server(database_url, module="benchmarks.canned_ledger_server"
                                     if arguments.canned_ledger else "orgbilling.server")) as server:

@@ -103,18 +103,23 @@ def new_grpc_server(settings: Settings, *, interceptors: list[grpc.ServerInterce
         # gRPC's own cap, a backstop far above admission control: no call
         # ever waits for a worker thread, and health always finds one.
         maximum_concurrent_rpcs=settings.worker_threads,
-        options=[
-            ("grpc.max_receive_message_length", settings.message_size_max_bytes),
-            ("grpc.max_send_message_length", settings.message_size_max_bytes),
-            ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-            ("grpc.max_concurrent_streams", settings.http2_streams_per_connection_max),
-            ("grpc.max_connection_age_ms", settings.connection_age_max_ms),
-            ("grpc.max_connection_age_grace_ms", settings.connection_age_grace_ms),
-            ("grpc.so_reuseport", 0),
-        ],
+        options=grpc_server_options(settings),
     )
+
+
+def grpc_server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC core's options for the settings (any gRPC server of ours)."""
+    return [
+        ("grpc.max_receive_message_length", settings.message_size_max_bytes),
+        ("grpc.max_send_message_length", settings.message_size_max_bytes),
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.max_concurrent_streams", settings.http2_streams_per_connection_max),
+        ("grpc.max_connection_age_ms", settings.connection_age_max_ms),
+        ("grpc.max_connection_age_grace_ms", settings.connection_age_grace_ms),
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 class OrgBillingServer:
