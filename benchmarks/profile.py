@@ -9,6 +9,7 @@ pg_stat_statements, while the benchmark's load runs one scenario
     python -m benchmarks.profile --bare --bare-pause-ms 0.3 --bare-group-commit   # the hand-off alone
     python -m benchmarks.profile --bare --bare-asyncio [...]   # the same on a grpc.aio server
     python -m benchmarks.profile --canned-ledger  # the real server, but deductions and checks answered at once
+    python -m benchmarks.profile --asyncio-prototype [--canned-ledger]   # DeductCredits on grpc.aio
 
 Prints the server's top functions by own time and by time inside them (as a
 share of the samples, and as CPU microseconds per call from the measured
@@ -25,6 +26,7 @@ server preloads pg_stat_statements and auto_explain so.
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import re
 import subprocess
@@ -43,6 +45,7 @@ from orgbilling.server.database import restart_embedded_database
 from benchmarks.load import Probes, measure
 from benchmarks.run import bare_server
 from benchmarks.scenarios import BARE_SCENARIO, HOT_ORG, SCENARIOS, SPREAD_ORGS, Stubs, create_orgs, use_token
+from tests.server_process import ServerProcess
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
@@ -66,6 +69,9 @@ def parse_arguments(argv):
     parser.add_argument("--canned-ledger", action="store_true",
                         help="the server's ledger answers DeductCredits and CheckCredits at once"
                              " (benchmarks.canned_ledger_server)")
+    parser.add_argument("--asyncio-prototype", action="store_true",
+                        help="load benchmarks.asyncio_ledger_server instead, DeductCredits and health"
+                             " only (with --canned-ledger: its deductions answered at once)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--plans", type=int, default=5,
@@ -219,12 +225,19 @@ def main(argv=None) -> None:
         bare_options = [f"--pause-ms={arguments.bare_pause_ms}",
                         *(["--group-commit"] if arguments.bare_group_commit else []),
                         *(["--asyncio"] if arguments.bare_asyncio else [])]
+        canned = arguments.canned_ledger and not arguments.asyncio_prototype
         with (bare_server(database_url, *bare_options) if arguments.bare
               else benchmark_server(database_url, module="benchmarks.canned_ledger_server"
-                                    if arguments.canned_ledger else "orgbilling.server")) as server:
+                                    if canned else "orgbilling.server")) as server, \
+                contextlib.ExitStack() as stack:
             use_token(bench_token(database_url))
             if not arguments.bare:
                 create_orgs(server.address, [HOT_ORG, *SPREAD_ORGS])
+            if arguments.asyncio_prototype:
+                server = stack.enter_context(ServerProcess(
+                    database_url, inherit_settings=True,
+                    command=[sys.executable, "-m", "benchmarks.asyncio_ledger_server",
+                             *(["--canned"] if arguments.canned_ledger else [])]))
             with tempfile.TemporaryDirectory() as scratch, \
                     Probes(server.process.pid, postmaster_process(data_dir), database_url) as probes, \
                     psycopg.connect(database_url, autocommit=True) as stats:
@@ -255,7 +268,8 @@ def main(argv=None) -> None:
     print(f"{scenario.name} @{arguments.callers}: {result.calls_per_s:.0f} calls/s, "
           f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms; server CPU "
           f"{result.server_cpu_us_per_call:.0f} us a call, PostgreSQL "
-          f"{result.database_cpu_us_per_call:.0f} us")
+          f"{result.database_cpu_us_per_call:.0f} us"
+          + (f"; {result.errors} calls failed: {result.error_codes}" if result.errors else ""))
     own, inside, total = top_functions(stacks, arguments.top)
     # Only the thread holding the GIL is sampled (--gil): a thread waiting
     # for a lock or a socket is not using the CPU. What gRPC's core does in
