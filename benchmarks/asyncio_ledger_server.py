@@ -14,7 +14,7 @@ What the threaded server's hot deduction would cost on asyncio:
 
 import argparse
 import asyncio
-import signal
+import functools
 
 import grpc
 import orjson
@@ -24,67 +24,36 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from orgbilling.v1 import credit_service_pb2_grpc
-from orgbilling.server.app import grpc_server_options
 from orgbilling.server.database import connection_options
 from orgbilling.server.servicers.credit import check_deduction, deduction_from, deduction_response
 from orgbilling.server.settings import Settings
 from orgbilling.server.store import Deduction, DeductionResult, _deduction_result, _statement
 from orgbilling.server.validation import Checks
+from benchmarks.asyncio_serving import AsyncLane, new_aio_server, serve_until_signalled
 from benchmarks.canned_ledger_server import DEDUCTED
 
 
-class AsyncLane:
-    """The deductions waiting at one moment share a transaction; one at a
-    time. Store.commit_group's statements, on an async connection."""
-
-    def __init__(self, pool: AsyncConnectionPool | None, *, batch_size_max: int):
-        self._pool = pool
-        self._batch_size_max = batch_size_max
-        self._waiting: list[tuple[Deduction, asyncio.Future]] = []
-        self._committing = False
-
-    async def deduct(self, deduction: Deduction) -> DeductionResult:
-        if self._pool is None:
-            return DEDUCTED
-        answer = asyncio.get_running_loop().create_future()
-        self._waiting.append((deduction, answer))
-        if not self._committing:
-            self._committing = True
-            asyncio.get_running_loop().create_task(self._commit_while_waiting())
-        return await answer
-
-    async def _commit_while_waiting(self) -> None:
-        try:
-            while self._waiting:
-                batch = self._waiting[:self._batch_size_max]
-                del self._waiting[:self._batch_size_max]
-                try:
-                    results = await self._commit([deduction for deduction, _ in batch])
-                except Exception as error:  # noqa: BLE001: every caller hears of it
-                    for _, answer in batch:
-                        answer.set_exception(error)
-                    continue
-                for (_, answer), result in zip(batch, results, strict=True):
-                    answer.set_result(result)
-        finally:
-            self._committing = False
-
-    async def _commit(self, deductions: list[Deduction]) -> list[DeductionResult]:
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(*_statement(deductions))
-            rows = await cursor.fetchall()
-        return [_deduction_result(row[1:]) for row in sorted(rows, key=lambda row: row[0])]
+async def commit_deductions(pool: AsyncConnectionPool,
+                            deductions: list[Deduction]) -> list[DeductionResult]:
+    """Store.commit_group's statements for deductions, on an async connection."""
+    async with pool.connection() as conn:
+        cursor = await conn.execute(*_statement(deductions))
+        rows = await cursor.fetchall()
+    return [_deduction_result(row[1:]) for row in sorted(rows, key=lambda row: row[0])]
 
 
 class AsyncCredits(credit_service_pb2_grpc.CreditServiceServicer):
-    def __init__(self, lane: AsyncLane):
+    """DeductCredits through lane, or answered at once without one."""
+
+    def __init__(self, lane: AsyncLane | None):
         self._lane = lane
 
     async def DeductCredits(self, request, context):
         checks = Checks()
         check_deduction(checks, request)
         checks.done()
-        result = await self._lane.deduct(deduction_from(request))
+        deduction = deduction_from(request)
+        result = DEDUCTED if self._lane is None else await self._lane.submit(deduction)
         if result.outcome != "OK":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, result.outcome)
         return deduction_response(result)
@@ -95,24 +64,18 @@ async def serve(settings: Settings, *, canned: bool) -> None:
         set_json_dumps(orjson.dumps, conn)
         set_json_loads(orjson.loads, conn)
 
-    pool = None
+    pool = lane = None
     if not canned:
         pool = AsyncConnectionPool(settings.database_url, min_size=2, max_size=4,
                                    kwargs=connection_options(settings), configure=configure,
                                    open=False)
         await pool.open(wait=True)
-    server = grpc.aio.server(options=grpc_server_options(settings),
-                             maximum_concurrent_rpcs=settings.worker_threads)
+        lane = AsyncLane(functools.partial(commit_deductions, pool),
+                         batch_size_max=settings.group_commit_batch_size_max)
+    server = new_aio_server(settings)
     health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
-    credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
-        AsyncCredits(AsyncLane(pool, batch_size_max=settings.group_commit_batch_size_max)), server)
-    server.add_insecure_port(settings.listen_address)
-    stopping = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
-    await server.start()
-    await stopping.wait()
-    await server.stop(grace=1)
+    credit_service_pb2_grpc.add_CreditServiceServicer_to_server(AsyncCredits(lane), server)
+    await serve_until_signalled(server, settings.listen_address)
     if pool is not None:
         await pool.close()
 

@@ -26,14 +26,14 @@ import threading
 import time
 from types import SimpleNamespace
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from orgbilling.server.app import grpc_server_options, new_grpc_server
+from orgbilling.server.app import new_grpc_server
 from orgbilling.server.group_commit import GroupCommitter
 from orgbilling.server.health import HealthServicer
 from orgbilling.server.settings import Settings
+from benchmarks.asyncio_serving import AsyncLane, new_aio_server, serve_until_signalled
 
 
 def main(argv=None) -> None:
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
                         help="and waits it as one batch of a GroupCommitter shared by all calls")
     parser.add_argument("--asyncio", action="store_true",
                         help="a grpc.aio server (one event loop, no thread pool) instead;"
-                             " its batches are AsyncBatches")
+                             " its batches go through an AsyncLane")
     arguments = parser.parse_args(argv)
     settings = Settings.load()
     if arguments.asyncio:
@@ -96,48 +96,20 @@ async def serve_asyncio(settings: Settings, *, pause_s: float, group_commit: boo
     what the serving layer would cost without gRPC's thread pool."""
     health = health_aio.HealthServicer()
     if pause_s > 0:
-        check, batches = health.Check, AsyncBatches(pause_s)
+        async def commit_batch(items: list) -> list:
+            await asyncio.sleep(pause_s)
+            return [None] * len(items)
+
+        check = health.Check
+        lane = AsyncLane(commit_batch, batch_size_max=settings.group_commit_batch_size_max)
 
         async def check_after_pause(request, context):
-            await (batches.join() if group_commit else asyncio.sleep(pause_s))
+            await (lane.submit(None) if group_commit else asyncio.sleep(pause_s))
             return await check(request, context)
         health.Check = check_after_pause
-    server = grpc.aio.server(options=grpc_server_options(settings),
-                             maximum_concurrent_rpcs=settings.worker_threads)
+    server = new_aio_server(settings)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    server.add_insecure_port(settings.listen_address)
-    stopping = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
-    await server.start()
-    await stopping.wait()
-    await server.stop(grace=1)
-
-
-class AsyncBatches:
-    """A group commit's hand-off on one event loop: the callers waiting at one
-    moment share a batch that takes pause_s; one batch at a time, as a lane."""
-
-    def __init__(self, pause_s: float):
-        self._pause_s = pause_s
-        self._waiting: list[asyncio.Future] = []
-        self._committing = False
-
-    async def join(self) -> None:
-        done = asyncio.get_running_loop().create_future()
-        self._waiting.append(done)
-        if not self._committing:
-            self._committing = True
-            asyncio.get_running_loop().create_task(self._commit_while_waiting())
-        await done
-
-    async def _commit_while_waiting(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            await asyncio.sleep(self._pause_s)
-            for done in batch:
-                done.set_result(None)
-        self._committing = False
+    await serve_until_signalled(server, settings.listen_address)
 
 
 if __name__ == "__main__":
