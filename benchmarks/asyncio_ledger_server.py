@@ -17,14 +17,12 @@ import asyncio
 import functools
 
 import grpc
-import orjson
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from orgbilling.v1 import credit_service_pb2_grpc
-from orgbilling.server.database import connection_options
+from orgbilling.server.database import connection_options, use_orjson
 from orgbilling.server.servicers.credit import check_deduction, deduction_from, deduction_response
 from orgbilling.server.settings import Settings
 from orgbilling.server.store import Deduction, DeductionResult, _deduction_result, _statement
@@ -61,8 +59,7 @@ class AsyncCredits(credit_service_pb2_grpc.CreditServiceServicer):
 
 async def serve(settings: Settings, *, canned: bool) -> None:
     async def configure(conn) -> None:
-        set_json_dumps(orjson.dumps, conn)
-        set_json_loads(orjson.loads, conn)
+        use_orjson(conn)
 
     pool = lane = None
     if not canned:

@@ -68,17 +68,21 @@ def connection_options(settings: Settings) -> dict:
     }
 
 
+def use_orjson(conn: psycopg.Connection | psycopg.AsyncConnection) -> None:
+    """jsonb in and out of conn through orjson: dumping a batch of 1,000's
+    parameters cost 3.77 us an item with the json module, 2.15 with orjson
+    (benchmarks/README.md, measured both ways in one process). Every number
+    the ledger puts in jsonb is a bigint, which orjson reads."""
+    set_json_dumps(orjson.dumps, conn)
+    set_json_loads(orjson.loads, conn)
+
+
 def open_pool(settings: Settings, url: str, *,
               configure: Callable[[psycopg.Connection], None] | None = None) -> ConnectionPool:
     """The server's pool; `configure` runs on each new connection (tracing
     instruments it: server.tracing.statement_spans)."""
     def configure_connection(conn: psycopg.Connection) -> None:
-        # jsonb in and out through orjson: dumping a batch of 1,000's
-        # parameters cost 3.77 us an item with the json module, 2.15 with
-        # orjson (benchmarks/README.md, measured both ways in one process).
-        # Every number the ledger puts in jsonb is a bigint, which orjson reads.
-        set_json_dumps(orjson.dumps, conn)
-        set_json_loads(orjson.loads, conn)
+        use_orjson(conn)
         if configure is not None:
             configure(conn)
 

@@ -16,10 +16,9 @@ and caches. See benchmarks/README.md.
 import os
 import time
 
-from benchmarks.micro.ledger import backend_cpu_s, hot_allocation_database
+from benchmarks.micro.ledger import backend_cpu_s, credit_servicer, hot_allocation_database
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.server.database import open_pool
-from orgbilling.server.servicers.credit import CreditServicer
 from orgbilling.server.settings import Settings
 from orgbilling.server.store import Store
 from tests.postgres import Postgres
@@ -40,15 +39,13 @@ def main() -> None:
     postgres = Postgres()
     try:
         url = hot_allocation_database(postgres, "batch_server_cost")
-        settings = Settings(database_url=url, pool_size_min=1, pool_size_max=1)
+        settings = Settings(database_url=url, pool_size_min=1, pool_size_max=1,
+                            deduct_batch_items_max=ITEMS)
         pool = open_pool(settings, url)
         pool.wait()
         store = Store(pool, pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
                       statement_timeout_ms=settings.statement_timeout_ms)
-        servicer = CreditServicer(
-            store, committer=None, checks=None, batch_items_max=ITEMS,
-            reservation_ttl_default_ms=60_000, reservation_ttl_min_ms=1_000,
-            reservation_ttl_max_ms=3_600_000, page_size_default=100, page_size_max=1000)
+        servicer = credit_servicer(settings, store)
         with pool.connection() as conn:
             backend = conn.info.backend_pid
         for _ in range(5):

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 
-from benchmarks.micro.ledger import hot_allocation_database
+from benchmarks.micro.ledger import credit_servicer, hot_allocation_database
 from orgbilling.v1 import credit_service_pb2 as pb
 from orgbilling.server.database import open_pool
 from orgbilling.server.group_commit import GroupCommitter
@@ -54,12 +54,7 @@ def main() -> None:
             store.commit_group, lanes=settings.group_commit_lanes,
             batch_size_max=settings.group_commit_batch_size_max,
             queue_length_max=settings.group_commit_queue_length_max, on_batch=batch_sizes.append)
-        servicer = CreditServicer(
-            store, committer=committer, checks=None, batch_items_max=settings.deduct_batch_items_max,
-            reservation_ttl_default_ms=settings.reservation_ttl_default_ms,
-            reservation_ttl_min_ms=settings.reservation_ttl_min_ms,
-            reservation_ttl_max_ms=settings.reservation_ttl_max_ms,
-            page_size_default=settings.page_size_default, page_size_max=settings.page_size_max)
+        servicer = credit_servicer(settings, store, committer=committer)
         for _ in range(ROUNDS):
             for thread_count in THREADS:
                 counts = [0] * thread_count

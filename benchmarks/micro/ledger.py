@@ -1,7 +1,7 @@
 """What the micro benches of the ledger share: a database with one hot
-allocation, and the CPU time of the PostgreSQL backend serving a
-connection. To run them from a worktree of an older commit, copy this
-folder there."""
+allocation, the CPU time of the PostgreSQL backend serving a connection,
+and the server's CreditServicer without gRPC. To run them from a worktree
+of an older commit, copy this folder there."""
 
 import os
 import time
@@ -9,6 +9,9 @@ from pathlib import Path
 
 import psycopg
 
+from orgbilling.server.servicers.credit import CreditServicer
+from orgbilling.server.settings import Settings
+from orgbilling.server.store import Store
 from tests.postgres import Postgres
 
 
@@ -25,6 +28,17 @@ def hot_allocation_database(postgres: Postgres, name: str) -> str:
         conn.execute("INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits,"
                      " reset_period) VALUES ('o', 'u', 10^15, 'NEVER')")
     return url
+
+
+def credit_servicer(settings: Settings, store: Store, *, committer=None) -> CreditServicer:
+    """CreditServicer over store, with the settings' limits, as the server
+    builds it (no check coalescing, no metrics)."""
+    return CreditServicer(
+        store, committer=committer, checks=None, batch_items_max=settings.deduct_batch_items_max,
+        reservation_ttl_default_ms=settings.reservation_ttl_default_ms,
+        reservation_ttl_min_ms=settings.reservation_ttl_min_ms,
+        reservation_ttl_max_ms=settings.reservation_ttl_max_ms,
+        page_size_default=settings.page_size_default, page_size_max=settings.page_size_max)
 
 
 def backend_cpu_s(conn: psycopg.Connection) -> float:
