@@ -26,12 +26,12 @@ CHECKED = CheckResult(outcome="OK", sufficient=True, allocation_remaining_millic
 _submit = GroupCommitter.submit
 
 
-def answer_at_once(committer: GroupCommitter, item):
+async def answer_at_once(committer: GroupCommitter, item):
     if isinstance(item, Deduction):
         return DEDUCTED
     if isinstance(item, CreditCheck):
         return CHECKED
-    return _submit(committer, item)
+    return await _submit(committer, item)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,8 @@ pg_stat_statements, while the benchmark's load runs one scenario
     python -m benchmarks.profile                          # deduct_hot, 64 callers, 10 s
     python -m benchmarks.profile --scenario check --callers 64 --duration-s 10
     python -m benchmarks.profile --bare          # baseline A0's server under the noop load
-    python -m benchmarks.profile --bare --bare-pause-ms 0.3 --bare-group-commit   # the hand-off alone
-    python -m benchmarks.profile --bare --bare-asyncio [...]   # the same on a grpc.aio server
+    python -m benchmarks.profile --bare --bare-batch-ms 0.3   # waiting for a group commit, alone
     python -m benchmarks.profile --canned-ledger  # the real server, but deductions and checks answered at once
-    python -m benchmarks.profile --asyncio-prototype [--canned-ledger]   # DeductCredits on grpc.aio
 
 Prints the server's top functions by own time and by time inside them (as a
 share of the samples, and as CPU microseconds per call from the measured
@@ -26,7 +24,6 @@ server preloads pg_stat_statements and auto_explain so.
 import argparse
 import asyncio
 import collections
-import contextlib
 import json
 import re
 import subprocess
@@ -45,7 +42,6 @@ from orgbilling.server.database import restart_embedded_database
 from benchmarks.load import Probes, measure
 from benchmarks.run import bare_server
 from benchmarks.scenarios import BARE_SCENARIO, HOT_ORG, SCENARIOS, SPREAD_ORGS, Stubs, create_orgs, use_token
-from tests.server_process import ServerProcess
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
@@ -60,18 +56,11 @@ def parse_arguments(argv):
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--bare", action="store_true",
                         help="profile the bare grpcio server (baseline A0) under the noop scenario")
-    parser.add_argument("--bare-pause-ms", type=float, default=0.0,
-                        help="with --bare: each call waits this long, as for the database")
-    parser.add_argument("--bare-group-commit", action="store_true",
-                        help="with --bare-pause-ms: the wait is a group commit's batch")
-    parser.add_argument("--bare-asyncio", action="store_true",
-                        help="with --bare: a grpc.aio server, with no thread pool")
+    parser.add_argument("--bare-batch-ms", type=float, default=0.0,
+                        help="with --bare: each call waits in a group commit whose batches take this long")
     parser.add_argument("--canned-ledger", action="store_true",
                         help="the server's ledger answers DeductCredits and CheckCredits at once"
                              " (benchmarks.canned_ledger_server)")
-    parser.add_argument("--asyncio-prototype", action="store_true",
-                        help="load benchmarks.asyncio_ledger_server instead, DeductCredits and health"
-                             " only (with --canned-ledger: its deductions answered at once)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--plans", type=int, default=5,
@@ -222,22 +211,12 @@ def main(argv=None) -> None:
             database = conn.info.dbname
             conn.execute(f"ALTER DATABASE {database} SET track_functions = 'pl'")
         has_statements = with_statement_statistics(database_url, data_dir)
-        bare_options = [f"--pause-ms={arguments.bare_pause_ms}",
-                        *(["--group-commit"] if arguments.bare_group_commit else []),
-                        *(["--asyncio"] if arguments.bare_asyncio else [])]
-        canned = arguments.canned_ledger and not arguments.asyncio_prototype
-        with (bare_server(database_url, *bare_options) if arguments.bare
+        with (bare_server(database_url, f"--batch-ms={arguments.bare_batch_ms}") if arguments.bare
               else benchmark_server(database_url, module="benchmarks.canned_ledger_server"
-                                    if canned else "orgbilling.server")) as server, \
-                contextlib.ExitStack() as stack:
+                                    if arguments.canned_ledger else "orgbilling.server")) as server:
             use_token(bench_token(database_url))
             if not arguments.bare:
                 create_orgs(server.address, [HOT_ORG, *SPREAD_ORGS])
-            if arguments.asyncio_prototype:
-                server = stack.enter_context(ServerProcess(
-                    database_url, inherit_settings=True,
-                    command=[sys.executable, "-m", "benchmarks.asyncio_ledger_server",
-                             *(["--canned"] if arguments.canned_ledger else [])]))
             with tempfile.TemporaryDirectory() as scratch, \
                     Probes(server.process.pid, postmaster_process(data_dir), database_url) as probes, \
                     psycopg.connect(database_url, autocommit=True) as stats:

@@ -16,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orgbilling.v1 import credit_service_pb2 as credit_pb
 from orgbilling.v1 import credit_service_pb2_grpc
+from orgbilling.v1 import org_billing_service_pb2 as billing_pb
+from orgbilling.v1 import org_billing_service_pb2_grpc
 from tests.support import Client
 
 
@@ -67,11 +69,13 @@ class Stubs:
 
     health: health_pb2_grpc.HealthStub
     credits: credit_service_pb2_grpc.CreditServiceStub
+    billing: org_billing_service_pb2_grpc.OrgBillingServiceStub
 
     @classmethod
     def over(cls, channel: grpc.aio.Channel) -> "Stubs":
         return cls(health_pb2_grpc.HealthStub(channel),
-                   credit_service_pb2_grpc.CreditServiceStub(channel))
+                   credit_service_pb2_grpc.CreditServiceStub(channel),
+                   org_billing_service_pb2_grpc.OrgBillingServiceStub(channel))
 
 
 OneCall = Callable[[], Awaitable[object]]
@@ -106,6 +110,18 @@ def check_credits(org_id: str) -> Callable[[Stubs], OneCall]:
             return await stubs.credits.CheckCredits(
                 request, metadata=CALL_METADATA, timeout=CALL_TIMEOUT_S
             )
+
+        return call
+
+    return make
+
+
+def get_credit_pool(org_id: str) -> Callable[[Stubs], OneCall]:
+    def make(stubs: Stubs) -> OneCall:
+        request = billing_pb.GetCreditPoolRequest(org_id=org_id)
+
+        async def call():
+            return await stubs.billing.GetCreditPool(request, metadata=CALL_METADATA, timeout=CALL_TIMEOUT_S)
 
         return call
 
@@ -193,7 +209,7 @@ def server_has_rpc(name: str) -> bool:
 
 
 # Baseline A0: the same health Check on a bare grpcio server (benchmarks.bare_server).
-BARE_SCENARIO = Scenario("noop_bare", "A0: health Check on a bare grpcio server, same threads"
+BARE_SCENARIO = Scenario("noop_bare", "A0: health Check on a bare gRPC server, same server"
                          " and options, no interceptors", health_check)
 
 # The first entry is baseline A: every other figure is divided by it.
@@ -202,6 +218,10 @@ SCENARIOS = [
     Scenario(BASELINE_A, "health Check, no database: the cost of a gRPC call itself",
              health_check),
     Scenario("check", "CheckCredits on the hot allocation", check_credits(HOT_ORG)),
+    # A call served in the server's thread pool, as every call but the
+    # group-committed ones and health is (server.app).
+    Scenario("pool_read", "GetCreditPool of the hot org: one read, in the server's thread pool",
+             get_credit_pool(HOT_ORG)),
     Scenario("deduct_hot", "DeductCredits, all on one hot allocation",
              deduct_credits([HOT_ORG]), deductions_per_call=1),
     Scenario("deduct_spread", "DeductCredits, round robin over 1,000 orgs",

@@ -4,14 +4,21 @@ waiting at the same moment share one transaction.
 A transaction per deduction on a hot pool stops scaling at the pool row's
 lock. Here calls queue in a lane (chosen by org_id, so one pool always uses
 the same lane, on every replica); the first caller to find its lane idle
-becomes the lane's leader and commits everything queued, its own item
-first in line, as one batch (server.store.Store.commit_group). Holds and
+starts the lane's committer, which commits everything queued, in arrival
+order, as one batch (server.store.Store.commit_group). Holds and
 their ends (ReserveCredits, CommitReservation, ReleaseReservation) queue with
 the deductions:
 they take the same pool lock, so sharing it is what makes a hot allocation
 fast, and one lane keeps them all in arrival order. Whoever
-arrives while that transaction runs waits; when it ends, the leader hands the
-lane to the oldest waiter, who commits the next batch.
+arrives while that transaction runs waits; when it ends, the committer
+takes the next batch, and stops when the lane is empty.
+
+Callers are coroutines on the server's event loop (server.app), and so is
+each lane's committer; only the batch's transaction runs in a thread (one a
+lane, as a lane commits one batch at a time). Waking the callers of a batch
+is then resolving their futures on the loop: with one thread per caller, as
+before, each wake-up cost a caller 100-150 us of the interpreter's time
+(benchmarks/README.md, "The hand-off on an asyncio server: free").
 
 The same mechanism, in a second GroupCommitter over Store.check_batch,
 coalesces CheckCredits: the checks waiting at one moment share one
@@ -23,21 +30,23 @@ under light load nothing waits, and batches form only from calls that are
 already waiting. Each caller gets its answer only after its batch commits.
 
 With tracing on (server.tracing), each batch has a span, a child of the
-leader's current span (its call's), parent of the batch's statements, with
+span of the first call it carries, parent of the batch's statements, with
 a link to the span of every call it carries; and each of those calls' spans
 gets a link back to the batch's span. Both ways, because a trace shows the
 links its own spans hold: from a slow call one finds the batch that carried
-it (in the leader's trace), and from a batch the calls it served. The link
+it (in its first call's trace), and from a batch the calls it served. The link
 back also outlives the SDK's limit of links per span (128 by default,
 OTEL_SPAN_LINK_COUNT_LIMIT), which a batch of up to batch_size_max items
 can pass.
 """
 
+import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
-import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import psycopg
@@ -60,53 +69,35 @@ BATCH_SIZE = "orgbilling.group_commit.batch_size"
 
 
 class _Ticket:
-    """One caller's item, waiting in a lane.
+    """One caller's item, waiting in a lane for its batch's outcome."""
 
-    Its signal is a plain lock, acquired from birth and released once to wake
-    the caller: Event.set and Event.wait cost several times more, and py-spy
-    showed them at a fifth of the server's time on a hot pool."""
+    __slots__ = ("item", "span", "context", "outcome")
 
-    __slots__ = ("item", "span", "leads", "done", "result", "error", "_signal", "_signaled")
-
-    def __init__(self, item: Item, span: trace.Span | None):
+    def __init__(self, item: Item, span: trace.Span | None, outcome: asyncio.Future):
         self.item = item
         # The caller's span, when tracing: its batch links to it and back.
         self.span = span
-        self.leads = False
-        self.done = False
-        self.result: DeductionResult | dict | None = None
-        self.error: BaseException | None = None
-        self._signal = threading.Lock()
-        self._signal.acquire()
-        self._signaled = False
-
-    def wake(self) -> None:
-        # Only the lane's current leader wakes tickets, so this check needs no lock.
-        if not self._signaled:
-            self._signaled = True
-            self._signal.release()
-
-    def wait(self, timeout_s: float | None) -> bool:
-        return self._signal.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s))
-
-    def finish(self, result: DeductionResult | dict | None = None, error: BaseException | None = None):
-        self.result, self.error, self.done = result, error, True
-        self.wake()
-
-    def outcome(self) -> DeductionResult | dict:
-        if self.error is not None:
-            raise self.error
-        return self.result
+        # The caller's context variables: a batch runs in its first caller's
+        # (the statements' spans are that call's children, as in a call of its own).
+        self.context = contextvars.copy_context()
+        # Resolved on the loop when the ticket's batch ends; cancelled when
+        # its caller stops waiting (then nobody reads it).
+        self.outcome = outcome
 
 
 class _Lane:
+    __slots__ = ("queue", "committer")
+
     def __init__(self):
-        self.lock = threading.Lock()
         self.queue: collections.deque[_Ticket] = collections.deque()
-        self.leader_active = False
+        # The task committing the lane's batches, while there are any.
+        self.committer: asyncio.Task | None = None
 
 
 class GroupCommitter:
+    """Lanes of calls committed in batches; `submit` from the event loop.
+    Nothing here takes a lock: the lanes are only touched on the loop."""
+
     def __init__(
         self,
         commit_batch: Callable[[list[Item]], list[DeductionResult | dict]],
@@ -125,10 +116,16 @@ class GroupCommitter:
         self._on_batch = on_batch
         # Spans for the batches; None when tracing is off.
         self._tracer = tracer
+        # A lane commits one batch at a time: a thread a lane is enough.
+        self._threads = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="group-commit")
+
+    def close(self) -> None:
+        """Ends the batches' threads, once no call can submit any more."""
+        self._threads.shutdown(wait=True)
 
     def queue_lengths(self) -> list[int]:
-        """Items waiting in each lane now (a leader's batch included): for
-        metrics, read without the lanes' locks."""
+        """Items waiting in each lane now (a batch committing excluded): for
+        metrics, read from any thread."""
         return [len(lane.queue) for lane in self._lanes]
 
     def _lane_of(self, org_id: str) -> _Lane:
@@ -136,82 +133,54 @@ class GroupCommitter:
         # process, so batches of several replicas lock pools in one order.
         return self._lanes[zlib.crc32(org_id.encode()) % len(self._lanes)]
 
-    def deduct(self, deduction: Deduction) -> DeductionResult:
-        return self.submit(deduction)
-
-    def reserve(self, reservation: Reservation) -> dict:
-        """Its answer from reservations_batch (jsonb)."""
-        return self.submit(reservation)
-
-    def commit_reservation(self, commit: ReservationCommit) -> dict:
-        """Its answer from reservations_batch (jsonb)."""
-        return self.submit(commit)
-
-    def release_reservation(self, release: ReservationRelease) -> dict:
-        """Its answer from reservations_batch (jsonb)."""
-        return self.submit(release)
-
-    def submit(self, item):
+    async def submit(self, item):
         """Queues any item with an org_id for commit_batch, and returns its
-        result once its batch is done (the typed methods above, for the
-        ledger's committer; a check committer's items are CreditChecks)."""
+        result once its batch is done: a DeductionResult for a Deduction, a
+        dict for a hold or its end (reservations_batch's jsonb), what
+        Store.check_batch answers for a CreditCheck."""
         lane = self._lane_of(item.org_id)
-        ticket = _Ticket(item, None if self._tracer is None else trace.get_current_span())
-        with lane.lock:
-            if len(lane.queue) >= self._queue_length_max:
-                raise server_busy("too many calls are waiting for this pool",
-                                  limit="group_commit_queue_length_max")
-            lane.queue.append(ticket)
-            if not lane.leader_active:
-                lane.leader_active = ticket.leads = True
-        if not ticket.leads:
-            self._wait(lane, ticket)
-            if ticket.done:
-                return ticket.outcome()
-        self._lead(lane, ticket)
-        return ticket.outcome()
+        if len(lane.queue) >= self._queue_length_max:
+            raise server_busy("too many calls are waiting for this pool",
+                              limit="group_commit_queue_length_max")
+        loop = asyncio.get_running_loop()
+        ticket = _Ticket(item, None if self._tracer is None else trace.get_current_span(),
+                         loop.create_future())
+        lane.queue.append(ticket)
+        if lane.committer is None:
+            lane.committer = loop.create_task(self._commit_lane(lane))
+        left = seconds_left()
+        timer = None if left is None else loop.call_later(max(0.0, left), _expire, lane, ticket)
+        try:
+            return await ticket.outcome
+        except asyncio.CancelledError:
+            _withdraw(lane, ticket)  # the call was cancelled
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
-    def _wait(self, lane: _Lane, ticket: _Ticket) -> None:
-        """Waits until the ticket is done or made leader, within the deadline."""
-        if ticket.wait(seconds_left()):
-            return
-        with lane.lock:
-            if ticket.done:
-                return
-            if ticket in lane.queue:
-                # Not taken into a batch yet: withdraw it, so it is surely not applied.
-                lane.queue.remove(ticket)
-                if ticket.leads:
-                    self._hand_over(lane)
-                raise deadline_exceeded()
-        # In a batch that is committing now; the caller has gone, the result
-        # will be there for its retry under the same idempotency key.
-        raise deadline_exceeded()
-
-    def _lead(self, lane: _Lane, own: _Ticket) -> None:
-        while True:
-            with lane.lock:
+    async def _commit_lane(self, lane: _Lane) -> None:
+        """Commits the lane's batches, oldest items first, until it is empty."""
+        loop = asyncio.get_running_loop()
+        try:
+            while lane.queue:
                 batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._batch_size_max))]
-            self._commit(batch)
-            with lane.lock:
-                if own.done:
-                    self._hand_over(lane)
-                    return
+                outcomes = await loop.run_in_executor(self._threads, batch[0].context.run, self._commit, batch)
+                for ticket, (result, error) in zip(batch, outcomes, strict=True):
+                    if ticket.outcome.done():
+                        continue  # its caller stopped waiting
+                    if error is None:
+                        ticket.outcome.set_result(result)
+                    else:
+                        ticket.outcome.set_exception(error)
+        finally:
+            lane.committer = None
 
-    @staticmethod
-    def _hand_over(lane: _Lane) -> None:
-        """Makes the oldest waiter the next leader, or marks the lane idle.
-        Call with lane.lock held."""
-        if lane.queue:
-            successor = lane.queue[0]
-            successor.leads = True
-            successor.wake()
-        else:
-            lane.leader_active = False
-
-    def _commit(self, batch: list[_Ticket]) -> None:
+    def _commit(self, batch: list[_Ticket]) -> list[tuple[object, BaseException | None]]:
+        """Each ticket's (result, error); runs in the lane's thread, in the
+        context of the batch's first caller."""
         # The batch serves every caller in it, so it runs under the server's
-        # own timeouts, not the leader's deadline.
+        # own timeouts, not any caller's deadline.
         token = call_deadline_var.set(None)
         if self._on_batch is not None:
             self._on_batch(len(batch))
@@ -223,23 +192,17 @@ class GroupCommitter:
                 # The database is unreachable or too slow: every caller hears so
                 # and may retry with its key.
                 _failed(span, error)
-                for ticket in batch:
-                    ticket.finish(error=error)
-                return
+                return [(None, error)] * len(batch)
             except Exception as error:  # noqa: BLE001: one bad item must not fail the others
                 _failed(span, error)
                 if len(batch) == 1:
-                    batch[0].finish(error=error)
-                    return
+                    return [(None, error)]
                 log.exception("a batch of %d items failed; committing them one by one", len(batch))
                 # Each in a batch of its own, whose span is a child of this one.
-                for ticket in batch:
-                    self._commit([ticket])
-                return
+                return [outcome for ticket in batch for outcome in self._commit([ticket])]
             finally:
                 call_deadline_var.reset(token)
-        for ticket, result in zip(batch, results, strict=True):
-            ticket.finish(result=result)
+        return [(result, None) for result in results]
 
     def _batch_span(self, batch: list[_Ticket]):
         """The batch's span, made current until the batch ends, linked to the
@@ -256,6 +219,25 @@ class GroupCommitter:
                 call_span.add_link(batch_context)
         return trace.use_span(span, end_on_exit=True, record_exception=False,
                               set_status_on_exception=False)
+
+
+def _expire(lane: _Lane, ticket: _Ticket) -> None:
+    """The caller's deadline has passed. A ticket no batch has taken yet is
+    withdrawn, so surely not applied; one in a batch is committing now, and
+    its result will be there for the caller's retry under the same key."""
+    if not ticket.outcome.done():
+        _withdraw(lane, ticket)
+        ticket.outcome.set_exception(deadline_exceeded())
+
+
+def _withdraw(lane: _Lane, ticket: _Ticket) -> bool:
+    """Takes the ticket out of its lane if no batch has taken it yet (so it
+    is surely not applied); False if it is in a batch."""
+    try:
+        lane.queue.remove(ticket)
+    except ValueError:
+        return False
+    return True
 
 
 def _failed(span: trace.Span, error: BaseException) -> None:

@@ -8,12 +8,13 @@ Watch keeps nothing in the servicer, never holds a lock while it sends, notices
 within a short, bounded time that its call has ended, and ends by itself after
 a set lifetime, so no Watch holds a worker thread for ever."""
 
+import asyncio
 import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -109,8 +110,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             self._condition.notify_all()
 
     def Check(self, request, context):
-        with self._condition:
-            status = self._statuses.get(request.service)
+        status = self.status(request.service)
         if status is None:
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
         return health_pb2.HealthCheckResponse(status=status)
@@ -142,6 +142,57 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             if status != sent:
                 sent = status
                 yield health_pb2.HealthCheckResponse(status=status)
+
+
+class LoopHealthServicer(HealthServicer):
+    """The main server's servicer (grpc.aio's): Check and Watch are
+    coroutines on its event loop. A waiting Watch holds no thread, and ends
+    when its call does (gRPC cancels it); in the server's thread pool
+    nothing would tell a waiting Watch that its caller had left."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        # The event loop the Watches run on, known from the first one; the
+        # Event they wait on, set and replaced on every change.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+
+    def _apply_locked(self, statuses: dict[str, int]) -> None:
+        version = self._version
+        super()._apply_locked(statuses)
+        if self._version != version and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake_loop_watchers)
+
+    def _wake_loop_watchers(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def Check(self, request, context):
+        status = self.status(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """As HealthServicer.Watch: the status now, each change, until the
+        call ends or the Watch has lived watch_lifetime_ms."""
+        if self._loop is None:
+            self._changed = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+        deadline = self._clock() + self._watch_lifetime_s
+        sent = None
+        while True:
+            changed = self._changed  # before the status: a change after it sets this one
+            with self._condition:
+                status = self._statuses.get(request.service, SERVICE_UNKNOWN)
+            if status != sent:
+                sent = status
+                yield health_pb2.HealthCheckResponse(status=status)
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
 
 
 class DatabaseHealthMonitor:
@@ -234,8 +285,9 @@ def probe_server(servicer: HealthServicer, *, address: str, threads: int) -> tup
                          maximum_concurrent_rpcs=threads)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "grpc.health.v1.Health",
+        # The threads' Check, also for the main server's LoopHealthServicer.
         {"Check": grpc.unary_unary_rpc_method_handler(
-            servicer.Check,
+            lambda request, context: HealthServicer.Check(servicer, request, context),
             request_deserializer=health_pb2.HealthCheckRequest.FromString,
             response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
         )},

@@ -1,6 +1,7 @@
 """Group commit and DeductCreditsBatch: many deductions in one transaction,
 with the semantics of running them one at a time in arrival order."""
 
+import asyncio
 import concurrent.futures
 import threading
 import time
@@ -157,62 +158,81 @@ class Recorder:
         return [ok(d) for d in items]
 
 
+def committed(committer, amounts):
+    """Submits a deduction of each amount at once, as callers on the event
+    loop do; each one's deduction_id, or the exception it got."""
+    async def submit_all():
+        return await asyncio.gather(*(committer.submit(deduction(n)) for n in amounts),
+                                    return_exceptions=True)
+
+    return [r if isinstance(r, BaseException) else r.deduction_id for r in asyncio.run(submit_all())]
+
+
 def test_a_lone_call_commits_at_once_in_a_batch_of_one():
     recorder = Recorder()
     committer = GroupCommitter(recorder, lanes=2, batch_size_max=10, queue_length_max=10)
-    assert committer.deduct(deduction(1)).deduction_id == "id-1"
-    assert committer.deduct(deduction(2)).deduction_id == "id-2"
+    assert committed(committer, [1]) == ["id-1"]
+    assert committed(committer, [2]) == ["id-2"]
     assert recorder.batches == [[1], [2]]
+    committer.close()
 
 
 def test_waiting_calls_share_a_transaction_in_arrival_order():
     recorder = Recorder(delay_s=0.05)
     committer = GroupCommitter(recorder, lanes=1, batch_size_max=100, queue_length_max=100)
-    with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        results = list(pool.map(lambda n: committer.deduct(deduction(n)), range(1, 41)))
-    assert [r.deduction_id for r in results] == [f"id-{n}" for n in range(1, 41)]
-    assert sorted(a for b in recorder.batches for a in b) == list(range(1, 41))
+
+    async def arriving():
+        # 40 callers arriving 2 ms apart, while batches take 50 ms.
+        calls = []
+        for n in range(1, 41):
+            calls.append(asyncio.create_task(committer.submit(deduction(n))))
+            await asyncio.sleep(0.002)
+        return [(await call).deduction_id for call in calls]
+
+    assert asyncio.run(arriving()) == [f"id-{n}" for n in range(1, 41)]
+    assert [a for b in recorder.batches for a in b] == list(range(1, 41))  # in arrival order
     assert len(recorder.batches) < 40  # batches formed
     assert max(len(b) for b in recorder.batches) > 1
+    committer.close()
 
 
 def test_batch_size_is_bounded():
     recorder = Recorder(delay_s=0.02)
     committer = GroupCommitter(recorder, lanes=1, batch_size_max=3, queue_length_max=100)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda n: committer.deduct(deduction(n)), range(1, 33)))
-    assert max(len(b) for b in recorder.batches) <= 3
+    assert committed(committer, range(1, 33)) == [f"id-{n}" for n in range(1, 33)]
+    assert max(len(b) for b in recorder.batches) == 3
+    committer.close()
 
 
 def test_one_failing_item_does_not_fail_the_others():
     recorder = Recorder(delay_s=0.02, fail_amount=7)
     committer = GroupCommitter(recorder, lanes=1, batch_size_max=100, queue_length_max=100)
-
-    def attempt(n):
-        try:
-            return committer.deduct(deduction(n)).deduction_id
-        except ValueError:
-            return "failed"
-
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(attempt, range(1, 17)))
-    assert results[6] == "failed"
+    results = committed(committer, range(1, 17))
+    assert isinstance(results[6], ValueError)
     assert [r for i, r in enumerate(results) if i != 6] == [f"id-{n}" for n in range(1, 17) if n != 7]
+    committer.close()
 
 
 def test_a_full_queue_refuses_with_resource_exhausted():
     release = threading.Event()
     committer = GroupCommitter(lambda items: release.wait() and [ok(d) for d in items],
                                lanes=1, batch_size_max=100, queue_length_max=2)
-    pool = concurrent.futures.ThreadPoolExecutor(4)
-    running = [pool.submit(committer.deduct, deduction(n)) for n in range(1, 4)]
-    time.sleep(0.2)  # one committing, two waiting: the queue is full
-    with pytest.raises(ServiceError) as refused:
-        committer.deduct(deduction(4))
-    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    release.set()
-    assert [f.result().deduction_id for f in running] == ["id-1", "id-2", "id-3"]
-    pool.shutdown()
+
+    async def overfill():
+        running = [asyncio.create_task(committer.submit(deduction(1)))]
+        await asyncio.sleep(0.1)  # committing
+        running += [asyncio.create_task(committer.submit(deduction(n))) for n in (2, 3)]
+        await asyncio.sleep(0.1)  # two waiting: the queue is full
+        try:
+            with pytest.raises(ServiceError) as refused:
+                await committer.submit(deduction(4))
+        finally:
+            release.set()
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return [(await call).deduction_id for call in running]
+
+    assert asyncio.run(overfill()) == ["id-1", "id-2", "id-3"]
+    committer.close()
 
 
 def test_a_waiter_whose_deadline_passes_is_withdrawn_unapplied():
@@ -225,22 +245,48 @@ def test_a_waiter_whose_deadline_passes_is_withdrawn_unapplied():
         return [ok(d) for d in items]
 
     committer = GroupCommitter(commit, lanes=1, batch_size_max=100, queue_length_max=100)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        leader = pool.submit(committer.deduct, deduction(1))
-        time.sleep(0.1)
 
-        def with_deadline():
+    async def one_waits_too_long():
+        committing = asyncio.create_task(committer.submit(deduction(1)))
+        await asyncio.sleep(0.1)
+
+        async def with_deadline():
             call_deadline_var.set(time.monotonic() + 0.2)
-            return committer.deduct(deduction(2))
+            return await committer.submit(deduction(2))
 
-        waiter = pool.submit(with_deadline)
         with pytest.raises(ServiceError) as expired:
-            waiter.result(timeout=5)
+            await asyncio.create_task(with_deadline())  # a task of its own: its own deadline
         assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         release.set()
-        assert leader.result().deduction_id == "id-1"
-    assert recorder_batches == [[1]]  # the withdrawn deduction was never committed
-    assert committer.deduct(deduction(3)).deduction_id == "id-3"  # the lane is not stuck
+        assert (await committing).deduction_id == "id-1"
+        return (await committer.submit(deduction(3))).deduction_id
+
+    assert asyncio.run(one_waits_too_long()) == "id-3"  # the lane is not stuck
+    assert recorder_batches == [[1], [3]]  # the withdrawn deduction was never committed
+    committer.close()
+
+
+def test_a_cancelled_waiter_is_withdrawn_unapplied():
+    """A call cancelled (by its caller, or by gRPC at its deadline) while its
+    item waits takes the item out of the lane."""
+    release = threading.Event()
+    recorder = Recorder()
+    committer = GroupCommitter(lambda items: release.wait(5) and recorder(items),
+                               lanes=1, batch_size_max=100, queue_length_max=100)
+
+    async def cancel_one():
+        committing = asyncio.create_task(committer.submit(deduction(1)))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(committer.submit(deduction(2)))
+        kept = asyncio.create_task(committer.submit(deduction(3)))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        release.set()
+        return [(await committing).deduction_id, (await kept).deduction_id, waiting.cancelled()]
+
+    assert asyncio.run(cancel_one()) == ["id-1", "id-3", True]
+    assert recorder.batches == [[1], [3]]
+    committer.close()
 
 
 def test_a_key_refused_earlier_in_a_batch_replays_its_refusal(client, database_url):

@@ -1,7 +1,10 @@
-"""The health servicer (server/health.py) against a real grpc.server on
+"""The health servicers (server/health.py) against real servers on
 loopback: no deadlock under Watch-and-cancel, no memory kept per watched name,
-Watch streams that end, and graceful shutdown. No database is needed."""
+Watch streams that end, and graceful shutdown. Every test runs twice: the
+threads' HealthServicer on a grpc.server (the probe port's) and the main
+server's LoopHealthServicer on a grpc.aio server. No database is needed."""
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -16,7 +19,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orgbilling.server.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING, HealthServicer
+from orgbilling.server.event_loop import EventLoopThread
+from orgbilling.server.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING, HealthServicer, LoopHealthServicer
 
 NAMES = ["orgbilling.v1.CreditService", "orgbilling.v1.OrgBillingService"]
 MIB = 1024 * 1024
@@ -24,23 +28,65 @@ MIB = 1024 * 1024
 pytestmark = pytest.mark.timeout(60)
 
 
+# "threads" or "loop": which servicer and server the running test uses (servicer_kind).
+KIND = "threads"
+
+
+@pytest.fixture(autouse=True, params=["threads", "loop"])
+def servicer_kind(request, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "KIND", request.param)
+    return request.param
+
+
 def new_servicer(**overrides) -> HealthServicer:
     options = {"service_names": NAMES, "watch_lifetime_ms": 60_000, **overrides}
-    return HealthServicer(**options)
+    return LoopHealthServicer(**options) if KIND == "loop" else HealthServicer(**options)
 
 
 @contextlib.contextmanager
 def serving(servicer: HealthServicer, max_workers: int = 16):
-    """A grpc.server on 127.0.0.1 with only this servicer; yields (server, address)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    assert port != 0
-    server.start()
+    """A server on 127.0.0.1 with only this servicer (a grpc.server, or a
+    grpc.aio one for a LoopHealthServicer); yields (server, address)."""
+    if isinstance(servicer, LoopHealthServicer):
+        server = LoopServer(servicer, max_workers)
+    else:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        server.port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+    assert server.port != 0
     try:
-        yield server, f"127.0.0.1:{port}"
+        yield server, f"127.0.0.1:{server.port}"
     finally:
         server.stop(0).wait(5)
+        if isinstance(server, LoopServer):
+            server.close()
+
+
+class LoopServer:
+    """A grpc.aio server on a loop of its own, stopped as a grpc.server is."""
+
+    def __init__(self, servicer: LoopHealthServicer, max_workers: int):
+        self._event_loop = EventLoopThread(name="health-test")
+
+        def new_server():
+            server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+            health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+            return server, server.add_insecure_port("127.0.0.1:0")
+
+        self._server, self.port = self._event_loop.call(new_server)
+        self._event_loop.run(self._server.start())
+        self._stopped = None
+
+    def stop(self, grace: float | None) -> threading.Event:
+        if self._stopped is None:
+            self._stopped = threading.Event()
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._event_loop.loop) \
+                .add_done_callback(lambda _: self._stopped.set())
+        return self._stopped
+
+    def close(self) -> None:
+        self._event_loop.close()
 
 
 def request(service: str = "") -> health_pb2.HealthCheckRequest:
@@ -255,6 +301,8 @@ def test_cancelled_watches_free_their_workers(end_callback):
     started and cancelled one after another each get their first reply and
     Check still answers within 1 s: every cancel frees its worker, through
     gRPC's end-of-call callback or, failing that, the poll interval."""
+    if KIND == "loop" and not end_callback:
+        pytest.skip("a LoopHealthServicer's Watch is cancelled with its call: there is no poll")
     servicer = new_servicer(poll_interval_s=0.05)
     if not end_callback:
         servicer._wake_watchers = lambda: None  # only the poll notices the end

@@ -1,7 +1,9 @@
-"""Every interceptor of the chain on a unary and on a server-streaming
-method alike: a test-only service (no database) served through the real
-InterceptorChain, with each interceptor as the server builds it."""
+"""Every interceptor of the chain on a unary method in the thread pool, a
+server-streaming one and a unary coroutine on the event loop alike: a
+test-only service (no database) served through the real InterceptorChain
+on a grpc.aio server, with each interceptor as the server builds it."""
 
+import asyncio
 import concurrent.futures
 import contextlib
 import threading
@@ -17,6 +19,7 @@ from grpc_status import rpc_status
 from orgbilling.server.auth import scopes
 from orgbilling.server.auth.caller import Caller
 from orgbilling.server.errors import ServiceError, unauthenticated
+from orgbilling.server.event_loop import EventLoopThread
 from orgbilling.server.health import HealthServicer
 from orgbilling.server.interceptors import InterceptorChain
 from orgbilling.server.interceptors.admission import AdmissionInterceptor
@@ -32,7 +35,10 @@ SERVICE = "test.Echo"
 OPEN_SERVICE = "test.OpenEcho"
 UNARY = f"/{SERVICE}/Unary"
 STREAM = f"/{SERVICE}/Stream"
-KINDS = ["unary", "stream"]
+ON_LOOP = f"/{SERVICE}/OnLoop"
+# A call's kind, and its method's name.
+METHODS = {"unary": "Unary", "stream": "Stream", "loop": "OnLoop"}
+KINDS = list(METHODS)
 GOOD_TOKEN = "good"
 
 
@@ -75,11 +81,16 @@ def echo_service(name: str, behaviour: Behaviour):
         yield wrappers_pb2.StringValue(value="first")
         yield behaviour.run(request, context)
 
+    async def on_loop(request, context):
+        # In a thread, as the behaviour may wait; the call's context variables go with it.
+        return await asyncio.to_thread(behaviour.run, request, context)
+
     options = {"request_deserializer": wrappers_pb2.StringValue.FromString,
                "response_serializer": wrappers_pb2.StringValue.SerializeToString}
     return grpc.method_handlers_generic_handler(name, {
         "Unary": grpc.unary_unary_rpc_method_handler(unary, **options),
         "Stream": grpc.unary_stream_rpc_method_handler(stream, **options),
+        "OnLoop": grpc.unary_unary_rpc_method_handler(on_loop, **options),
     })
 
 
@@ -90,6 +101,7 @@ class Harness:
         self.draining = DrainingInterceptor()
         buckets = TokenBuckets(rate_per_s=rate_per_s, burst=burst, keys_max=1000) if rate_per_s else None
         open_services = frozenset({OPEN_SERVICE, "grpc.health.v1.Health"})
+        self.threads = concurrent.futures.ThreadPoolExecutor(32)
         chain = InterceptorChain([
             self.draining,
             AdmissionInterceptor(calls_max=calls_max, retry_after_ms=100),
@@ -98,14 +110,19 @@ class Harness:
             AuthInterceptor(FakeAuthenticator(), open_services=open_services),
             RateLimitInterceptor(reads=buckets, writes=buckets),
             DeadlineInterceptor(),
-        ])
-        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(32), interceptors=[chain])
-        self.server.add_generic_rpc_handlers((echo_service(SERVICE, self.behaviour),
-                                              echo_service(OPEN_SERVICE, self.behaviour)))
+        ], threads=self.threads)
         self.health = HealthServicer(service_names=[SERVICE], watch_lifetime_ms=60_000)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
+        self.event_loop = EventLoopThread(name="harness")
+
+        def new_server():
+            server = grpc.aio.server(interceptors=[chain])
+            server.add_generic_rpc_handlers((echo_service(SERVICE, self.behaviour),
+                                             echo_service(OPEN_SERVICE, self.behaviour)))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            return server, server.add_insecure_port("127.0.0.1:0")
+
+        self.server, port = self.event_loop.call(new_server)
+        self.event_loop.run(self.server.start())
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
 
     def call(self, kind: str, value: str = "hi", *, service: str = SERVICE, token: str | None = GOOD_TOKEN,
@@ -114,9 +131,9 @@ class Harness:
         metadata = [("authorization", f"Bearer {token}")] if token else []
         if request_id:
             metadata.append(("x-request-id", request_id))
-        method = f"/{service}/{'Unary' if kind == 'unary' else 'Stream'}"
+        method = f"/{service}/{METHODS[kind]}"
         payload = raw if raw is not None else wrappers_pb2.StringValue(value=value).SerializeToString()
-        if kind == "unary":
+        if kind != "stream":
             call = self.channel.unary_unary(method, request_serializer=None, response_deserializer=None)
             response, outcome = call.with_call(payload, metadata=metadata, timeout=timeout)
             return [response], dict(outcome.trailing_metadata())
@@ -126,7 +143,9 @@ class Harness:
 
     def close(self):
         self.channel.close()
-        self.server.stop(0).wait()
+        self.event_loop.run(self.server.stop(0))
+        self.event_loop.close()
+        self.threads.shutdown(wait=False)
 
 
 @pytest.fixture(autouse=True)
@@ -134,6 +153,7 @@ def declared_scopes(monkeypatch):
     """The test service's methods need credits.read, like any read."""
     monkeypatch.setitem(scopes.METHOD_SCOPES, UNARY, scopes.CREDITS_READ)
     monkeypatch.setitem(scopes.METHOD_SCOPES, STREAM, scopes.CREDITS_READ)
+    monkeypatch.setitem(scopes.METHOD_SCOPES, ON_LOOP, scopes.CREDITS_READ)
 
 
 @pytest.fixture
@@ -175,7 +195,7 @@ def test_a_service_error_becomes_a_trailers_only_status_with_its_error_info(harn
     code, reason, error = refusal(lambda: h.call(kind, request_id="trace-2"))
     assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
     assert dict(error.trailing_metadata())["x-request-id"] == "trace-2"
-    if kind == "unary":
+    if kind != "stream":
         assert not error.initial_metadata()
 
 
@@ -209,8 +229,8 @@ def test_authentication_and_scope_apply_to_every_kind(harness, kind, monkeypatch
     h = harness()
     assert refusal(lambda: h.call(kind, token="bad"))[0] == grpc.StatusCode.UNAUTHENTICATED
     assert h.call(kind)[0]
-    monkeypatch.delitem(scopes.METHOD_SCOPES, UNARY)
-    monkeypatch.delitem(scopes.METHOD_SCOPES, STREAM)
+    for method in (UNARY, STREAM, ON_LOOP):
+        monkeypatch.delitem(scopes.METHOD_SCOPES, method)
     assert refusal(lambda: h.call(kind))[:2] == (grpc.StatusCode.PERMISSION_DENIED, "SCOPE_NOT_DECLARED")
     assert h.call(kind, service=OPEN_SERVICE, token=None)[0]  # open services need no credentials
 

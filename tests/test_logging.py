@@ -240,8 +240,8 @@ class FakeContext:
     def code(self):
         return None
 
-    def is_active(self):
-        return True
+    def cancelled(self):
+        return False
 
 
 class FakeCall:

@@ -1,20 +1,20 @@
 """The server's own CPU per DeductCredits through the servicer, the group
-commit and the Store, gRPC aside: threads of this process call
-CreditServicer.DeductCredits directly, on one hot allocation, as gRPC's
-workers do in the server.
+commit and the Store, gRPC aside: callers on an event loop of this process
+await CreditServicer.DeductCredits directly, on one hot allocation, as the
+server's calls do.
 
     .venv/bin/python -m benchmarks.micro.group_commit_cost
 
-For 1, 16 and 64 calling threads, three rounds each: calls/s, this
-process's CPU per call (time.process_time(), the callers' requests
-included: about 10 us), and the mean batch size. Next to `python -m
+For 1, 16 and 64 callers, three rounds each: calls/s, this process's CPU
+per call (time.process_time(), the callers' requests included: about
+10 us), and the mean batch size. Next to `python -m
 benchmarks.profile --canned-ledger` (the real server, deductions answered
 at once), it says how much of a hot deduction's server CPU is the ledger's
 path and how much running it among gRPC's threads adds (benchmarks/README.md).
 """
 
+import asyncio
 import os
-import threading
 import time
 
 from benchmarks.micro.ledger import credit_servicer, hot_allocation_database
@@ -26,18 +26,23 @@ from orgbilling.server.settings import Settings
 from orgbilling.server.store import Store
 from tests.postgres import Postgres
 
-THREADS = (1, 16, 64)
+CALLERS = (1, 16, 64)
 ROUND_S = 3.0
 ROUNDS = 3
 
 
-def deduct_until(servicer: CreditServicer, deadline: float, counts: list[int], index: int) -> None:
+async def deduct_until(servicer: CreditServicer, deadline: float, counts: list[int], index: int) -> None:
     while time.perf_counter() < deadline:
-        servicer.DeductCredits(pb.DeductCreditsRequest(
+        await servicer.DeductCredits(pb.DeductCreditsRequest(
             org_id="o", user_id="u", amount_millicredits=1, service_type="llm",
             service_name="bench", idempotency_key=os.urandom(16).hex(),
             metadata={"model": "bench-model", "tokens": "100"}), None)
         counts[index] += 1
+
+
+async def callers(servicer: CreditServicer, count: int, counts: list[int]) -> None:
+    deadline = time.perf_counter() + ROUND_S
+    await asyncio.gather(*(deduct_until(servicer, deadline, counts, i) for i in range(count)))
 
 
 def main() -> None:
@@ -56,22 +61,17 @@ def main() -> None:
             queue_length_max=settings.group_commit_queue_length_max, on_batch=batch_sizes.append)
         servicer = credit_servicer(settings, store, committer=committer)
         for _ in range(ROUNDS):
-            for thread_count in THREADS:
-                counts = [0] * thread_count
+            for caller_count in CALLERS:
+                counts = [0] * caller_count
                 batch_sizes.clear()
-                deadline = time.perf_counter() + ROUND_S
-                threads = [threading.Thread(target=deduct_until, args=(servicer, deadline, counts, i))
-                           for i in range(thread_count)]
                 cpu_before, wall_before = time.process_time(), time.perf_counter()
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
+                asyncio.run(callers(servicer, caller_count, counts))
                 cpu_s, wall_s = time.process_time() - cpu_before, time.perf_counter() - wall_before
                 calls = sum(counts)
-                print(f"{thread_count:>2} threads: {calls / wall_s:7,.0f} calls/s, "
+                print(f"{caller_count:>2} callers: {calls / wall_s:7,.0f} calls/s, "
                       f"{cpu_s / calls * 1e6:5.1f} us of CPU a call, "
                       f"batches of {calls / max(1, len(batch_sizes)):.1f}", flush=True)
+        committer.close()
         pool.close()
     finally:
         postgres.close()

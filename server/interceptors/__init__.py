@@ -7,8 +7,21 @@ may return a function to run when the call ends, however it ends (a unary
 response returned, a stream exhausted, cancelled or failed). Whether it
 applies to a method is decided once per method (`applies_to`), so the chain
 is built once per method and reused: rebuilding it on every call cost 8% of
-the server's time. Nothing here does blocking I/O in intercept_service,
-which runs on gRPC's serving thread; the work runs in the call's worker.
+the server's time.
+
+The server is grpc.aio's (server.app), and to gRPC every handler is a
+coroutine. A method whose servicer is one (the calls that queue for a group
+commit, health, reflection) runs on the event loop, the interceptors with
+it; for them an interceptor must not block for long: it reads snapshots in
+memory (the API keys, the JWKS, the rate limits), and the rare reload it
+may wait for is bounded by a timeout of its own. A servicer that is plain
+code runs in the chain's thread pool, its interceptors with it, each call
+in context variables of its own (a thread does not carry its last call's),
+with a ThreadContext for a context; its status is sent from the loop when
+it returns. grpc.aio's own way of running such servicers was not used: it
+never tells one that its caller has left (a stream its caller cancelled
+would not be logged CANCELLED, nor its span ended) and its abort from a
+stream's thread can race the stream's last message.
 
 The chain itself does what every call needs and no interceptor may skip:
 - Error mapping, outermost of all: any exception becomes the status the
@@ -24,8 +37,12 @@ The chain itself does what every call needs and no interceptor may skip:
   MALFORMED_REQUEST with an ErrorInfo rather than gRPC's bare INTERNAL.
 """
 
+import asyncio
+import contextvars
+import inspect
 import time
-from typing import Callable, Iterator
+from concurrent.futures import Executor
+from typing import AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -89,105 +106,301 @@ class Interceptor:
         return None
 
 
-class InterceptorChain(grpc.ServerInterceptor):
-    """Runs `interceptors`, outermost first, around every call."""
+class InterceptorChain(grpc.aio.ServerInterceptor):
+    """Runs `interceptors`, outermost first, around every call. A servicer
+    that is plain code (not a coroutine) runs in `threads`, and the chain's
+    part of its call with it."""
 
-    def __init__(self, interceptors: list[Interceptor]):
+    def __init__(self, interceptors: list[Interceptor], *, threads: Executor):
         self._interceptors = list(interceptors)
+        self._threads = threads
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         path = handler_call_details.method
         handler = self._handlers.get(path)
         if handler is None:
-            inner = continuation(handler_call_details)
+            inner = await continuation(handler_call_details)
             if inner is None:
                 return None  # unknown methods are not remembered: callers cannot grow the cache
             handler = self._handlers[path] = self._wrap(Method(path, inner), inner)
         return handler
 
     def _wrap(self, method: Method, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        interceptors = [i for i in self._interceptors if i.applies_to(method)]
-        deserialize = handler.request_deserializer
-        streamed = handler.request_streaming
-        fail = self._fail
+        plumbing = _Plumbing(method, handler, [i for i in self._interceptors if i.applies_to(method)])
+        behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+                    or handler.stream_stream)
+        if inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior):
+            return _on_the_loop(plumbing, behavior)
+        if handler.request_streaming:
+            raise TypeError(f"{method.path}: a servicer of streamed requests must be a coroutine")
+        return _in_threads(plumbing, behavior, self._threads)
 
-        def new_call(request_or_iterator, context) -> Call:
-            # A streamed request is decoded message by message (decoded), not by the Call.
-            if streamed:
-                return Call(method, context, raw=None, deserialize=None)
-            return Call(method, context, raw=request_or_iterator, deserialize=deserialize)
 
-        def request_of(call: Call, request_or_iterator):
-            return decoded(call, request_or_iterator) if streamed else call.request
+class _Plumbing:
+    """What every call of one method needs, whichever way it runs."""
 
-        def begin(call: Call, ends: list[Callable[[], None]]) -> None:
-            """Runs the interceptors, adding to ends what each asks to run at
-            the call's end; the caller runs them after the call's status is
-            set, even when an interceptor refused the call."""
-            request_id_var.set(call.request_id)
-            call.context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
-            for interceptor in interceptors:
-                end = interceptor.intercept(call)
-                if end is not None:
-                    ends.append(end)
+    def __init__(self, method: Method, handler: grpc.RpcMethodHandler, interceptors: list[Interceptor]):
+        self.method = method
+        self.interceptors = interceptors
+        self.deserialize = handler.request_deserializer
+        self.streamed = handler.request_streaming
+        self.response_streaming = handler.response_streaming
+        self.options = {"request_deserializer": None, "response_serializer": handler.response_serializer}
 
-        def finish(ends: list[Callable[[], None]]) -> None:
-            for end in reversed(ends):
-                end()
+    def new_call(self, request_or_iterator, context) -> Call:
+        # A streamed request is decoded message by message, not by the Call.
+        if self.streamed:
+            return Call(self.method, context, raw=None, deserialize=None)
+        return Call(self.method, context, raw=request_or_iterator, deserialize=self.deserialize)
 
-        def decoded(call: Call, request_iterator) -> Iterator:
-            for raw in _until(call, request_iterator):
-                try:
-                    request = deserialize(raw)
-                except Exception:  # noqa: BLE001: whatever the bytes, the caller gets the same answer
-                    raise malformed_request() from None
-                yield request
+    def begin(self, call: Call, ends: list[Callable[[], None]]) -> None:
+        """Runs the interceptors, adding to ends what each asks to run at
+        the call's end; the caller runs them after the call's status is
+        set, even when an interceptor refused the call."""
+        request_id_var.set(call.request_id)
+        call.context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
+        for interceptor in self.interceptors:
+            end = interceptor.intercept(call)
+            if end is not None:
+                ends.append(end)
 
-        options = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+    @staticmethod
+    def finish(ends: list[Callable[[], None]]) -> None:
+        for end in reversed(ends):
+            end()
 
-        if handler.unary_unary or handler.stream_unary:
-            behavior = handler.unary_unary or handler.stream_unary
+    @staticmethod
+    def status(call: Call, error: Exception) -> grpc.Status | None:
+        """The status that ends a failed call: the one `error` calls for,
+        with the request ID; None when the servicer set a status of its own
+        before it raised (health's NOT_FOUND, an unimplemented method's
+        UNIMPLEMENTED), which stands."""
+        if call.context.code() is not None and not isinstance(error, ServiceError):
+            return None
+        status = call.failure = status_for(error)
+        return status.to_status(((REQUEST_ID_HEADER, call.request_id),))
 
-            def unary_response(request_or_iterator, context):
-                call = new_call(request_or_iterator, context)
-                ends = []
-                try:
-                    begin(call, ends)
-                    return behavior(request_of(call, request_or_iterator), context)
-                except Exception as error:  # noqa: BLE001: every failure gets a status
-                    fail(call, error)
-                finally:
-                    finish(ends)
 
-            factory = (grpc.stream_unary_rpc_method_handler if streamed
-                       else grpc.unary_unary_rpc_method_handler)
-            return factory(unary_response, **options)
+def _on_the_loop(plumbing: _Plumbing, behavior) -> grpc.RpcMethodHandler:
+    """The handler of a method whose servicer is a coroutine or an async
+    generator: the chain runs on the event loop with it."""
 
-        behavior = handler.unary_stream or handler.stream_stream
+    async def decoded(call: Call, request_iterator) -> AsyncIterator:
+        async for raw in request_iterator:
+            if call.ends_by is not None and time.monotonic() >= call.ends_by:
+                return
+            try:
+                request = plumbing.deserialize(raw)
+            except Exception:  # noqa: BLE001: whatever the bytes, the caller gets the same answer
+                raise malformed_request() from None
+            yield request
 
-        def stream_response(request_or_iterator, context):
-            call = new_call(request_or_iterator, context)
+    def request_of(call: Call, request_or_iterator):
+        return decoded(call, request_or_iterator) if plumbing.streamed else call.request
+
+    async def end_failed(call: Call, error: Exception) -> None:
+        status = plumbing.status(call, error)
+        if status is None:
+            raise error  # grpc.aio sends the servicer's own status
+        await call.context.abort(status.code, status.details, status.trailing_metadata)
+
+    if not plumbing.response_streaming:
+        async def unary_response(request_or_iterator, context):
+            call = plumbing.new_call(request_or_iterator, context)
             ends = []
             try:
-                begin(call, ends)
-                yield from _until(call, behavior(request_of(call, request_or_iterator), context))
+                plumbing.begin(call, ends)
+                return await behavior(request_of(call, request_or_iterator), context)
             except Exception as error:  # noqa: BLE001: every failure gets a status
-                fail(call, error)
+                await end_failed(call, error)
             finally:
-                finish(ends)
+                plumbing.finish(ends)
 
-        factory = (grpc.stream_stream_rpc_method_handler if streamed
-                   else grpc.unary_stream_rpc_method_handler)
-        return factory(stream_response, **options)
+        factory = (grpc.stream_unary_rpc_method_handler if plumbing.streamed
+                   else grpc.unary_unary_rpc_method_handler)
+        return factory(unary_response, **plumbing.options)
 
-    def _fail(self, call: Call, error: Exception) -> None:
-        """Ends the call with the status `error` calls for; always raises."""
-        context = call.context
-        if context.code() is not None and not isinstance(error, ServiceError):
-            raise error  # the servicer set its own status (context.abort): keep it
-        status = call.failure = status_for(error)
-        context.abort_with_status(status.to_status(((REQUEST_ID_HEADER, call.request_id),)))
+    async def stream_response(request_or_iterator, context):
+        call = plumbing.new_call(request_or_iterator, context)
+        ends = []
+        try:
+            plumbing.begin(call, ends)
+            async for message in behavior(request_of(call, request_or_iterator), context):
+                if call.ends_by is not None and time.monotonic() >= call.ends_by:
+                    return
+                yield message
+        except Exception as error:  # noqa: BLE001: every failure gets a status
+            await end_failed(call, error)
+        finally:
+            plumbing.finish(ends)
+
+    factory = (grpc.stream_stream_rpc_method_handler if plumbing.streamed
+               else grpc.unary_stream_rpc_method_handler)
+    return factory(stream_response, **plumbing.options)
+
+
+def _in_threads(plumbing: _Plumbing, behavior, threads: Executor) -> grpc.RpcMethodHandler:
+    """The handler of a method whose servicer is plain code: the call runs
+    in `threads` (the interceptors, which may wait for a key reload,
+    included), each call in context variables of its own, with a
+    ThreadContext; its status is sent from the loop when it returns. A
+    stream runs there message by message."""
+
+    def unary_in_thread(call: Call):
+        ends = []
+        try:
+            plumbing.begin(call, ends)
+            return behavior(call.request, call.context)
+        except Exception as error:  # noqa: BLE001: every failure gets a status
+            call.context.fail(plumbing.status(call, error))
+            return None
+        finally:
+            plumbing.finish(ends)
+
+    def stream_in_thread(call: Call) -> Iterator:
+        ends = []
+        try:
+            plumbing.begin(call, ends)
+            yield from _until(call, behavior(call.request, call.context))
+        except Exception as error:  # noqa: BLE001: every failure gets a status
+            call.context.fail(plumbing.status(call, error))
+        finally:
+            plumbing.finish(ends)
+
+    if not plumbing.response_streaming:
+        async def unary_response(request, context):
+            in_thread = ThreadContext(context)
+            try:
+                response = await asyncio.get_running_loop().run_in_executor(
+                    threads, contextvars.Context().run, unary_in_thread,
+                    plumbing.new_call(request, in_thread))
+            except asyncio.CancelledError:
+                in_thread.caller_left()
+                raise
+            await in_thread.end()
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(unary_response, **plumbing.options)
+
+    async def stream_response(request, context):
+        loop = asyncio.get_running_loop()
+        in_thread = ThreadContext(context)
+        run = contextvars.Context().run
+        steps = run(stream_in_thread, plumbing.new_call(request, in_thread))
+        step = None
+        try:
+            while True:
+                step = loop.run_in_executor(threads, run, next, steps, _DONE)
+                message = await step
+                step = None
+                if message is _DONE:
+                    break
+                yield message
+        except BaseException:  # cancelled, or closed by gRPC: the caller has gone
+            in_thread.caller_left()
+
+            def close(_=None):
+                # In a thread, in the call's context, once no step runs: its
+                # interceptors' ends run there, as the call's other steps did.
+                threads.submit(run, steps.close)
+
+            if step is None:
+                close()
+            else:
+                step.add_done_callback(close)
+            raise
+        await in_thread.end()
+
+    return grpc.unary_stream_rpc_method_handler(stream_response, **plumbing.options)
+
+
+# What the next step of a stream in a thread returns once the stream is done.
+_DONE = object()
+
+
+class ThreadContext:
+    """A call's context for its servicer and interceptors in a thread: the
+    parts of grpc.ServicerContext they use, over grpc.aio's context. What
+    it reads (metadata, peer, deadline) it reads from the aio context; what
+    it sets (trailing metadata, the status) it keeps until the call returns
+    to the event loop (end), which sends it: the aio context is the loop's."""
+
+    class Aborted(Exception):
+        """Raised by abort(): the servicer's own status ends the call."""
+
+    __slots__ = ("_context", "_trailing_metadata", "_code", "_details", "_left", "_callbacks")
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self._context = context
+        self._trailing_metadata = ()
+        self._code: grpc.StatusCode | None = None
+        self._details: str | None = None
+        self._left = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def invocation_metadata(self):
+        return self._context.invocation_metadata()
+
+    def auth_context(self):
+        return self._context.auth_context()
+
+    def peer(self) -> str:
+        return self._context.peer()
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self._trailing_metadata = tuple(metadata)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def abort(self, code: grpc.StatusCode, details: str = ""):
+        self._code, self._details = code, details
+        raise ThreadContext.Aborted(details)
+
+    def fail(self, status: grpc.Status | None) -> None:
+        """Ends the call with `status` (its trailing metadata included), or
+        with the one the servicer set (None)."""
+        if status is not None:
+            self._trailing_metadata = tuple(status.trailing_metadata)
+            self._code, self._details = status.code, status.details
+
+    def cancelled(self) -> bool:
+        """Whether the call ended from the caller's side: cancelled, past its
+        deadline or disconnected."""
+        return self._left
+
+    def is_active(self) -> bool:
+        return not self._left
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        """Runs callback if the caller leaves (on the event loop)."""
+        self._callbacks.append(callback)
+        return not self._left
+
+    def caller_left(self) -> None:
+        self._left = True
+        for callback in self._callbacks:
+            callback()
+
+    async def end(self) -> None:
+        """Sends the call's trailing metadata, and its status if it failed."""
+        if self._code is None or self._code is grpc.StatusCode.OK:
+            self._context.set_trailing_metadata(self._trailing_metadata)
+            return
+        await self._context.abort(self._code, self._details or "", self._trailing_metadata)
 
 
 def _until(call: Call, messages) -> Iterator:

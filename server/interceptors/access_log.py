@@ -54,7 +54,7 @@ class AccessLogInterceptor(Interceptor):
             code, reason, message = failure.code, failure.reason, failure.message
         else:
             code = context.code()  # a status the servicer set itself (health's NOT_FOUND)
-            if code is None and not context.is_active():
+            if code is None and context.cancelled():
                 # Ended from the caller's side: cancelled, past its deadline
                 # or disconnected (a stream whose generator gRPC closed).
                 code = grpc.StatusCode.CANCELLED

@@ -3,7 +3,7 @@ number (streams_max at once, across them) and in lifetime (lifetime_ms,
 after which the stream ends normally at its next message; a silent one is
 cut when its connection reaches its age, setting connection_age_max_ms).
 Anyone may open them, so without a limit a few callers could hold every
-worker thread."""
+call the server admits (and memory for each)."""
 
 import time
 

@@ -65,7 +65,8 @@ class TracingInterceptor(Interceptor):
                                        attributes={**attributes, REQUEST_ID: call.request_id})
         # Current for the rest of the call: the statements' spans and the
         # group-commit batches are its children. The chain runs a call from
-        # its start to its end in one worker thread, streams included.
+        # its start to its end in one context (its task on the event loop,
+        # or context variables of its own in the thread pool), streams included.
         token = otel_context.attach(trace.set_span_in_context(span, caller))
 
         def end() -> None:

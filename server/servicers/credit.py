@@ -20,6 +20,10 @@ REFUND_REASON_CHARS_MAX = 256
 
 
 class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
+    """The calls that queue in a GroupCommitter's lanes (checks, deductions,
+    holds and their ends) are coroutines, run on the server's event loop;
+    the others run in its thread pool (server.app)."""
+
     def __init__(self, store: Store, *, committer: GroupCommitter, checks: GroupCommitter,
                  batch_items_max: int,
                  reservation_ttl_default_ms: int, reservation_ttl_min_ms: int,
@@ -39,13 +43,13 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         self._page_size_default = page_size_default
         self._page_size_max = page_size_max
 
-    def CheckCredits(self, request, context):
+    async def CheckCredits(self, request, context):
         checks = Checks()
         checks.identifier("org_id", request.org_id)
         checks.identifier("user_id", request.user_id)
         checks.amount("amount_millicredits", request.amount_millicredits)
         checks.done()
-        result = self._checks.submit(CreditCheck(
+        result = await self._checks.submit(CreditCheck(
             org_id=request.org_id, user_id=request.user_id,
             amount_millicredits=request.amount_millicredits))
         if result.outcome != "OK":
@@ -56,11 +60,11 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             pool_spendable_millicredits=result.pool_spendable_millicredits,
         )
 
-    def DeductCredits(self, request, context):
+    async def DeductCredits(self, request, context):
         checks = Checks()
         check_deduction(checks, request)
         checks.done()
-        result = self._committer.deduct(deduction_from(request))
+        result = await self._committer.submit(deduction_from(request))
         if result.outcome != "OK":
             raise deduction_refusal(result, request.amount_millicredits)
         if not result.replayed:
@@ -95,7 +99,7 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
 
     # Reservations (holds).
 
-    def ReserveCredits(self, request, context):
+    async def ReserveCredits(self, request, context):
         checks = Checks()
         checks.identifier("org_id", request.org_id)
         checks.identifier("user_id", request.user_id)
@@ -109,7 +113,7 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         checks.idempotency_key(request.idempotency_key)
         checks.metadata("metadata", request.metadata)
         checks.done()
-        result = self._committer.reserve(Reservation(
+        result = await self._committer.submit(Reservation(
             org_id=request.org_id, user_id=request.user_id,
             amount_millicredits=request.amount_millicredits, ttl_ms=ttl_ms,
             service_type=request.service_type, service_name=request.service_name,
@@ -126,7 +130,7 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             pool_spendable_millicredits=result["pool_spendable"], replayed=result["replayed"],
         )
 
-    def CommitReservation(self, request, context):
+    async def CommitReservation(self, request, context):
         checks = Checks()
         checks.identifier("org_id", request.org_id)
         checks.uuid("reservation_id", request.reservation_id)
@@ -134,7 +138,7 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         checks.metadata("metadata", request.metadata)
         checks.idempotency_key(request.idempotency_key)
         checks.done()
-        result = self._committer.commit_reservation(ReservationCommit(
+        result = await self._committer.submit(ReservationCommit(
             org_id=request.org_id, reservation_id=request.reservation_id,
             amount_millicredits=request.amount_millicredits,
             idempotency_key=request.idempotency_key, request_hash=fingerprint(request),
@@ -150,13 +154,13 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             pool_spendable_millicredits=result["pool_spendable"], replayed=result["replayed"],
         )
 
-    def ReleaseReservation(self, request, context):
+    async def ReleaseReservation(self, request, context):
         checks = Checks()
         checks.identifier("org_id", request.org_id)
         checks.uuid("reservation_id", request.reservation_id)
         checks.idempotency_key(request.idempotency_key)
         checks.done()
-        result = self._committer.release_reservation(ReservationRelease(
+        result = await self._committer.submit(ReservationRelease(
             org_id=request.org_id, reservation_id=request.reservation_id,
             idempotency_key=request.idempotency_key, request_hash=fingerprint(request),
             request_id=current_request_id(),

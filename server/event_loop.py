@@ -1,0 +1,36 @@
+"""An asyncio event loop in a thread of its own, for a grpc.aio server in a
+process whose other parts (the sweepers, the health monitor, the key
+reloads, the callers of start and stop) are threads."""
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class EventLoopThread:
+    def __init__(self, *, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Awaitable[T]) -> T:
+        """Runs `coroutine` on the loop and returns its result, from any other thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def call(self, function: Callable[[], T]) -> T:
+        """Calls `function` on the loop (where grpc.aio objects must be made
+        and used) and returns its result, from any other thread."""
+
+        async def called() -> T:
+            return function()
+
+        return self.run(called())
+
+    def close(self) -> None:
+        """Stops the loop once what it runs now has returned, and closes it."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
