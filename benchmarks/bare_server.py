@@ -1,6 +1,6 @@
 """Baseline A0: a bare gRPC server, the floor a no-op call can reach in
 Python on this machine. It serves the same health service as `orgbilling
-serve` (server.health.LoopHealthServicer: Check on the event loop), built
+serve` (server.health.HealthServicer: Check on the event loop), built
 by the same function (server.app.new_grpc_server: grpc.aio, the same thread
 pool and options), and nothing else: no interceptors, no database. Our
 no-op over it is what our interceptor chain costs.
@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orgbilling.server.app import new_grpc_server
 from orgbilling.server.group_commit import GroupCommitter
-from orgbilling.server.health import LoopHealthServicer
+from orgbilling.server.health import HealthServicer
 from orgbilling.server.settings import Settings
 
 
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
 
 
 async def serve(settings: Settings, *, batch_s: float) -> None:
-    health = LoopHealthServicer(service_names=[], watch_lifetime_ms=settings.open_service_stream_lifetime_ms)
+    health = HealthServicer(service_names=[], watch_lifetime_ms=settings.open_service_stream_lifetime_ms)
     health.set_all(health_pb2.HealthCheckResponse.SERVING)
     committer = None
     if batch_s > 0:

@@ -21,7 +21,7 @@ from orgbilling.server.auth.security import Security
 from orgbilling.server.auth.tls import add_port
 from orgbilling.server.database import open_pool, resolve_database_url
 from orgbilling.server.event_loop import EventLoopThread
-from orgbilling.server.health import DatabaseHealthMonitor, LoopHealthServicer, probe_server
+from orgbilling.server.health import DatabaseHealthMonitor, HealthServicer, probe_server
 from orgbilling.server.group_commit import GroupCommitter
 from orgbilling.server.interceptors import InterceptorChain
 from orgbilling.server.interceptors.admission import AdmissionInterceptor
@@ -185,7 +185,7 @@ class OrgBillingServer:
             interval_ms=settings.period_sweeper_interval_ms,
             batch_size_max=settings.period_sweeper_batch_size_max,
         )
-        self.health_servicer = LoopHealthServicer(
+        self.health_servicer = HealthServicer(
             service_names=[*SERVICE_NAMES, LIVENESS_SERVICE],
             watch_lifetime_ms=settings.open_service_stream_lifetime_ms,
         )

@@ -3,10 +3,12 @@
 `HealthServicer` replaces grpc_health's servicer, which deadlocked (it held its
 lock while sending the first Watch reply, and gRPC's event thread waited for
 that lock to close a cancelled stream) and kept an entry for every service
-name ever watched. Here the set of names is fixed when the server is built; a
-Watch keeps nothing in the servicer, never holds a lock while it sends, notices
-within a short, bounded time that its call has ended, and ends by itself after
-a set lifetime, so no Watch holds a worker thread for ever."""
+name ever watched. Here the set of names is fixed when the server is built;
+Check and Watch are coroutines on the server's event loop (server.app): a
+Watch keeps nothing in the servicer, holds no thread and no lock while it
+waits, ends when its call does (gRPC cancels it), and ends by itself after a
+set lifetime. The probe port's server, a threaded one, asks the same
+servicer's statuses (probe_server)."""
 
 import asyncio
 import concurrent.futures
@@ -14,7 +16,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,35 +29,27 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
-# The longest a Watch sleeps before it asks gRPC again whether its call is
-# still open. The end-of-call callback normally wakes it at once; this bounds
-# the time a cancelled Watch can hold its worker thread if that wake-up is missed.
-WATCH_POLL_INTERVAL_S = 0.25
-
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """grpc.health.v1.Health over a fixed set of names: "" (the server as a
     whole) and each service name, every one NOT_SERVING until set.
 
-    All state is one dict of statuses (its keys never change), a version
-    counter bumped on every change, and one Condition that every Watch waits
-    on. The lock is held only to read or write those, never while calling into
-    gRPC, so no thread of gRPC's can ever wait on a thread that waits on it."""
+    All state is one dict of statuses (its keys never change), set from
+    any thread under a lock held for a few instructions, and one Event the
+    Watches wait on, set and replaced on the event loop on every change."""
 
     def __init__(self, *, service_names: list[str], watch_lifetime_ms: int,
-                 clock: Callable[[], float] = time.monotonic,
-                 poll_interval_s: float = WATCH_POLL_INTERVAL_S):
+                 clock: Callable[[], float] = time.monotonic):
         if watch_lifetime_ms <= 0:
             raise ValueError(f"watch_lifetime_ms must be > 0, not {watch_lifetime_ms}")
-        if poll_interval_s <= 0:
-            raise ValueError(f"poll_interval_s must be > 0, not {poll_interval_s}")
         self._statuses: dict[str, int] = dict.fromkeys(["", *service_names], NOT_SERVING)
         self._watch_lifetime_s = watch_lifetime_ms / 1000
         self._clock = clock
-        self._poll_interval_s = poll_interval_s
-        self._condition = threading.Condition()
-        self._version = 0
+        self._lock = threading.Lock()
         self._shutting_down = False
+        # The event loop the Watches run on, known from the first one.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
 
     @property
     def names(self) -> frozenset[str]:
@@ -64,7 +58,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     def status(self, service: str) -> int | None:
         """The status of a known name; None for a name not in the set."""
-        with self._condition:
+        with self._lock:
             return self._statuses.get(service)
 
     def set(self, service: str, status: int) -> None:
@@ -81,7 +75,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     def enter_graceful_shutdown(self) -> None:
         """Sets every name NOT_SERVING for good: later set() and set_all()
         calls are ignored. Watchers are sent NOT_SERVING."""
-        with self._condition:
+        with self._lock:
             self._shutting_down = True
             self._apply_locked(dict.fromkeys(self._statuses, NOT_SERVING))
 
@@ -89,7 +83,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         for status in statuses.values():
             if status not in (SERVING, NOT_SERVING):
                 raise ValueError(f"a health status is SERVING or NOT_SERVING, not {status!r}")
-        with self._condition:
+        with self._lock:
             if not self._shutting_down:
                 self._apply_locked(statuses)
 
@@ -99,71 +93,10 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             if self._statuses[service] != status:
                 self._statuses[service] = status
                 changed = True
-        if changed:
-            self._version += 1
-            self._condition.notify_all()
+        if changed and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake_watchers)
 
     def _wake_watchers(self) -> None:
-        # Called by gRPC when a Watch's call ends (on its event thread): the
-        # lock is only ever held for a few instructions, never across gRPC.
-        with self._condition:
-            self._condition.notify_all()
-
-    def Check(self, request, context):
-        status = self.status(request.service)
-        if status is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
-        return health_pb2.HealthCheckResponse(status=status)
-
-    def Watch(self, request, context) -> Iterator[health_pb2.HealthCheckResponse]:
-        """The name's status now (SERVICE_UNKNOWN for a name not in the set,
-        which never changes), then each change, until the call ends or the
-        Watch has lived watch_lifetime_ms; then it returns OK, and the client
-        watches again. Nothing about the Watch is stored in the servicer."""
-        service = request.service
-        deadline = self._clock() + self._watch_lifetime_s
-        if not context.add_callback(self._wake_watchers):
-            return  # the call has already ended
-        with self._condition:
-            version = self._version
-            sent = self._statuses.get(service, SERVICE_UNKNOWN)
-        yield health_pb2.HealthCheckResponse(status=sent)
-        while True:
-            with self._condition:
-                if self._version == version:
-                    remaining = deadline - self._clock()
-                    if remaining > 0:
-                        self._condition.wait(min(self._poll_interval_s, remaining))
-                version = self._version
-                status = self._statuses.get(service, SERVICE_UNKNOWN)
-            # No lock held from here on: gRPC takes its own locks.
-            if self._clock() >= deadline or not context.is_active():
-                return
-            if status != sent:
-                sent = status
-                yield health_pb2.HealthCheckResponse(status=status)
-
-
-class LoopHealthServicer(HealthServicer):
-    """The main server's servicer (grpc.aio's): Check and Watch are
-    coroutines on its event loop. A waiting Watch holds no thread, and ends
-    when its call does (gRPC cancels it); in the server's thread pool
-    nothing would tell a waiting Watch that its caller had left."""
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        # The event loop the Watches run on, known from the first one; the
-        # Event they wait on, set and replaced on every change.
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._changed: asyncio.Event | None = None
-
-    def _apply_locked(self, statuses: dict[str, int]) -> None:
-        version = self._version
-        super()._apply_locked(statuses)
-        if self._version != version and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake_loop_watchers)
-
-    def _wake_loop_watchers(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -174,8 +107,10 @@ class LoopHealthServicer(HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request, context) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """As HealthServicer.Watch: the status now, each change, until the
-        call ends or the Watch has lived watch_lifetime_ms."""
+        """The name's status now (SERVICE_UNKNOWN for a name not in the set,
+        which never changes), then each change, until the call ends or the
+        Watch has lived watch_lifetime_ms; then it returns OK, and the client
+        watches again. Nothing about the Watch is stored in the servicer."""
         if self._loop is None:
             self._changed = asyncio.Event()
             self._loop = asyncio.get_running_loop()
@@ -183,7 +118,7 @@ class LoopHealthServicer(HealthServicer):
         sent = None
         while True:
             changed = self._changed  # before the status: a change after it sets this one
-            with self._condition:
+            with self._lock:
                 status = self._statuses.get(request.service, SERVICE_UNKNOWN)
             if status != sent:
                 sent = status
@@ -281,13 +216,18 @@ def probe_server(servicer: HealthServicer, *, address: str, threads: int) -> tup
     interceptors, its own threads, so that a probe never waits behind the
     main server's calls, whatever they are. Returns it, not started, and
     its port (0 if it could not listen)."""
+    def check(request, context):
+        status = servicer.status(request.service)
+        if status is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return health_pb2.HealthCheckResponse(status=status)
+
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probe"),
                          maximum_concurrent_rpcs=threads)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "grpc.health.v1.Health",
-        # The threads' Check, also for the main server's LoopHealthServicer.
         {"Check": grpc.unary_unary_rpc_method_handler(
-            lambda request, context: HealthServicer.Check(servicer, request, context),
+            check,
             request_deserializer=health_pb2.HealthCheckRequest.FromString,
             response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
         )},

@@ -1,8 +1,8 @@
-"""The health servicers (server/health.py) against real servers on
-loopback: no deadlock under Watch-and-cancel, no memory kept per watched name,
-Watch streams that end, and graceful shutdown. Every test runs twice: the
-threads' HealthServicer on a grpc.server (the probe port's) and the main
-server's LoopHealthServicer on a grpc.aio server. No database is needed."""
+"""The health servicer (server/health.py) against a real grpc.aio server on
+loopback, as the main server serves it: no deadlock under Watch-and-cancel,
+no memory kept per watched name, Watch streams that end, and graceful
+shutdown. No database is needed; the probe port's Check is tested in
+test_probe_port.py."""
 
 import asyncio
 import contextlib
@@ -13,14 +13,13 @@ import sys
 import threading
 import time
 import tracemalloc
-from concurrent import futures
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orgbilling.server.event_loop import EventLoopThread
-from orgbilling.server.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING, HealthServicer, LoopHealthServicer
+from orgbilling.server.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING, HealthServicer
 
 NAMES = ["orgbilling.v1.CreditService", "orgbilling.v1.OrgBillingService"]
 MIB = 1024 * 1024
@@ -28,49 +27,32 @@ MIB = 1024 * 1024
 pytestmark = pytest.mark.timeout(60)
 
 
-# "threads" or "loop": which servicer and server the running test uses (servicer_kind).
-KIND = "threads"
-
-
-@pytest.fixture(autouse=True, params=["threads", "loop"])
-def servicer_kind(request, monkeypatch):
-    monkeypatch.setattr(sys.modules[__name__], "KIND", request.param)
-    return request.param
-
-
 def new_servicer(**overrides) -> HealthServicer:
     options = {"service_names": NAMES, "watch_lifetime_ms": 60_000, **overrides}
-    return LoopHealthServicer(**options) if KIND == "loop" else HealthServicer(**options)
+    return HealthServicer(**options)
 
 
 @contextlib.contextmanager
-def serving(servicer: HealthServicer, max_workers: int = 16):
-    """A server on 127.0.0.1 with only this servicer (a grpc.server, or a
-    grpc.aio one for a LoopHealthServicer); yields (server, address)."""
-    if isinstance(servicer, LoopHealthServicer):
-        server = LoopServer(servicer, max_workers)
-    else:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        server.port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
+def serving(servicer: HealthServicer, calls_max: int = 100):
+    """A grpc.aio server on 127.0.0.1 with only this servicer, taking
+    calls_max calls at once; yields (server, address)."""
+    server = LoopServer(servicer, calls_max)
     assert server.port != 0
     try:
         yield server, f"127.0.0.1:{server.port}"
     finally:
         server.stop(0).wait(5)
-        if isinstance(server, LoopServer):
-            server.close()
+        server.close()
 
 
 class LoopServer:
     """A grpc.aio server on a loop of its own, stopped as a grpc.server is."""
 
-    def __init__(self, servicer: LoopHealthServicer, max_workers: int):
+    def __init__(self, servicer: HealthServicer, calls_max: int):
         self._event_loop = EventLoopThread(name="health-test")
 
         def new_server():
-            server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+            server = grpc.aio.server(maximum_concurrent_rpcs=calls_max)
             health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
             return server, server.add_insecure_port("127.0.0.1:0")
 
@@ -242,7 +224,7 @@ def test_watching_many_distinct_names_keeps_no_memory_per_name():
             tracemalloc.start()
             try:
                 watch_names(1_000, 150)
-                time.sleep(0.3)  # the cancelled Watches end (poll interval 0.25 s)
+                time.sleep(0.3)  # the cancelled Watches end
                 gc.collect()
                 rss_half = rss_bytes()
                 watch_names(2_000, 150)
@@ -295,18 +277,12 @@ def test_watch_of_an_unknown_name_is_service_unknown_and_stores_nothing():
     assert servicer.status("no.Such") is None
 
 
-@pytest.mark.parametrize("end_callback", [True, False], ids=["end-callback", "poll-only"])
-def test_cancelled_watches_free_their_workers(end_callback):
-    """With 4 server threads and Watches that would live 60 s, 50 Watches
-    started and cancelled one after another each get their first reply and
-    Check still answers within 1 s: every cancel frees its worker, through
-    gRPC's end-of-call callback or, failing that, the poll interval."""
-    if KIND == "loop" and not end_callback:
-        pytest.skip("a LoopHealthServicer's Watch is cancelled with its call: there is no poll")
-    servicer = new_servicer(poll_interval_s=0.05)
-    if not end_callback:
-        servicer._wake_watchers = lambda: None  # only the poll notices the end
-    with serving(servicer, max_workers=4) as (server, address):
+def test_cancelled_watches_end_with_their_calls():
+    """On a server that takes 4 calls at once, 50 Watches that would live
+    60 s, started and cancelled one after another, each get their first
+    reply, and Check still answers within 1 s: every cancelled Watch ended."""
+    servicer = new_servicer()
+    with serving(servicer, calls_max=4) as (server, address):
         with grpc.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             started = time.monotonic()

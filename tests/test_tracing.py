@@ -175,7 +175,7 @@ def wait_queued(server: OrgBillingServer, count: int, timeout_s: float = 10) -> 
 def test_group_committed_deductions_are_linked_to_their_batch_both_ways(traced, database_url):
     """Concurrent deductions queue behind a batch that waits for the pool
     row; the next batch carries them all. Each call's span and its batch's
-    span link to each other; the batch is a child of its leader's call and
+    span link to each other; the batch is a child of the first call it carries and
     the parent of its statements."""
     traced.client.funded_org("acme", 10**6, {"alice": 10**6})
     callers = 8
@@ -201,7 +201,7 @@ def test_group_committed_deductions_are_linked_to_their_batch_both_ways(traced, 
         assert batch.context.trace_id in {l.context.trace_id for l in call.links}
     for batch in batches:
         assert len(batch.links) == batch.attributes[BATCH_SIZE]
-        # Its parent is one of the calls it carries: the leader's.
+        # Its parent is one of the calls it carries: the first.
         assert batch.parent.span_id in {l.context.span_id for l in batch.links}
         assert by_id[batch.parent.span_id].name == DEDUCT
         below = [s for s in statements(spans) if s.parent and s.parent.span_id == batch.context.span_id]

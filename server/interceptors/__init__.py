@@ -297,7 +297,7 @@ def _in_threads(plumbing: _Plumbing, behavior, threads: Executor) -> grpc.RpcMet
                 if message is _DONE:
                     break
                 yield message
-        except BaseException:  # cancelled, or closed by gRPC: the caller has gone
+        except (asyncio.CancelledError, GeneratorExit):  # the caller has gone
             in_thread.caller_left()
 
             def close(_=None):
@@ -329,7 +329,7 @@ class ThreadContext:
     class Aborted(Exception):
         """Raised by abort(): the servicer's own status ends the call."""
 
-    __slots__ = ("_context", "_trailing_metadata", "_code", "_details", "_left", "_callbacks")
+    __slots__ = ("_context", "_trailing_metadata", "_code", "_details", "_left")
 
     def __init__(self, context: grpc.aio.ServicerContext):
         self._context = context
@@ -337,7 +337,6 @@ class ThreadContext:
         self._code: grpc.StatusCode | None = None
         self._details: str | None = None
         self._left = False
-        self._callbacks: list[Callable[[], None]] = []
 
     def invocation_metadata(self):
         return self._context.invocation_metadata()
@@ -385,15 +384,8 @@ class ThreadContext:
     def is_active(self) -> bool:
         return not self._left
 
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        """Runs callback if the caller leaves (on the event loop)."""
-        self._callbacks.append(callback)
-        return not self._left
-
     def caller_left(self) -> None:
         self._left = True
-        for callback in self._callbacks:
-            callback()
 
     async def end(self) -> None:
         """Sends the call's trailing metadata, and its status if it failed."""
