@@ -33,9 +33,9 @@ def new_servicer(**overrides) -> HealthServicer:
 
 
 @contextlib.contextmanager
-def serving(servicer: HealthServicer, calls_max: int = 100):
+def serving(servicer: HealthServicer, calls_max: int | None = None):
     """A grpc.aio server on 127.0.0.1 with only this servicer, taking
-    calls_max calls at once; yields (server, address)."""
+    calls_max calls at once (None: any number); yields (server, address)."""
     server = LoopServer(servicer, calls_max)
     assert server.port != 0
     try:
@@ -48,7 +48,7 @@ def serving(servicer: HealthServicer, calls_max: int = 100):
 class LoopServer:
     """A grpc.aio server on a loop of its own, stopped as a grpc.server is."""
 
-    def __init__(self, servicer: HealthServicer, calls_max: int):
+    def __init__(self, servicer: HealthServicer, calls_max: int | None):
         self._event_loop = EventLoopThread(name="health-test")
 
         def new_server():
