@@ -1,18 +1,26 @@
 """An asyncio event loop in a thread of its own, for a grpc.aio server in a
 process whose other parts (the sweepers, the health monitor, the key
-reloads, the callers of start and stop) are threads."""
+reloads, the callers of start and stop) are threads.
+
+uvloop's loop, not asyncio's: each batch of the group commit hands off to
+its lane's thread and back (call_soon_threadsafe), and on asyncio's loop
+those hand-offs and the loop's own turns cost a hot deduction about as much
+as the threads' hand-off they replace (benchmarks/README.md, "The server
+on asyncio")."""
 
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import uvloop
+
 T = TypeVar("T")
 
 
 class EventLoopThread:
     def __init__(self, *, name: str):
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
