@@ -22,7 +22,7 @@ REFUND_REASON_CHARS_MAX = 256
 class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
     """The calls that queue in a GroupCommitter's lanes (checks, deductions,
     holds and their ends) are coroutines, run on the server's event loop;
-    the others run in its thread pool (server.app)."""
+    the others run in the interceptor chain's thread pool (server.interceptors)."""
 
     def __init__(self, store: Store, *, committer: GroupCommitter, checks: GroupCommitter,
                  batch_items_max: int,
