@@ -6,6 +6,7 @@ on a grpc.aio server, with each interceptor as the server builds it."""
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import threading
 import time
 
@@ -21,7 +22,7 @@ from orgbilling.server.auth.caller import Caller
 from orgbilling.server.errors import ServiceError, unauthenticated
 from orgbilling.server.event_loop import EventLoopThread
 from orgbilling.server.health import HealthServicer
-from orgbilling.server.interceptors import InterceptorChain
+from orgbilling.server.interceptors import InterceptorChain, Interceptor
 from orgbilling.server.interceptors.admission import AdmissionInterceptor
 from orgbilling.server.interceptors.auth import AuthInterceptor
 from orgbilling.server.interceptors.deadline import DeadlineInterceptor
@@ -96,7 +97,7 @@ def echo_service(name: str, behaviour: Behaviour):
 
 class Harness:
     def __init__(self, *, calls_max=100, streams_max=100, stream_lifetime_ms=60_000,
-                 rate_per_s=0, burst=1):
+                 rate_per_s=0, burst=1, innermost=()):
         self.behaviour = Behaviour()
         self.draining = DrainingInterceptor()
         buckets = TokenBuckets(rate_per_s=rate_per_s, burst=burst, keys_max=1000) if rate_per_s else None
@@ -110,6 +111,7 @@ class Harness:
             AuthInterceptor(FakeAuthenticator(), open_services=open_services),
             RateLimitInterceptor(reads=buckets, writes=buckets),
             DeadlineInterceptor(),
+            *innermost,
         ], threads=self.threads)
         self.health = HealthServicer(service_names=[SERVICE], watch_lifetime_ms=60_000)
         self.event_loop = EventLoopThread(name="harness")
@@ -297,6 +299,80 @@ def test_the_callers_deadline_reaches_the_servicer(harness, kind, monkeypatch):
     assert 2 < h.behaviour.seen[-1]["seconds_left"] < 3.5
     h.call(kind, timeout=None)
     assert h.behaviour.seen[-1]["seconds_left"] is None
+
+
+class ContextVarInterceptor(Interceptor):
+    """Sets a context variable for the call and resets it at the call's end,
+    which fails unless the end runs in the context the call began in (as
+    OpenTelemetry's detach does)."""
+
+    def __init__(self):
+        self.var = contextvars.ContextVar("test_call_var")
+        self.ended = threading.Event()
+        self.failures: list[Exception] = []
+
+    def intercept(self, call):
+        token = self.var.set(call.request_id)
+
+        def end():
+            try:
+                self.var.reset(token)
+            except ValueError as error:
+                self.failures.append(error)
+            self.ended.set()
+
+        return end
+
+
+def test_a_stream_cancelled_while_its_servicer_runs_ends_in_its_own_context(harness):
+    """The caller cancels while the stream's next message is being made in
+    a thread: once that step returns, the interceptors' ends run, in the
+    context the call began in."""
+    probe = ContextVarInterceptor()
+    h = harness(innermost=[probe])
+    release = h.behaviour.release = threading.Event()
+    stream = h.channel.unary_stream(STREAM, request_serializer=None, response_deserializer=None)(
+        wrappers_pb2.StringValue(value="hi").SerializeToString(),
+        metadata=[("authorization", f"Bearer {GOOD_TOKEN}")], timeout=5)
+    next(stream)
+    assert h.behaviour.started.acquire(timeout=5), "the second step never reached the servicer"
+    stream.cancel()
+    time.sleep(0.1)  # the server sees the cancellation while the step still runs
+    assert not probe.ended.is_set()
+    release.set()
+    assert probe.ended.wait(5), "the cancelled stream's interceptors never ended"
+    assert probe.failures == []
+
+
+class SlowEnd(Interceptor):
+    """An end that takes its time, and says when it has run."""
+
+    def __init__(self):
+        self.ended = threading.Event()
+
+    def intercept(self, call):
+        self.ended.clear()
+
+        def end():
+            time.sleep(0.1)
+            self.ended.set()
+
+        return end
+
+
+@pytest.mark.parametrize("outcome", ["ok", "refused"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_calls_ends_have_run_before_its_caller_has_the_answer(harness, kind, outcome):
+    """What an interceptor does at a call's end (its log line, its metric,
+    its span) is done once the caller has its answer, success or failure."""
+    slow = SlowEnd()
+    h = harness(innermost=[slow])
+    if outcome == "refused":
+        h.behaviour.raise_error = ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "TEST_REFUSAL", "no")
+        assert refusal(lambda: h.call(kind))[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "TEST_REFUSAL")
+    else:
+        assert h.call(kind)[0]
+    assert slow.ended.is_set()
 
 
 def has_retry_info(error: grpc.RpcError) -> bool:

@@ -167,8 +167,10 @@ class _Plumbing:
 
     @staticmethod
     def finish(ends: list[Callable[[], None]]) -> None:
-        for end in reversed(ends):
-            end()
+        """Runs the ends, innermost first, once: a second finish of the
+        same call runs nothing."""
+        while ends:
+            ends.pop()()
 
     @staticmethod
     def status(call: Call, error: Exception) -> grpc.Status | None:
@@ -199,10 +201,17 @@ def _on_the_loop(plumbing: _Plumbing, behavior) -> grpc.RpcMethodHandler:
     def request_of(call: Call, request_or_iterator):
         return decoded(call, request_or_iterator) if plumbing.streamed else call.request
 
-    async def end_failed(call: Call, error: Exception) -> None:
+    async def end_failed(call: Call, error: Exception, ends: list) -> None:
+        # The ends run before the status is sent (grpc.aio's abort sends it
+        # at once): a caller that has its answer finds the call logged,
+        # counted and its span ended. They see the status in the context.
         status = plumbing.status(call, error)
         if status is None:
+            plumbing.finish(ends)
             raise error  # grpc.aio sends the servicer's own status
+        call.context.set_code(status.code)
+        call.context.set_details(status.details)
+        plumbing.finish(ends)
         await call.context.abort(status.code, status.details, status.trailing_metadata)
 
     if not plumbing.response_streaming:
@@ -213,7 +222,7 @@ def _on_the_loop(plumbing: _Plumbing, behavior) -> grpc.RpcMethodHandler:
                 plumbing.begin(call, ends)
                 return await behavior(request_of(call, request_or_iterator), context)
             except Exception as error:  # noqa: BLE001: every failure gets a status
-                await end_failed(call, error)
+                await end_failed(call, error, ends)
             finally:
                 plumbing.finish(ends)
 
@@ -231,7 +240,7 @@ def _on_the_loop(plumbing: _Plumbing, behavior) -> grpc.RpcMethodHandler:
                     return
                 yield message
         except Exception as error:  # noqa: BLE001: every failure gets a status
-            await end_failed(call, error)
+            await end_failed(call, error, ends)
         finally:
             plumbing.finish(ends)
 
@@ -291,8 +300,8 @@ def _in_threads(plumbing: _Plumbing, behavior, threads: Executor) -> grpc.RpcMet
         step = None
         try:
             while True:
-                step = loop.run_in_executor(threads, run, next, steps, _DONE)
-                message = await step
+                step = threads.submit(run, next, steps, _DONE)
+                message = await asyncio.wrap_future(step, loop=loop)
                 step = None
                 if message is _DONE:
                     break
@@ -308,6 +317,8 @@ def _in_threads(plumbing: _Plumbing, behavior, threads: Executor) -> grpc.RpcMet
             if step is None:
                 close()
             else:
+                # The thread's own future: it is done when the step has
+                # returned (the awaited wrapper is done as soon as cancelled).
                 step.add_done_callback(close)
             raise
         await in_thread.end()
