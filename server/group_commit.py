@@ -165,7 +165,12 @@ class GroupCommitter:
         try:
             while lane.queue:
                 batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._batch_size_max))]
-                outcomes = await loop.run_in_executor(self._threads, batch[0].context.run, self._commit, batch)
+                try:
+                    outcomes = await loop.run_in_executor(
+                        self._threads, batch[0].context.run, self._commit, batch)
+                except Exception as error:  # noqa: BLE001: a bug around the batch (a hook, a span)
+                    log.exception("a batch of %d items failed before it committed", len(batch))
+                    outcomes = [(None, error)] * len(batch)  # its callers must not wait for ever
                 for ticket, (result, error) in zip(batch, outcomes, strict=True):
                     if ticket.outcome.done():
                         continue  # its caller stopped waiting

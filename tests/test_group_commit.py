@@ -213,6 +213,33 @@ def test_one_failing_item_does_not_fail_the_others():
     committer.close()
 
 
+def test_a_batch_that_fails_outside_its_items_fails_its_callers_and_the_lane_goes_on():
+    """Whatever goes wrong around a batch (here its metrics hook), its
+    callers hear of it rather than wait for ever, and the next batch runs."""
+    recorder = Recorder()
+    failing = [True]
+
+    def on_batch(size):
+        if failing[0]:
+            raise RuntimeError("the hook failed")
+
+    committer = GroupCommitter(recorder, lanes=1, batch_size_max=100, queue_length_max=100,
+                               on_batch=on_batch)
+
+    async def two_rounds():
+        first = await asyncio.wait_for(asyncio.gather(
+            committer.submit(deduction(1)), committer.submit(deduction(2)), return_exceptions=True), 5)
+        failing[0] = False
+        second = await asyncio.wait_for(committer.submit(deduction(3)), 5)
+        return first, second
+
+    first, second = asyncio.run(two_rounds())
+    assert [type(r) for r in first] == [RuntimeError, RuntimeError]
+    assert second.deduction_id == "id-3"
+    assert recorder.batches == [[3]]  # the failed batch never reached the database
+    committer.close()
+
+
 def test_a_full_queue_refuses_with_resource_exhausted():
     release = threading.Event()
     committer = GroupCommitter(lambda items: release.wait() and [ok(d) for d in items],
