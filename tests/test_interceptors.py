@@ -22,7 +22,7 @@ from orgbilling.server.auth.caller import Caller
 from orgbilling.server.errors import ServiceError, unauthenticated
 from orgbilling.server.event_loop import EventLoopThread
 from orgbilling.server.health import HealthServicer
-from orgbilling.server.interceptors import InterceptorChain, Interceptor
+from orgbilling.server.interceptors import Interceptor, InterceptorChain
 from orgbilling.server.interceptors.admission import AdmissionInterceptor
 from orgbilling.server.interceptors.auth import AuthInterceptor
 from orgbilling.server.interceptors.deadline import DeadlineInterceptor
