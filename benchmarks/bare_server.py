@@ -1,8 +1,8 @@
 """Baseline A0: a bare gRPC server, the floor a no-op call can reach in
 Python on this machine. It serves the same health service as `orgbilling
 serve` (server.health.HealthServicer: Check on the event loop), built
-by the same function (server.app.new_grpc_server: grpc.aio, the same thread
-pool and options), and nothing else: no interceptors, no database. Our
+by the same function (server.app.new_grpc_server: grpc.aio, the same
+options), and nothing else: no interceptors, no database. Our
 no-op over it is what our interceptor chain costs.
 
     python -m benchmarks.bare_server    # listens on ORGBILLING_LISTEN_ADDRESS until SIGTERM

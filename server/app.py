@@ -106,8 +106,9 @@ def new_grpc_server(settings: Settings, *, interceptors: list[grpc.aio.ServerInt
     (server.interceptors)."""
     return grpc.aio.server(
         interceptors=interceptors,
-        # gRPC's own cap, a backstop far above admission control: no call
-        # ever waits for a worker thread, and health always finds one.
+        # gRPC's own cap on calls open at once, a backstop far above
+        # admission control: no call ever waits for a thread of the
+        # chain's pool (as many), and health always gets in.
         maximum_concurrent_rpcs=settings.worker_threads,
         options=grpc_server_options(settings),
     )
@@ -227,21 +228,6 @@ class OrgBillingServer:
             RateLimitInterceptor(reads=self.security.read_limits, writes=self.security.write_limits),
             DeadlineInterceptor(),
         ]
-        self.credit_servicer = CreditServicer(
-            self.store, committer=self.committer, checks=self.check_coalescer,
-            batch_items_max=settings.deduct_batch_items_max,
-            reservation_ttl_default_ms=settings.reservation_ttl_default_ms,
-            reservation_ttl_min_ms=settings.reservation_ttl_min_ms,
-            reservation_ttl_max_ms=settings.reservation_ttl_max_ms,
-            page_size_default=settings.page_size_default,
-            page_size_max=settings.page_size_max,
-            metrics=self.metrics)
-        # The reports read through the same pool, with the same handling.
-        self.reporting_servicer = ReportingServicer(
-            ReportStore(self.pool, pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
-                        statement_timeout_ms=settings.statement_timeout_ms),
-            settings=settings,
-        )
         # Where the calls whose servicers are plain code run.
         self.rpc_threads = futures.ThreadPoolExecutor(
             max_workers=settings.worker_threads, thread_name_prefix="rpc")
@@ -262,17 +248,30 @@ class OrgBillingServer:
         cannot); on the event loop."""
         server = new_grpc_server(self.settings, interceptors=[
             InterceptorChain(interceptors, threads=self.rpc_threads)])
-        credit_service_pb2_grpc.add_CreditServiceServicer_to_server(self.credit_servicer, server)
+        settings = self.settings
+        credit_service_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(
+            self.store, committer=self.committer, checks=self.check_coalescer,
+            batch_items_max=settings.deduct_batch_items_max,
+            reservation_ttl_default_ms=settings.reservation_ttl_default_ms,
+            reservation_ttl_min_ms=settings.reservation_ttl_min_ms,
+            reservation_ttl_max_ms=settings.reservation_ttl_max_ms,
+            page_size_default=settings.page_size_default,
+            page_size_max=settings.page_size_max,
+            metrics=self.metrics), server)
         org_billing_service_pb2_grpc.add_OrgBillingServiceServicer_to_server(
-            OrgBillingServicer(self.store, settings=self.settings), server)
-        reporting_service_pb2_grpc.add_ReportingServiceServicer_to_server(self.reporting_servicer, server)
+            OrgBillingServicer(self.store, settings=settings), server)
+        # The reports read through the same pool, with the same handling.
+        reporting_service_pb2_grpc.add_ReportingServiceServicer_to_server(ReportingServicer(
+            ReportStore(self.pool, pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
+                        statement_timeout_ms=settings.statement_timeout_ms),
+            settings=settings), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME],
             server,
         )
-        self.port = add_port(server, self.settings)
+        self.port = add_port(server, settings)
         return server
 
     def start(self) -> None:

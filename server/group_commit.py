@@ -235,14 +235,11 @@ def _expire(lane: _Lane, ticket: _Ticket) -> None:
         ticket.outcome.set_exception(deadline_exceeded())
 
 
-def _withdraw(lane: _Lane, ticket: _Ticket) -> bool:
+def _withdraw(lane: _Lane, ticket: _Ticket) -> None:
     """Takes the ticket out of its lane if no batch has taken it yet (so it
-    is surely not applied); False if it is in a batch."""
-    try:
+    is surely not applied); one in a batch stays there."""
+    with contextlib.suppress(ValueError):
         lane.queue.remove(ticket)
-    except ValueError:
-        return False
-    return True
 
 
 def _failed(span: trace.Span, error: BaseException) -> None:

@@ -60,9 +60,10 @@ class Settings:
     # tracking prepared statements: PgBouncer in transaction mode before 1.21
     # (or without max_prepared_statements). Cost measured in `make bench`.
     prepared_statements: bool = True
-    # Threads running RPCs. A call holds one from before its request arrives
-    # until it ends, so the pool is sized for calls that are blocked (slow or
-    # hostile clients, open streams): a blocked thread costs memory, not CPU.
+    # Threads running the calls whose servicers are plain code (the
+    # interceptor chain's pool; checks, deductions, holds and health run on
+    # the event loop and hold none). Sized for calls that are blocked (slow
+    # or hostile clients, open streams): a blocked thread costs memory, not CPU.
     # It is also gRPC's own cap on calls: past it, RESOURCE_EXHAUSTED at once,
     # with no details, before any of our code runs (a backstop: see below).
     worker_threads: int = 1024
