@@ -8,8 +8,8 @@ no-op over it is what our interceptor chain costs.
     python -m benchmarks.bare_server    # listens on ORGBILLING_LISTEN_ADDRESS until SIGTERM
 
 With --batch-ms, each health Check first waits in a GroupCommitter
-(server.group_commit) whose batches take that long in their lane's thread,
-as a deduction waits for its batch. Next to the bare no-op (`python -m
+(server.group_commit) whose batches each await that long on the loop, as a
+deduction waits for its batch while the batch awaits the database. Next to the bare no-op (`python -m
 benchmarks.profile --bare --bare-batch-ms 0.3`), that is what waiting for a
 batch costs a call in the serving layer, with no database competing for
 the cores (benchmarks/README.md).
@@ -18,7 +18,6 @@ the cores (benchmarks/README.md).
 import argparse
 import asyncio
 import signal
-import time
 from types import SimpleNamespace
 
 import uvloop
@@ -45,7 +44,11 @@ async def serve(settings: Settings, *, batch_s: float) -> None:
     health.set_all(health_pb2.HealthCheckResponse.SERVING)
     committer = None
     if batch_s > 0:
-        committer = GroupCommitter(lambda items: time.sleep(batch_s) or [None] * len(items),
+        async def commit(items):
+            await asyncio.sleep(batch_s)
+            return [None] * len(items)
+
+        committer = GroupCommitter(commit,
                                    lanes=settings.group_commit_lanes,
                                    batch_size_max=settings.group_commit_batch_size_max,
                                    queue_length_max=settings.group_commit_queue_length_max)
@@ -65,8 +68,6 @@ async def serve(settings: Settings, *, batch_s: float) -> None:
     await server.start()
     await stopping.wait()
     await server.stop(grace=1)
-    if committer is not None:
-        committer.close()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import asyncio
 import collections
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,9 @@ def parse_arguments(argv):
                              " (benchmarks.canned_ledger_server)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--stacks", type=Path, metavar="FILE",
+                        help="also keep py-spy's samples in FILE (one `frame;frame;... count` line"
+                             " a stack, as flame graph tools read them)")
     parser.add_argument("--plans", type=int, default=5,
                         help="print the plans (EXPLAIN ANALYZE, BUFFERS, by auto_explain on a"
                              " sample of the calls) of the statements that took the most time")
@@ -240,6 +244,8 @@ def main(argv=None) -> None:
                 if sampler.returncode != 0:
                     sys.exit(f"py-spy failed: {sampler_errors.decode(errors='replace')}")
                 stacks = collapsed_stacks(profile)
+                if arguments.stacks is not None:
+                    shutil.copyfile(profile, arguments.stacks)
         explained = explained_plans(log, start=log_start) if log is not None else []
 
     # The function counters run from the warm-up on, as the sampler does.

@@ -19,7 +19,7 @@ from orgbilling.v1 import reporting_service_pb2, reporting_service_pb2_grpc
 from orgbilling.server.auth.local_admin import ensure_local_admin_key, grpcurl_example
 from orgbilling.server.auth.security import Security
 from orgbilling.server.auth.tls import add_port
-from orgbilling.server.database import open_pool, resolve_database_url
+from orgbilling.server.database import open_lane_pool, open_pool, resolve_database_url
 from orgbilling.server.event_loop import EventLoopThread
 from orgbilling.server.health import DatabaseHealthMonitor, HealthServicer, probe_server
 from orgbilling.server.group_commit import GroupCommitter
@@ -40,7 +40,7 @@ from orgbilling.server.servicers.reporting import ReportingServicer
 from orgbilling.server.settings import Settings
 from orgbilling.server.report_store import ReportStore
 from orgbilling.server.request_context import current_request_id
-from orgbilling.server.store import Store
+from orgbilling.server.store import LaneStore, Store
 from orgbilling.server.metrics import Metrics
 from orgbilling.server.sweeper import IdempotencySweeper, PeriodSweeper, ReservationSweeper
 from orgbilling.server.tracing import (
@@ -145,17 +145,22 @@ class OrgBillingServer:
             tracer_provider = tracer_provider_from_environment()
         self.tracer_provider = tracer_provider
         tracer = tracer_provider.get_tracer(TRACER_NAME) if tracer_provider else None
-        self.pool = open_pool(settings, database_url,
-                              configure=statement_spans(tracer_provider) if tracer_provider else None)
+        spans = statement_spans(tracer_provider) if tracer_provider else None
+        self.pool = open_pool(settings, database_url, configure=spans)
         self.store = Store(
             self.pool,
             pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
             statement_timeout_ms=settings.statement_timeout_ms,
         )
+        # The gRPC server's loop; the group commit's batches run on it too,
+        # through a pool of their own.
+        self.event_loop = EventLoopThread(name="grpc")
+        self.lane_pool = self.event_loop.run(open_lane_pool(settings, database_url, configure=spans))
+        self.lane_store = LaneStore(self.lane_pool, pool_wait_timeout_ms=settings.pool_wait_timeout_ms)
         self.metrics = Metrics() if settings.metrics_listen else None
         self.metrics_http = None
         self.committer = GroupCommitter(
-            self.store.commit_group,
+            self.lane_store.commit_group,
             lanes=settings.group_commit_lanes,
             batch_size_max=settings.group_commit_batch_size_max,
             queue_length_max=settings.group_commit_queue_length_max,
@@ -165,7 +170,7 @@ class OrgBillingServer:
         # Checks coalesce as deductions do, in lanes of their own: a check
         # never waits behind a deduction's transaction.
         self.check_coalescer = GroupCommitter(
-            self.store.check_batch,
+            self.lane_store.check_batch,
             lanes=settings.group_commit_lanes,
             batch_size_max=settings.group_commit_batch_size_max,
             queue_length_max=settings.group_commit_queue_length_max,
@@ -191,13 +196,16 @@ class OrgBillingServer:
             watch_lifetime_ms=settings.open_service_stream_lifetime_ms,
         )
         self.health = DatabaseHealthMonitor(
-            self.store, servicer=self.health_servicer, service_names=SERVICE_NAMES,
+            ping=self._ping_database, replace_dead_connections=self._replace_dead_connections,
+            servicer=self.health_servicer, service_names=SERVICE_NAMES,
             interval_ms=settings.health_check_interval_ms,
         )
         self.security = Security(settings, self.pool)
         self.draining = DrainingInterceptor()
         if self.metrics:
-            self.metrics.watch(pool=self.pool, committer=self.committer, health=self.health)
+            # "calls": the server's pool; "lanes": the group commit's.
+            self.metrics.watch(pools={"calls": self.pool, "lanes": self.lane_pool},
+                               committer=self.committer, health=self.health)
         # Outermost first; the chain itself maps errors, outside all of them.
         # Tracing and metrics outermost: calls refused by any interceptor are
         # traced and counted too; the span covers the metrics' own work.
@@ -231,7 +239,6 @@ class OrgBillingServer:
         # Where the calls whose servicers are plain code run.
         self.rpc_threads = futures.ThreadPoolExecutor(
             max_workers=settings.worker_threads, thread_name_prefix="rpc")
-        self.event_loop = EventLoopThread(name="grpc")
         self.grpc_server = self.event_loop.call(lambda: self._new_grpc_server(interceptors))
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.listen_address}")
@@ -242,6 +249,18 @@ class OrgBillingServer:
                 threads=settings.probe_threads)
             if self.probe_port == 0:
                 raise RuntimeError(f"cannot listen on {settings.probe_listen_address}")
+
+    def _ping_database(self, timeout_s: float) -> None:
+        """Both pools hand out a connection that answers (the health monitor's
+        ping, from its thread): without the lanes', no deduction commits."""
+        self.store.ping(timeout_s)
+        self.event_loop.run(self.lane_store.ping(timeout_s), timeout_s=2 * timeout_s)
+
+    def _replace_dead_connections(self) -> None:
+        """After an outage, both pools' idle connections are dead: each
+        replaces them now, rather than fail one call on each."""
+        self.store.pool.check()
+        self.event_loop.run(self.lane_pool.check(), timeout_s=self.settings.pool_wait_timeout_ms / 1000)
 
     def _new_grpc_server(self, interceptors: list) -> grpc.aio.Server:
         """The gRPC server with every service, listening (self.port, 0 if it
@@ -301,10 +320,9 @@ class OrgBillingServer:
         self.draining.begin_draining()
         self.draining.wait_quiet(self.settings.shutdown_quiet_ms / 1000, grace_s)
         self.event_loop.run(self.grpc_server.stop(max(0.0, deadline - time.monotonic())))
+        self.event_loop.run(self.lane_pool.close())
         self.event_loop.close()
         self.rpc_threads.shutdown(wait=False, cancel_futures=True)
-        self.committer.close()
-        self.check_coalescer.close()
         if self.probe_server is not None:
             self.probe_server.stop(0).wait()
         if self.metrics_http is not None:

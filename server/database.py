@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import psycopg
 from psycopg.types.json import set_json_dumps, set_json_loads
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from orgbilling.server.settings import Settings
 
@@ -79,7 +79,8 @@ def use_orjson(conn: psycopg.Connection | psycopg.AsyncConnection) -> None:
 
 def open_pool(settings: Settings, url: str, *,
               configure: Callable[[psycopg.Connection], None] | None = None) -> ConnectionPool:
-    """The server's pool; `configure` runs on each new connection (tracing
+    """The server's pool, for every call but the group commit's batches
+    (open_lane_pool); `configure` runs on each new connection (tracing
     instruments it: server.tracing.statement_spans)."""
     def configure_connection(conn: psycopg.Connection) -> None:
         use_orjson(conn)
@@ -104,6 +105,36 @@ def open_pool(settings: Settings, url: str, *,
     # Do not wait for min_size here: the server starts and reports NOT_SERVING
     # until the database answers.
     pool.open(wait=False)
+    return pool
+
+
+async def open_lane_pool(settings: Settings, url: str, *,
+                         configure: Callable[[psycopg.AsyncConnection], None] | None = None,
+                         ) -> AsyncConnectionPool:
+    """The group commit's pool (server.store.LaneStore), opened on the
+    running event loop, which is the only one to use it: a connection for
+    each lane of deductions and each lane of checks, as each lane commits
+    one batch at a time (Settings.lane_pool_size)."""
+    async def configure_connection(conn: psycopg.AsyncConnection) -> None:
+        use_orjson(conn)
+        if configure is not None:
+            configure(conn)
+
+    pool = AsyncConnectionPool(
+        url,
+        min_size=settings.lane_pool_size,
+        max_size=settings.lane_pool_size,
+        kwargs=connection_options(settings),
+        open=False,
+        check=None,  # as the server's pool: dead connections are found by use
+        timeout=settings.pool_wait_timeout_ms / 1000,
+        max_lifetime=settings.pool_connection_lifetime_ms / 1000,
+        max_idle=settings.pool_connection_idle_ms / 1000,
+        reconnect_timeout=300.0,
+        name="orgbilling-lanes",
+        configure=configure_connection,
+    )
+    await pool.open(wait=False)
     return pool
 
 

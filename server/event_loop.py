@@ -2,11 +2,9 @@
 process whose other parts (the sweepers, the health monitor, the key
 reloads, the callers of start and stop) are threads.
 
-uvloop's loop, not asyncio's: each batch of the group commit hands off to
-its lane's thread and back (call_soon_threadsafe), and on asyncio's loop
-those hand-offs and the loop's own turns cost a hot deduction about as much
-as the threads' hand-off they replace (benchmarks/README.md, "The server
-on asyncio")."""
+uvloop's loop, not asyncio's: on asyncio's, the loop's own turns cost a
+hot deduction about as much as the threads' hand-off the loop replaced
+(benchmarks/README.md, "The server on asyncio")."""
 
 import asyncio
 import threading
@@ -24,9 +22,15 @@ class EventLoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
-    def run(self, coroutine: Awaitable[T]) -> T:
-        """Runs `coroutine` on the loop and returns its result, from any other thread."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+    def run(self, coroutine: Awaitable[T], *, timeout_s: float | None = None) -> T:
+        """Runs `coroutine` on the loop and returns its result, from any other
+        thread; TimeoutError after timeout_s (the coroutine is then cancelled)."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout=timeout_s)
+        except TimeoutError:
+            future.cancel()
+            raise
 
     def call(self, function: Callable[[], T]) -> T:
         """Calls `function` on the loop (where grpc.aio objects must be made

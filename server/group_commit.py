@@ -5,7 +5,7 @@ A transaction per deduction on a hot pool stops scaling at the pool row's
 lock. Here calls queue in a lane (chosen by org_id, so one pool always uses
 the same lane, on every replica); the first caller to find its lane idle
 starts the lane's committer, which commits everything queued, in arrival
-order, as one batch (server.store.Store.commit_group). Holds and
+order, as one batch (server.store.LaneStore.commit_group). Holds and
 their ends (ReserveCredits, CommitReservation, ReleaseReservation) queue with
 the deductions:
 they take the same pool lock, so sharing it is what makes a hot allocation
@@ -14,13 +14,15 @@ arrives while that transaction runs waits; when it ends, the committer
 takes the next batch, and stops when the lane is empty.
 
 Callers are coroutines on the server's event loop (server.app), and so is
-each lane's committer; only the batch's transaction runs in a thread (one a
-lane, as a lane commits one batch at a time). Waking the callers of a batch
-is then resolving their futures on the loop: with one thread per caller, as
-before, each wake-up cost a caller 100-150 us of the interpreter's time
-(benchmarks/README.md, "The hand-off on an asyncio server: free").
+each lane's committer, and so is the batch's transaction (server.store's
+LaneStore, on an async connection): nothing is handed to a thread and back.
+Waking the callers of a batch is resolving their futures on the loop; with
+one thread per caller, as once, each wake-up cost a caller 100-150 us of
+the interpreter's time, and a batch run in a thread of the lane's cost the
+loop two wake-ups more (benchmarks/README.md, "The lanes' batches on the
+event loop").
 
-The same mechanism, in a second GroupCommitter over Store.check_batch,
+The same mechanism, in a second GroupCommitter over LaneStore.check_batch,
 coalesces CheckCredits: the checks waiting at one moment share one
 statement (no lock, no write, unless a period ended) instead of a pooled
 connection and a round trip each.
@@ -46,8 +48,7 @@ import contextlib
 import contextvars
 import logging
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Awaitable, Callable
 
 import psycopg
 from opentelemetry import trace
@@ -59,7 +60,7 @@ from orgbilling.server.store import (
     Deduction, DeductionResult, Reservation, ReservationCommit, ReservationRelease,
 )
 
-# What a lane queues, and what each gets back (see Store.commit_group).
+# What a lane queues, and what each gets back (see LaneStore.commit_group).
 Item = Deduction | Reservation | ReservationCommit | ReservationRelease
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class GroupCommitter:
 
     def __init__(
         self,
-        commit_batch: Callable[[list[Item]], list[DeductionResult | dict]],
+        commit_batch: Callable[[list[Item]], Awaitable[list[DeductionResult | dict]]],
         *,
         lanes: int,
         batch_size_max: int,
@@ -116,12 +117,6 @@ class GroupCommitter:
         self._on_batch = on_batch
         # Spans for the batches; None when tracing is off.
         self._tracer = tracer
-        # A lane commits one batch at a time: a thread a lane is enough.
-        self._threads = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="group-commit")
-
-    def close(self) -> None:
-        """Ends the batches' threads, once no call can submit any more."""
-        self._threads.shutdown(wait=True)
 
     def queue_lengths(self) -> list[int]:
         """Items waiting in each lane now (a batch committing excluded): for
@@ -137,7 +132,7 @@ class GroupCommitter:
         """Queues any item with an org_id for commit_batch, and returns its
         result once its batch is done: a DeductionResult for a Deduction, a
         dict for a hold or its end (reservations_batch's jsonb), what
-        Store.check_batch answers for a CreditCheck."""
+        LaneStore.check_batch answers for a CreditCheck."""
         lane = self._lane_of(item.org_id)
         if len(lane.queue) >= self._queue_length_max:
             raise server_busy("too many calls are waiting for this pool",
@@ -166,8 +161,10 @@ class GroupCommitter:
             while lane.queue:
                 batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._batch_size_max))]
                 try:
-                    outcomes = await loop.run_in_executor(
-                        self._threads, batch[0].context.run, self._commit, batch)
+                    # In its first caller's context (a task of its own: the
+                    # lane's committer runs in the context of whichever
+                    # caller started it).
+                    outcomes = await loop.create_task(self._commit(batch), context=batch[0].context)
                 except Exception as error:  # noqa: BLE001: a bug around the batch (a hook, a span)
                     log.exception("a batch of %d items failed before it committed", len(batch))
                     outcomes = [(None, error)] * len(batch)  # its callers must not wait for ever
@@ -181,9 +178,8 @@ class GroupCommitter:
         finally:
             lane.committer = None
 
-    def _commit(self, batch: list[_Ticket]) -> list[tuple[object, BaseException | None]]:
-        """Each ticket's (result, error); runs in the lane's thread, in the
-        context of the batch's first caller."""
+    async def _commit(self, batch: list[_Ticket]) -> list[tuple[object, BaseException | None]]:
+        """Each ticket's (result, error), in the context of the batch's first caller."""
         # The batch serves every caller in it, so it runs under the server's
         # own timeouts, not any caller's deadline.
         token = call_deadline_var.set(None)
@@ -192,7 +188,7 @@ class GroupCommitter:
         with (contextlib.nullcontext(trace.INVALID_SPAN) if self._tracer is None
               else self._batch_span(batch)) as span:
             try:
-                results = self._commit_batch([t.item for t in batch])
+                results = await self._commit_batch([t.item for t in batch])
             except psycopg.OperationalError as error:
                 # The database is unreachable or too slow: every caller hears so
                 # and may retry with its key.
@@ -204,7 +200,7 @@ class GroupCommitter:
                     return [(None, error)]
                 log.exception("a batch of %d items failed; committing them one by one", len(batch))
                 # Each in a batch of its own, whose span is a child of this one.
-                return [outcome for ticket in batch for outcome in self._commit([ticket])]
+                return [outcome for ticket in batch for outcome in await self._commit([ticket])]
             finally:
                 call_deadline_var.reset(token)
         return [(result, None) for result in results]

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orgbilling.server.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +131,16 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
 class DatabaseHealthMonitor:
     """Asks the database every interval whether it answers and sets every
-    service's health to match. Runs in its own thread, off the request path."""
+    service's health to match. Runs in its own thread, off the request path.
 
-    def __init__(self, store: Store, *, servicer: HealthServicer, service_names: list[str],
-                 interval_ms: int):
-        self._store = store
+    `ping(timeout_s)` raises unless each of the server's pools hands out a
+    connection within timeout_s that answers; `replace_dead_connections()`
+    has each pool test its idle connections and replace the dead ones."""
+
+    def __init__(self, *, ping: Callable[[float], None], replace_dead_connections: Callable[[], None],
+                 servicer: HealthServicer, service_names: list[str], interval_ms: int):
+        self._ping_database = ping
+        self._replace_dead_connections = replace_dead_connections
         self._servicer = servicer
         self._names = ["", *service_names]
         self._interval_s = interval_ms / 1000
@@ -176,7 +180,7 @@ class DatabaseHealthMonitor:
         answer_wait_s = max(2.0, 3 * self._interval_s)
         try:
             if self._ping is None or self._ping.done():
-                self._ping = self._database_worker.submit(self._store.ping, timeout_s=pool_wait_s)
+                self._ping = self._database_worker.submit(self._ping_database, pool_wait_s)
             self._ping.result(timeout=answer_wait_s)
             return True
         except RuntimeError:  # the worker is shut down: the server is stopping
@@ -196,7 +200,7 @@ class DatabaseHealthMonitor:
                 # Connections opened before an outage are dead: replace them now
                 # rather than fail one call on each.
                 with contextlib.suppress(RuntimeError):  # stopping
-                    self._database_worker.submit(self._store.pool.check)
+                    self._database_worker.submit(self._replace_dead_connections)
                 log.info("database answers: SERVING")
             self._set(healthy)
             self._stopping.wait(self._interval_s)

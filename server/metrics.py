@@ -86,10 +86,11 @@ class Metrics:
         self.refunds.inc()
         self.refunded.inc(amount_millicredits)
 
-    def watch(self, *, pool, committer, health) -> None:
-        """Reads these at each scrape: the connection pool (psycopg_pool's
-        get_stats()), the group-commit lanes, the database's health."""
-        self.registry.register(_StateCollector(pool=pool, committer=committer, health=health))
+    def watch(self, *, pools: dict, committer, health) -> None:
+        """Reads these at each scrape: the connection pools (psycopg_pool's
+        get_stats(), labelled pool="<name>"), the group-commit lanes, the
+        database's health."""
+        self.registry.register(_StateCollector(pools=pools, committer=committer, health=health))
 
     def serve(self, address: str):
         """Starts the HTTP endpoint on address (host:port, port 0 for any);
@@ -103,27 +104,30 @@ class Metrics:
 class _StateCollector:
     """What is read at scrape time."""
 
-    def __init__(self, *, pool, committer, health):
-        self._pool, self._committer, self._health = pool, committer, health
+    def __init__(self, *, pools: dict, committer, health):
+        self._pools, self._committer, self._health = pools, committer, health
 
     def collect(self):
-        stats = self._pool.get_stats()
-        for name, key, help_text in (
+        stats = {name: pool.get_stats() for name, pool in self._pools.items()}
+        for kind, family in ((GaugeMetricFamily, (
                 ("orgbilling_db_pool_size", "pool_size", "Connections open, in use or not."),
                 ("orgbilling_db_pool_available", "pool_available", "Connections idle in the pool."),
                 ("orgbilling_db_pool_requests_waiting", "requests_waiting",
                  "Requests waiting for a connection now."),
-                ("orgbilling_db_pool_max", "pool_max", "The pool's size limit.")):
-            yield GaugeMetricFamily(name, help_text, value=stats.get(key, 0))
-        for name, key, help_text in (
+                ("orgbilling_db_pool_max", "pool_max", "The pool's size limit."))),
+                (CounterMetricFamily, (
                 ("orgbilling_db_pool_requests", "requests_num", "Connections asked of the pool."),
                 ("orgbilling_db_pool_requests_queued", "requests_queued",
                  "Requests that had to wait for a connection."),
                 ("orgbilling_db_pool_timeouts", "requests_errors",
                  "Requests that timed out waiting for a connection."),
                 ("orgbilling_db_pool_connections_lost", "connections_lost",
-                 "Connections found broken and replaced.")):
-            yield CounterMetricFamily(name, help_text, value=stats.get(key, 0))
+                 "Connections found broken and replaced.")))):
+            for name, key, help_text in family:
+                metric = kind(name, help_text, labels=["pool"])
+                for pool, pool_stats in stats.items():
+                    metric.add_metric([pool], pool_stats.get(key, 0))
+                yield metric
         queues = GaugeMetricFamily("orgbilling_group_commit_queue_length",
                                    "Items waiting in each group-commit lane.", labels=["lane"])
         for lane, length in enumerate(self._committer.queue_lengths()):

@@ -208,6 +208,13 @@ class Settings:
     def uses_embedded_database(self) -> bool:
         return not self.database_url
 
+    @property
+    def lane_pool_size(self) -> int:
+        """Connections of the group commit's own pool (server.database.
+        open_lane_pool), besides pool_size_max: one for each lane of
+        deductions and each lane of checks, each committing one batch at a time."""
+        return 2 * self.group_commit_lanes
+
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for field in dataclasses.fields(cls):
@@ -259,7 +266,7 @@ class Settings:
             raise ValueError("need 1 <= reservation_ttl_min_ms <= reservation_ttl_default_ms"
                              " <= reservation_ttl_max_ms")
         if self.reservation_ttl_max_ms > 366 * 24 * 3_600_000:
-            # The ledger refuses longer holds (reserve_credits): a unit mistake.
+            # The ledger refuses longer holds (reservations_batch): a unit mistake.
             raise ValueError("reservation_ttl_max_ms must be at most 366 days")
         if min(self.reservation_sweeper_interval_ms, self.reservation_sweeper_batch_size_max) < 1:
             raise ValueError("reservation_sweeper_interval_ms and reservation_sweeper_batch_size_max"

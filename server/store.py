@@ -3,6 +3,13 @@ short transaction (but commit_group: group commit's one transaction of
 several ledger calls, pipelined, with no round trip between them); the
 ledger's logic lives in the SQL functions of migrations/, called here.
 
+The hot path's calls (a group commit's batch, a batch of checks, a
+DeductCreditsBatch) are each a `_Plan`: the statements to send and how
+their rows become results, apart from how they are sent. The Store runs
+plans on a thread's connection (DeductCreditsBatch, whose servicer runs in
+the chain's threads); the LaneStore runs the same plans on the event loop,
+where the group commit's lanes wait for them (server.group_commit).
+
 Refusals come back as outcomes (see server.errors.refusal); database failures
 come back as psycopg exceptions, which the error interceptor maps to
 UNAVAILABLE.
@@ -12,11 +19,12 @@ import contextlib
 import dataclasses
 import datetime
 import uuid
+from collections.abc import Callable
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from orgbilling.server.errors import deadline_exceeded
 from orgbilling.server.request_context import seconds_left
@@ -122,6 +130,7 @@ class CheckResult:
 _DEDUCTION_COLUMNS = "outcome, deduction_id::text, allocation_remaining, pool_spendable, replayed"
 _DEDUCT_BATCH = (f"SELECT item, {_DEDUCTION_COLUMNS}"
                  " FROM deduct_credits_batch(%b, %b, %b, %b, %b, %b, %b, %b, %b)")
+_CHECK_ONE = "SELECT * FROM has_sufficient_credits(%s, %s, %s)"
 _DEDUCT_ONE = f"SELECT 1, {_DEDUCTION_COLUMNS} FROM deduct_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b)"
 _RESERVATION_TYPES = ("text", "text", "text", "uuid", "bigint", "bigint", "text", "text", "text",
                       "bytea", "text", "jsonb")
@@ -189,6 +198,113 @@ class ConnectionLost(psycopg.OperationalError):
 DEADLINE_SLACK_MS = 50
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Plan:
+    """One call of the hot path, apart from how it is sent: its statements,
+    and its results from their rows (one list of rows a statement; every row
+    starts with its item's number). With `pools`, the statements run in one
+    transaction that first locks those pools, in org_id order as every batch
+    takes them, then sends the statements pipelined; with `all_or_nothing`,
+    in one transaction rolled back when any row's outcome is not OK."""
+    statements: list[tuple[str, tuple]]
+    results: Callable[[list[list[tuple]]], list]
+    pools: list[str] | None = None
+    all_or_nothing: bool = False
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.pools is not None or self.all_or_nothing
+
+    def rolls_back(self, rows: list[list[tuple]]) -> bool:
+        return self.all_or_nothing and any(row[1] != "OK" for run in rows for row in run)
+
+
+def _check_plan(checks: list[CreditCheck]) -> _Plan:
+    """Checks, each answered as one alone would be: one statement for all
+    (server.group_commit coalesces the checks that wait at one moment)."""
+    if len(checks) == 1:
+        (one,) = checks
+        return _Plan([(_CHECK_ONE, (one.org_id, one.user_id, one.amount_millicredits))],
+                     lambda rows: [_check_result(rows[0][0])])
+    order = sorted(range(len(checks)), key=lambda i: checks[i].org_id)
+
+    def results(rows: list[list[tuple]]) -> list[CheckResult]:
+        answers: list[CheckResult] = [None] * len(checks)
+        for i, row in zip(order, rows[0], strict=True):
+            answers[i] = _check_result(row)
+        return answers
+
+    return _Plan([(_CHECK_BATCH, ([checks[i].org_id for i in order], [checks[i].user_id for i in order],
+                                  [checks[i].amount_millicredits for i in order]))], results)
+
+
+def _deductions_plan(items: list[Deduction], *, all_or_nothing: bool = False) -> _Plan:
+    """Deductions in one transaction, each with its own result, as if run
+    one at a time in the order given. With all_or_nothing, any refusal rolls
+    back the whole batch (the results still say which failed; the others'
+    outcome is then NOT_APPLIED)."""
+    if len(items) == 1 and not all_or_nothing:
+        # Same rules, a fraction of the fixed cost: a batch of one through
+        # deduct_credits_batch cost 1.3 ms of database CPU, through
+        # deduct_credits 0.5 ms (measured). Group commit under light load
+        # and most spread-out traffic come here.
+        return _Plan([_statement(items)], lambda rows: [_deduction_result(rows[0][0][1:])])
+
+    def results(rows: list[list[tuple]]) -> list[DeductionResult]:
+        (rows,) = rows
+        if all_or_nothing and any(row[1] != "OK" for row in rows):
+            rows = [row if row[1] != "OK" else (row[0], "NOT_APPLIED", None, None, None, False)
+                    for row in rows]
+        return [_deduction_result(row[1:]) for row in sorted(rows, key=lambda row: row[0])]
+
+    return _Plan([(_DEDUCT_BATCH, _batch_params(items))], results, all_or_nothing=all_or_nothing)
+
+
+def _group_plan(items: list) -> _Plan:
+    """Group commit's batch (server.group_commit): deductions, holds and
+    their commits and releases that waited in one lane, in one transaction,
+    with the semantics of running them one at a time in arrival order; one
+    result each (a DeductionResult, or a reservation function's dict).
+
+    Deductions alone take _deductions_plan, set-based. A mix runs its
+    consecutive deductions as one deduct_credits_batch and its consecutive
+    holds, commits and releases as one reservations_batch, pipelined: one
+    round trip, and the pool lock taken once for all of them instead of
+    once per call."""
+    if all(isinstance(item, Deduction) for item in items):
+        return _deductions_plan(items)
+    runs: list[list] = []
+    for item in items:
+        if runs and isinstance(item, Deduction) == isinstance(runs[-1][0], Deduction):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+
+    def results(rows: list[list[tuple]]) -> list:
+        answers = []
+        for run, run_rows in zip(runs, rows, strict=True):
+            in_order = sorted(run_rows, key=lambda row: row[0])
+            if isinstance(run[0], Deduction):
+                answers += [_deduction_result(row[1:]) for row in in_order]
+            else:
+                answers += [row[1] for row in in_order]
+        return answers
+
+    # Every pool of the batch locked first, in org_id order as every batch
+    # takes them; its statements then take only locks this transaction
+    # holds, so batches of several replicas cannot deadlock.
+    pools = None if len(items) == 1 else sorted({item.org_id for item in items})
+    return _Plan([_statement(run) for run in runs], results, pools=pools)
+
+
+def _connection_lost(conn, error: psycopg.Error) -> psycopg.Error:
+    """The error to raise for `error` on conn: ConnectionLost when it left
+    the connection broken."""
+    if conn.broken and not isinstance(error, ConnectionLost):
+        return ConnectionLost(f"the database connection was lost: {error}")
+    return error
+
+
 class Store:
     def __init__(self, pool: ConnectionPool, *, pool_wait_timeout_ms: int, statement_timeout_ms: int):
         self.pool = pool
@@ -228,9 +344,10 @@ class Store:
                         sql.Literal(max(1, int(left * 1000)))))
                     yield conn
             except psycopg.Error as error:
-                if conn.broken and not isinstance(error, ConnectionLost):
-                    raise ConnectionLost(f"the database connection was lost: {error}") from error
-                raise
+                lost = _connection_lost(conn, error)
+                if lost is error:
+                    raise
+                raise lost from error
 
     def _run(self, work):
         """Runs work(conn) on a pooled connection and returns its result.
@@ -257,124 +374,16 @@ class Store:
     def _json(self, sql: str, params: tuple) -> dict:
         return self._one(sql, params)[0]
 
-    # The hot path.
+    def _execute(self, plan: _Plan) -> list:
+        return plan.results(self._run(lambda conn: _send(conn, plan)))
 
-    def check(self, org_id: str, *, user_id: str, amount_millicredits: int) -> CheckResult:
-        return _check_result(self._one(
-            "SELECT * FROM has_sufficient_credits(%s, %s, %s)",
-            (org_id, user_id, amount_millicredits),
-        ))
-
-    def check_batch(self, checks: list[CreditCheck]) -> list[CheckResult]:
-        """Many checks in one statement, each answered as check() would
-        (server.group_commit coalesces the checks that wait at one moment)."""
-        if len(checks) == 1:
-            (one,) = checks
-            return [self.check(one.org_id, user_id=one.user_id,
-                               amount_millicredits=one.amount_millicredits)]
-        order = sorted(range(len(checks)), key=lambda i: checks[i].org_id)
-        rows = self._run(lambda conn: conn.execute(_CHECK_BATCH, (
-            [checks[i].org_id for i in order], [checks[i].user_id for i in order],
-            [checks[i].amount_millicredits for i in order])).fetchall())
-        results: list[CheckResult] = [None] * len(checks)
-        for i, row in zip(order, rows, strict=True):
-            results[i] = _check_result(row)
-        return results
+    # The hot path: DeductCreditsBatch (the group commit's batches and the
+    # checks run on the LaneStore).
 
     def deduct_batch(self, items: list[Deduction], *,
                      all_or_nothing: bool = False) -> list[DeductionResult]:
-        """Commits many deductions in one transaction, each with its own result,
-        as if run one at a time in the order given. With all_or_nothing, any
-        refusal rolls back the whole batch (the results still say which failed;
-        the others' outcome is then NOT_APPLIED)."""
-        if len(items) == 1 and not all_or_nothing:
-            # Same rules, a fraction of the fixed cost: a batch of one through
-            # deduct_credits_batch cost 1.3 ms of database CPU, through
-            # deduct_credits 0.5 ms (measured). Group commit under light load
-            # and most spread-out traffic come here.
-            return [self.deduct(items[0])]
-        params = _batch_params(items)
-
-        def work(conn):
-            if not all_or_nothing:
-                return conn.execute(_DEDUCT_BATCH, params).fetchall()
-            with conn.transaction() as transaction:
-                rows = conn.execute(_DEDUCT_BATCH, params).fetchall()
-                if any(row[1] != "OK" for row in rows):
-                    transaction.force_rollback = True  # nothing is applied
-                    rows = [row if row[1] != "OK" else (row[0], "NOT_APPLIED", None, None, None, False)
-                            for row in rows]
-                return rows
-
-        rows = self._run(work)
-        return [_deduction_result(row[1:]) for row in sorted(rows, key=lambda row: row[0])]
-
-    def commit_group(self, items: list) -> list:
-        """Group commit's batch (server.group_commit): deductions, holds and
-        their commits and releases that waited in one lane, in one transaction, with the
-        semantics of running them one at a time in arrival order; one result
-        each (a DeductionResult, or a reservation function's dict).
-
-        Deductions alone take deduct_batch, set-based. A mix runs its
-        consecutive deductions as one deduct_credits_batch and its consecutive
-        holds, commits and releases as one reservations_batch, pipelined: one
-        round trip, and the pool lock taken once for all of them instead of
-        once per call."""
-        if all(isinstance(item, Deduction) for item in items):
-            return self.deduct_batch(items)
-        if len(items) == 1:
-            return [self._apply_one(items[0])]
-        runs: list[list] = []
-        for item in items:
-            if runs and isinstance(item, Deduction) == isinstance(runs[-1][0], Deduction):
-                runs[-1].append(item)
-            else:
-                runs.append([item])
-
-        def work(conn):
-            with conn.transaction():
-                # Every pool of the batch first, in org_id order as every batch
-                # takes them; the statements below then take only locks this
-                # transaction holds, so batches of several replicas cannot deadlock.
-                conn.execute(_LOCK_POOLS, (sorted({item.org_id for item in items}),))
-                with conn.pipeline():
-                    cursors = [conn.execute(*_statement(run)) for run in runs]
-                return [cursor.fetchall() for cursor in cursors]
-
-        results = []
-        for run, rows in zip(runs, self._run(work), strict=True):
-            in_order = sorted(rows, key=lambda row: row[0])
-            if isinstance(run[0], Deduction):
-                results += [_deduction_result(row[1:]) for row in in_order]
-            else:
-                results += [row[1] for row in in_order]
-        return results
-
-    def _apply_one(self, item):
-        if isinstance(item, Deduction):
-            return self.deduct(item)
-        if isinstance(item, Reservation):
-            return self.reserve(item)
-        if isinstance(item, ReservationCommit):
-            return self.commit_reservation(item)
-        return self.release_reservation(item)
-
-    def deduct(self, d: Deduction) -> DeductionResult:
-        """One deduction in its own transaction (deduct_credits)."""
-        row = self._one(*_statement([d]))
-        return _deduction_result(row[1:])
-
-    # Reservations: each returns its jsonb answer from reservations_batch
-    # (migrations/functions/35_reservations.sql).
-
-    def reserve(self, r: Reservation) -> dict:
-        return self._one(*_statement([r]))[1]
-
-    def commit_reservation(self, c: ReservationCommit) -> dict:
-        return self._one(*_statement([c]))[1]
-
-    def release_reservation(self, r: ReservationRelease) -> dict:
-        return self._one(*_statement([r]))[1]
+        """Commits many deductions in one transaction (_deductions_plan)."""
+        return self._execute(_deductions_plan(items, all_or_nothing=all_or_nothing))
 
     def get_reservation(self, org_id: str, *, reservation_id: str) -> dict | None:
         row = self._one(
@@ -562,6 +571,79 @@ class Store:
     def ping(self, timeout_s: float) -> None:
         with self.pool.connection(timeout=timeout_s) as conn:
             conn.execute("SELECT 1")
+
+
+class LaneStore:
+    """The group commit's Store: the same plans as the Store's hot path,
+    run on the event loop (server.group_commit), through a pool of its own.
+
+    A batch serves every caller in it, so it runs under the server's own
+    limits (the pool wait, statement_timeout), not any caller's deadline. A
+    connection found dead on use is retried once on a fresh one, as the
+    Store does."""
+
+    def __init__(self, pool: AsyncConnectionPool, *, pool_wait_timeout_ms: int):
+        self.pool = pool
+        self._pool_wait_timeout_s = pool_wait_timeout_ms / 1000
+
+    async def commit_group(self, items: list) -> list:
+        """A group commit's batch (_group_plan)."""
+        return await self._execute(_group_plan(items))
+
+    async def check_batch(self, checks: list[CreditCheck]) -> list[CheckResult]:
+        """Checks that waited at one moment (_check_plan)."""
+        return await self._execute(_check_plan(checks))
+
+    async def ping(self, timeout_s: float) -> None:
+        async with self.pool.connection(timeout=timeout_s) as conn:
+            await conn.execute("SELECT 1")
+
+    async def _execute(self, plan: _Plan) -> list:
+        for attempt in (1, 2):
+            try:
+                async with self.pool.connection(timeout=self._pool_wait_timeout_s) as conn:
+                    try:
+                        rows = await _send_async(conn, plan)
+                    except psycopg.Error as error:
+                        lost = _connection_lost(conn, error)
+                        if lost is error:
+                            raise
+                        raise lost from error
+                return plan.results(rows)
+            except ConnectionLost:
+                if attempt == 2:
+                    raise
+            await self.pool.check()  # its idle siblings are likely dead too
+
+
+def _send(conn: psycopg.Connection, plan: _Plan) -> list[list[tuple]]:
+    """Sends plan's statements on conn; their rows, one list a statement."""
+    if not plan.in_transaction:
+        (statement,) = plan.statements
+        return [conn.execute(*statement).fetchall()]
+    with conn.transaction() as transaction:
+        if plan.pools is not None:
+            conn.execute(_LOCK_POOLS, (plan.pools,))
+        with conn.pipeline():
+            cursors = [conn.execute(*statement) for statement in plan.statements]
+        rows = [cursor.fetchall() for cursor in cursors]
+        transaction.force_rollback = plan.rolls_back(rows)
+        return rows
+
+
+async def _send_async(conn: psycopg.AsyncConnection, plan: _Plan) -> list[list[tuple]]:
+    """_send on an async connection."""
+    if not plan.in_transaction:
+        (statement,) = plan.statements
+        return [await (await conn.execute(*statement)).fetchall()]
+    async with conn.transaction() as transaction:
+        if plan.pools is not None:
+            await conn.execute(_LOCK_POOLS, (plan.pools,))
+        async with conn.pipeline():
+            cursors = [await conn.execute(*statement) for statement in plan.statements]
+        rows = [await cursor.fetchall() for cursor in cursors]
+        transaction.force_rollback = plan.rolls_back(rows)
+        return rows
 
 
 _LOCK_POOLS = "SELECT 1 FROM organization_credit_pools WHERE org_id = ANY (%s) ORDER BY org_id FOR UPDATE"

@@ -77,8 +77,8 @@ def tracer_provider_from_environment() -> trace.TracerProvider | None:
 
 
 def statement_spans(provider: trace.TracerProvider) -> Callable:
-    """A connection pool's `configure` hook: every statement of each new
-    connection gets a span (the psycopg instrumentation, with its
+    """A connection pool's `configure` hook (of either pool, sync or async):
+    every statement of each new connection gets a span (the psycopg instrumentation, with its
     db.statement, never the parameters), a child of the current span.
 
     Only within a recording span: the health checks, the sweepers and the
@@ -91,20 +91,32 @@ def statement_spans(provider: trace.TracerProvider) -> Callable:
 
     def configure(connection) -> None:
         PsycopgInstrumentor.instrument_connection(connection, tracer_provider=provider)
-        # The instrumentation's cursor class, a psycopg.Cursor whose
-        # execute and executemany make the span.
+        # The instrumentation's cursor class, a psycopg.Cursor (AsyncCursor
+        # on an async connection: the group commit's) whose execute and
+        # executemany make the span.
         traced = connection.cursor_factory
+        if isinstance(connection, psycopg.AsyncConnection):
+            class WithinRecordingSpans(traced):
+                async def execute(self, *args, **kwargs):
+                    if trace.get_current_span().is_recording():
+                        return await super().execute(*args, **kwargs)
+                    return await psycopg.AsyncCursor.execute(self, *args, **kwargs)
 
-        class WithinRecordingSpans(traced):
-            def execute(self, *args, **kwargs):
-                if trace.get_current_span().is_recording():
-                    return super().execute(*args, **kwargs)
-                return psycopg.Cursor.execute(self, *args, **kwargs)
+                async def executemany(self, *args, **kwargs):
+                    if trace.get_current_span().is_recording():
+                        return await super().executemany(*args, **kwargs)
+                    return await psycopg.AsyncCursor.executemany(self, *args, **kwargs)
+        else:
+            class WithinRecordingSpans(traced):
+                def execute(self, *args, **kwargs):
+                    if trace.get_current_span().is_recording():
+                        return super().execute(*args, **kwargs)
+                    return psycopg.Cursor.execute(self, *args, **kwargs)
 
-            def executemany(self, *args, **kwargs):
-                if trace.get_current_span().is_recording():
-                    return super().executemany(*args, **kwargs)
-                return psycopg.Cursor.executemany(self, *args, **kwargs)
+                def executemany(self, *args, **kwargs):
+                    if trace.get_current_span().is_recording():
+                        return super().executemany(*args, **kwargs)
+                    return psycopg.Cursor.executemany(self, *args, **kwargs)
 
         connection.cursor_factory = WithinRecordingSpans
 

@@ -1,5 +1,5 @@
 """CheckCredits calls waiting at one moment share one statement
-(Store.check_batch through a GroupCommitter of their own): each still gets
+(LaneStore.check_batch through a GroupCommitter of their own): each still gets
 exactly the answer a check of its own would give."""
 
 import concurrent.futures
@@ -17,25 +17,26 @@ def test_a_batch_of_checks_answers_each_as_alone(server, client, database_url):
     """Sufficient, insufficient (at the limit, one over), no
     allocation, unknown org, and an org whose period has ended (the check
     applies it, taking the pool's lock) in one statement: each result is the
-    one check() gives, in the order asked."""
+    one check alone gives, in the order asked."""
     client.funded_org("acme", 5_000, {"alice": 1_000, "bob": 4_000})
     client.funded_org("zeta", 700, {"carol": 700})
     checks = [CreditCheck(org_id=o, user_id=u, amount_millicredits=a) for o, u, a in [
         ("zeta", "carol", 700), ("acme", "alice", 1_000), ("acme", "alice", 1_001),
         ("acme", "bob", 4_001), ("acme", "nobody", 1), ("missing", "alice", 1),
         ("zeta", "carol", 701)]]
-    alone = [server.store.check(c.org_id, user_id=c.user_id, amount_millicredits=c.amount_millicredits)
-             for c in checks]
+    def check_batch(batch):  # as the coalescer runs it: on the server's loop
+        return server.event_loop.run(server.lane_store.check_batch(batch))
+
+    alone = [check_batch([c])[0] for c in checks]
     assert [r.outcome for r in alone] == ["OK", "OK", "OK", "OK", "ALLOCATION_NOT_FOUND",
                                           "ORG_NOT_FOUND", "OK"]
     assert [r.sufficient for r in alone] == [True, True, False, False, False, False, False]
-    assert server.store.check_batch(checks) == alone
+    assert check_batch(checks) == alone
 
     # A month on, acme's period has ended: the batch applies it, as one check would.
     set_ledger_clock(database_url, datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=40))
-    batched = server.store.check_batch(checks)
-    assert batched == [server.store.check(c.org_id, user_id=c.user_id,
-                                          amount_millicredits=c.amount_millicredits) for c in checks]
+    batched = check_batch(checks)
+    assert batched == [check_batch([c])[0] for c in checks]
 
 
 def test_concurrent_checks_share_statements_and_each_gets_its_own_answer(server, client):
@@ -49,9 +50,9 @@ def test_concurrent_checks_share_statements_and_each_gets_its_own_answer(server,
     coalescer = server.check_coalescer
     commit_batch = coalescer._commit_batch
 
-    def recording(batch):
+    async def recording(batch):
         sizes.append(len(batch))
-        return commit_batch(batch)
+        return await commit_batch(batch)
     coalescer._commit_batch = recording
     start = threading.Barrier(48)
 

@@ -23,10 +23,10 @@ def check(client):
     (psycopg_pool.TooManyRequests("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_BUSY"),
 ])
 def test_failures_map_to_the_documented_status(client, server, monkeypatch, failure, code, reason):
-    def fail(*args, **kwargs):
+    async def fail(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(server.store, "check", fail)
+    monkeypatch.setattr(server.check_coalescer, "_commit_batch", fail)
     with raises_rpc(code, reason) as refused:
         check(client)
     assert "hunter2" not in refused["error"].details()

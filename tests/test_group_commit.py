@@ -3,6 +3,7 @@ with the semantics of running them one at a time in arrival order."""
 
 import asyncio
 import concurrent.futures
+import contextvars
 import threading
 import time
 
@@ -145,14 +146,15 @@ def ok(d):
 
 
 class Recorder:
+    """A commit function: records each batch's amounts, takes delay_s, and
+    fails a batch that holds fail_amount."""
+
     def __init__(self, delay_s=0.0, fail_amount=None):
         self.batches, self.delay_s, self.fail_amount = [], delay_s, fail_amount
-        self.lock = threading.Lock()
 
-    def __call__(self, items):
-        with self.lock:
-            self.batches.append([d.amount_millicredits for d in items])
-        time.sleep(self.delay_s)
+    async def __call__(self, items):
+        self.batches.append([d.amount_millicredits for d in items])
+        await asyncio.sleep(self.delay_s)
         if self.fail_amount is not None and any(d.amount_millicredits == self.fail_amount for d in items):
             raise ValueError("a bad item")
         return [ok(d) for d in items]
@@ -174,7 +176,6 @@ def test_a_lone_call_commits_at_once_in_a_batch_of_one():
     assert committed(committer, [1]) == ["id-1"]
     assert committed(committer, [2]) == ["id-2"]
     assert recorder.batches == [[1], [2]]
-    committer.close()
 
 
 def test_waiting_calls_share_a_transaction_in_arrival_order():
@@ -193,7 +194,6 @@ def test_waiting_calls_share_a_transaction_in_arrival_order():
     assert [a for b in recorder.batches for a in b] == list(range(1, 41))  # in arrival order
     assert len(recorder.batches) < 40  # batches formed
     assert max(len(b) for b in recorder.batches) > 1
-    committer.close()
 
 
 def test_batch_size_is_bounded():
@@ -201,7 +201,6 @@ def test_batch_size_is_bounded():
     committer = GroupCommitter(recorder, lanes=1, batch_size_max=3, queue_length_max=100)
     assert committed(committer, range(1, 33)) == [f"id-{n}" for n in range(1, 33)]
     assert max(len(b) for b in recorder.batches) == 3
-    committer.close()
 
 
 def test_one_failing_item_does_not_fail_the_others():
@@ -210,7 +209,6 @@ def test_one_failing_item_does_not_fail_the_others():
     results = committed(committer, range(1, 17))
     assert isinstance(results[6], ValueError)
     assert [r for i, r in enumerate(results) if i != 6] == [f"id-{n}" for n in range(1, 17) if n != 7]
-    committer.close()
 
 
 def test_a_batch_that_fails_outside_its_items_fails_its_callers_and_the_lane_goes_on():
@@ -237,13 +235,45 @@ def test_a_batch_that_fails_outside_its_items_fails_its_callers_and_the_lane_goe
     assert [type(r) for r in first] == [RuntimeError, RuntimeError]
     assert second.deduction_id == "id-3"
     assert recorder.batches == [[3]]  # the failed batch never reached the database
-    committer.close()
+
+
+def test_each_batch_runs_in_its_first_callers_context_under_no_deadline():
+    """A batch's statements are its first call's children (their spans, its
+    request ID), though the lane's committer was started by another call;
+    and a batch serves every caller in it, so no caller's deadline bounds it."""
+    caller = contextvars.ContextVar("caller")
+    seen = []
+
+    async def commit(items):
+        seen.append((caller.get(None), call_deadline_var.get()))
+        await asyncio.sleep(0.05)
+        return [ok(d) for d in items]
+
+    committer = GroupCommitter(commit, lanes=1, batch_size_max=100, queue_length_max=100)
+
+    async def as_caller(name, amount):
+        caller.set(name)
+        call_deadline_var.set(time.monotonic() + 10)
+        return (await committer.submit(deduction(amount))).deduction_id
+
+    async def arriving():
+        first = asyncio.create_task(as_caller("first", 1))
+        await asyncio.sleep(0.01)  # its batch is committing: these two wait for the next
+        later = [asyncio.create_task(as_caller(name, n)) for name, n in (("second", 2), ("third", 3))]
+        return [await first] + [await call for call in later]
+
+    assert asyncio.run(arriving()) == ["id-1", "id-2", "id-3"]
+    assert seen == [("first", None), ("second", None)]
 
 
 def test_a_full_queue_refuses_with_resource_exhausted():
-    release = threading.Event()
-    committer = GroupCommitter(lambda items: release.wait() and [ok(d) for d in items],
-                               lanes=1, batch_size_max=100, queue_length_max=2)
+    release = asyncio.Event()
+
+    async def commit(items):
+        await release.wait()
+        return [ok(d) for d in items]
+
+    committer = GroupCommitter(commit, lanes=1, batch_size_max=100, queue_length_max=2)
 
     async def overfill():
         running = [asyncio.create_task(committer.submit(deduction(1)))]
@@ -259,16 +289,15 @@ def test_a_full_queue_refuses_with_resource_exhausted():
         return [(await call).deduction_id for call in running]
 
     assert asyncio.run(overfill()) == ["id-1", "id-2", "id-3"]
-    committer.close()
 
 
 def test_a_waiter_whose_deadline_passes_is_withdrawn_unapplied():
-    release = threading.Event()
+    release = asyncio.Event()
     recorder_batches = []
 
-    def commit(items):
+    async def commit(items):
         recorder_batches.append([d.amount_millicredits for d in items])
-        release.wait(5)
+        await asyncio.wait_for(release.wait(), 5)
         return [ok(d) for d in items]
 
     committer = GroupCommitter(commit, lanes=1, batch_size_max=100, queue_length_max=100)
@@ -290,16 +319,19 @@ def test_a_waiter_whose_deadline_passes_is_withdrawn_unapplied():
 
     assert asyncio.run(one_waits_too_long()) == "id-3"  # the lane is not stuck
     assert recorder_batches == [[1], [3]]  # the withdrawn deduction was never committed
-    committer.close()
 
 
 def test_a_cancelled_waiter_is_withdrawn_unapplied():
     """A call cancelled (by its caller, or by gRPC at its deadline) while its
     item waits takes the item out of the lane."""
-    release = threading.Event()
+    release = asyncio.Event()
     recorder = Recorder()
-    committer = GroupCommitter(lambda items: release.wait(5) and recorder(items),
-                               lanes=1, batch_size_max=100, queue_length_max=100)
+
+    async def commit(items):
+        await asyncio.wait_for(release.wait(), 5)
+        return await recorder(items)
+
+    committer = GroupCommitter(commit, lanes=1, batch_size_max=100, queue_length_max=100)
 
     async def cancel_one():
         committing = asyncio.create_task(committer.submit(deduction(1)))
@@ -313,7 +345,6 @@ def test_a_cancelled_waiter_is_withdrawn_unapplied():
 
     assert asyncio.run(cancel_one()) == ["id-1", "id-3", True]
     assert recorder.batches == [[1], [3]]
-    committer.close()
 
 
 def test_a_key_refused_earlier_in_a_batch_replays_its_refusal(client, database_url):

@@ -113,15 +113,20 @@ def test_group_commit_pool_and_database_state_are_read_at_scrape(metered, databa
     assert value(samples, "orgbilling_group_commit_batch_size_sum") == 200
     lanes = [dict(labels)["lane"] for (name, labels) in samples if name == "orgbilling_group_commit_queue_length"]
     assert sorted(lanes, key=int) == [str(n) for n in range(server.settings.group_commit_lanes)]
-    assert value(samples, "orgbilling_db_pool_max") == server.settings.pool_size_max
-    assert 1 <= value(samples, "orgbilling_db_pool_size") <= server.settings.pool_size_max
-    assert value(samples, "orgbilling_db_pool_requests_total") >= batches
+    # The server's pool and the group commit's, each by name.
+    assert value(samples, "orgbilling_db_pool_max", pool="calls") == server.settings.pool_size_max
+    assert 1 <= value(samples, "orgbilling_db_pool_size", pool="calls") <= server.settings.pool_size_max
+    lanes_size = server.settings.lane_pool_size
+    assert value(samples, "orgbilling_db_pool_max", pool="lanes") == lanes_size
+    assert 1 <= value(samples, "orgbilling_db_pool_size", pool="lanes") <= lanes_size
+    # Each batch asked the lanes' pool for a connection.
+    assert value(samples, "orgbilling_db_pool_requests_total", pool="lanes") >= batches
     assert value(samples, "orgbilling_database_up") == 1
 
 
 def test_no_label_takes_a_callers_value_so_series_stay_bounded(metered):
     """Calls over many orgs, users and keys add no series: every label value
-    is the server's own (methods, codes, reasons, lane numbers)."""
+    is the server's own (methods, codes, reasons, lane numbers, pool names)."""
     server, client = metered
     client.funded_org("org-0", 10**6, {"user-0": 10**6})
     deduct(client, 1, org="org-0", user="user-0")

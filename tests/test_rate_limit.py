@@ -3,6 +3,7 @@
 budgets, RESOURCE_EXHAUSTED with RetryInfo past them, and a concurrency cap
 that refuses rather than queues without bound."""
 
+import asyncio
 import concurrent.futures
 import threading
 import time
@@ -144,13 +145,13 @@ def test_the_concurrency_cap_refuses_with_resource_exhausted(start_server, datab
     """concurrent_rpcs_max: calls beyond it are refused at once, not queued."""
     running = start_server(database_url, concurrent_rpcs_max=2)
     release = threading.Event()
-    original = running.store.check
+    original = running.check_coalescer._commit_batch
 
-    def slow_check(*args, **kwargs):
-        release.wait(10)
-        return original(*args, **kwargs)
+    async def slow_check(*args, **kwargs):
+        await asyncio.to_thread(release.wait, 10)
+        return await original(*args, **kwargs)
 
-    monkeypatch.setattr(running.store, "check", slow_check)
+    monkeypatch.setattr(running.check_coalescer, "_commit_batch", slow_check)
     client = Client(f"127.0.0.1:{running.port}", token=token)
     try:
         request = pb.CheckCreditsRequest(org_id="acme", user_id="alice", amount_millicredits=1)

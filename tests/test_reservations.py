@@ -454,9 +454,9 @@ def test_threads_reserving_committing_releasing_refunding_and_deducting_at_once_
     batch_kinds = []
     commit_batch = server.committer._commit_batch
 
-    def recording(items):
+    async def recording(items):
         batch_kinds.append({type(item).__name__ for item in items} if len(items) > 1 else set())
-        return commit_batch(items)
+        return await commit_batch(items)
 
     server.committer._commit_batch = recording
 
@@ -517,8 +517,13 @@ def test_threads_reserving_committing_releasing_refunding_and_deducting_at_once_
     assert any(len(kinds) > 1 for kinds in batch_kinds), batch_kinds[:20]
 
 
+def commit_group(server, items):
+    """One group commit batch, as a lane runs it: on the server's loop."""
+    return server.event_loop.run(server.lane_store.commit_group(items))
+
+
 def test_a_mixed_group_commit_batch_runs_in_arrival_order(client, database_url, server):
-    """Store.commit_group with deductions, holds and a commit: each sees what
+    """LaneStore.commit_group with deductions, holds and a commit: each sees what
     the ones before it left, in one transaction."""
     from orgbilling.server.store import Deduction, Reservation, ReservationCommit, ReservationRelease
 
@@ -536,7 +541,7 @@ def test_a_mixed_group_commit_batch_runs_in_arrival_order(client, database_url, 
                            service_type="llm", service_name="mix", idempotency_key=new_key(),
                            request_hash=b"r", request_id="", metadata={})
 
-    results = server.store.commit_group([
+    results = commit_group(server, [
         deduction(200), deduction(100), hold(300),
         ReservationCommit(org_id="acme", reservation_id=held, amount_millicredits=150,
                           idempotency_key=new_key(), request_hash=b"c", request_id="", metadata={}),
@@ -617,8 +622,8 @@ def test_a_batch_of_holds_commits_and_releases_answers_as_one_call_at_a_time(cli
             for user, reservation_id in setup(orgs[letter]).items():
                 holds[f"{letter}-{user}"] = reservation_id
 
-    batched = server.store.commit_group(calls(orgs_batch, holds_batch))
-    alone = [server.store.commit_group([call])[0] for call in calls(orgs_alone, holds_alone)]
+    batched = commit_group(server, calls(orgs_batch, holds_batch))
+    alone = [commit_group(server, [call])[0] for call in calls(orgs_alone, holds_alone)]
 
     def comparable(answer):
         return {k: v for k, v in answer.items() if k not in ("reservation_id", "deduction_id", "expires_at_us")}
