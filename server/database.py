@@ -112,9 +112,8 @@ async def open_lane_pool(settings: Settings, url: str, *,
                          configure: Callable[[psycopg.AsyncConnection], None] | None = None,
                          ) -> AsyncConnectionPool:
     """The group commit's pool (server.store.LaneStore), opened on the
-    running event loop, which is the only one to use it: a connection for
-    each lane of deductions and each lane of checks, as each lane commits
-    one batch at a time (Settings.lane_pool_size)."""
+    running event loop, which is the only one to use it: a connection a
+    lane, as a lane commits one batch at a time (Settings.lane_pool_size)."""
     async def configure_connection(conn: psycopg.AsyncConnection) -> None:
         use_orjson(conn)
         if configure is not None:

@@ -22,7 +22,8 @@ the interpreter's time, and a batch run in a thread of the lane's cost the
 loop two wake-ups more (benchmarks/README.md, "The lanes' batches on the
 event loop").
 
-The same mechanism, in a second GroupCommitter over LaneStore.check_batch,
+The same mechanism, in a second GroupCommitter over Store.check_batch (in
+threads of its own: server.app says why),
 coalesces CheckCredits: the checks waiting at one moment share one
 statement (no lock, no write, unless a period ended) instead of a pooled
 connection and a round trip each.
@@ -132,7 +133,7 @@ class GroupCommitter:
         """Queues any item with an org_id for commit_batch, and returns its
         result once its batch is done: a DeductionResult for a Deduction, a
         dict for a hold or its end (reservations_batch's jsonb), what
-        LaneStore.check_batch answers for a CreditCheck."""
+        Store.check_batch answers for a CreditCheck."""
         lane = self._lane_of(item.org_id)
         if len(lane.queue) >= self._queue_length_max:
             raise server_busy("too many calls are waiting for this pool",

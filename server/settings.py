@@ -211,9 +211,9 @@ class Settings:
     @property
     def lane_pool_size(self) -> int:
         """Connections of the group commit's own pool (server.database.
-        open_lane_pool), besides pool_size_max: one for each lane of
-        deductions and each lane of checks, each committing one batch at a time."""
-        return 2 * self.group_commit_lanes
+        open_lane_pool), besides pool_size_max: one a lane, as a lane
+        commits one batch at a time."""
+        return self.group_commit_lanes
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -7,8 +7,9 @@ The hot path's calls (a group commit's batch, a batch of checks, a
 DeductCreditsBatch) are each a `_Plan`: the statements to send and how
 their rows become results, apart from how they are sent. The Store runs
 plans on a thread's connection (DeductCreditsBatch, whose servicer runs in
-the chain's threads); the LaneStore runs the same plans on the event loop,
-where the group commit's lanes wait for them (server.group_commit).
+the chain's threads, and the coalesced checks); the LaneStore runs them on
+the event loop, where the group commit's lanes wait for them
+(server.group_commit).
 
 Refusals come back as outcomes (see server.errors.refusal); database failures
 come back as psycopg exceptions, which the error interceptor maps to
@@ -377,8 +378,12 @@ class Store:
     def _execute(self, plan: _Plan) -> list:
         return plan.results(self._run(lambda conn: _send(conn, plan)))
 
-    # The hot path: DeductCreditsBatch (the group commit's batches and the
-    # checks run on the LaneStore).
+    # The hot path: DeductCreditsBatch and the coalesced checks (the group
+    # commit's batches run on the LaneStore).
+
+    def check_batch(self, checks: list[CreditCheck]) -> list[CheckResult]:
+        """Checks that waited at one moment (_check_plan)."""
+        return self._execute(_check_plan(checks))
 
     def deduct_batch(self, items: list[Deduction], *,
                      all_or_nothing: bool = False) -> list[DeductionResult]:
@@ -574,8 +579,8 @@ class Store:
 
 
 class LaneStore:
-    """The group commit's Store: the same plans as the Store's hot path,
-    run on the event loop (server.group_commit), through a pool of its own.
+    """The group commit's Store: its batches' plans, run on the event loop
+    (server.group_commit), through a pool of its own.
 
     A batch serves every caller in it, so it runs under the server's own
     limits (the pool wait, statement_timeout), not any caller's deadline. A
@@ -589,10 +594,6 @@ class LaneStore:
     async def commit_group(self, items: list) -> list:
         """A group commit's batch (_group_plan)."""
         return await self._execute(_group_plan(items))
-
-    async def check_batch(self, checks: list[CreditCheck]) -> list[CheckResult]:
-        """Checks that waited at one moment (_check_plan)."""
-        return await self._execute(_check_plan(checks))
 
     async def ping(self, timeout_s: float) -> None:
         async with self.pool.connection(timeout=timeout_s) as conn:

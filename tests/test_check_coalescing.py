@@ -1,5 +1,5 @@
 """CheckCredits calls waiting at one moment share one statement
-(LaneStore.check_batch through a GroupCommitter of their own): each still gets
+(Store.check_batch through a GroupCommitter of their own): each still gets
 exactly the answer a check of its own would give."""
 
 import concurrent.futures
@@ -24,9 +24,7 @@ def test_a_batch_of_checks_answers_each_as_alone(server, client, database_url):
         ("zeta", "carol", 700), ("acme", "alice", 1_000), ("acme", "alice", 1_001),
         ("acme", "bob", 4_001), ("acme", "nobody", 1), ("missing", "alice", 1),
         ("zeta", "carol", 701)]]
-    def check_batch(batch):  # as the coalescer runs it: on the server's loop
-        return server.event_loop.run(server.lane_store.check_batch(batch))
-
+    check_batch = server.store.check_batch
     alone = [check_batch([c])[0] for c in checks]
     assert [r.outcome for r in alone] == ["OK", "OK", "OK", "OK", "ALLOCATION_NOT_FOUND",
                                           "ORG_NOT_FOUND", "OK"]

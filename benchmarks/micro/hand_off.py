@@ -1,7 +1,9 @@
-"""What a group-commit batch's hand-off costs: a round trip from the event
-loop to a thread and back, on uvloop, as a lane's committer makes one per
-batch. Two ways: `loop.run_in_executor` (what server.group_commit does) and
-a thread of its own fed by a `queue.SimpleQueue`, answering with
+"""What a hand-off from the event loop to a thread costs: a round trip
+there and back, on uvloop, as a lane's committer made one per batch until
+the batches ran on the loop (benchmarks/README.md, "The lanes' batches on
+the event loop, shipped"), and as a call served in the thread pool still
+makes. Two ways: `loop.run_in_executor` (what the lanes did) and a thread
+of its own fed by a `queue.SimpleQueue`, answering with
 `loop.call_soon_threadsafe` (the cheapest hand-off without an async
 database driver).
 
