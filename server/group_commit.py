@@ -143,7 +143,7 @@ class GroupCommitter:
                          loop.create_future())
         lane.queue.append(ticket)
         if lane.committer is None:
-            lane.committer = loop.create_task(self._commit_lane(lane))
+            self._commit_next(lane)
         left = seconds_left()
         timer = None if left is None else loop.call_later(max(0.0, left), _expire, lane, ticket)
         try:
@@ -155,29 +155,38 @@ class GroupCommitter:
             if timer is not None:
                 timer.cancel()
 
-    async def _commit_lane(self, lane: _Lane) -> None:
-        """Commits the lane's batches, oldest items first, until it is empty."""
-        loop = asyncio.get_running_loop()
-        try:
-            while lane.queue:
-                batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._batch_size_max))]
-                try:
-                    # In its first caller's context (a task of its own: the
-                    # lane's committer runs in the context of whichever
-                    # caller started it).
-                    outcomes = await loop.create_task(self._commit(batch), context=batch[0].context)
-                except Exception as error:  # noqa: BLE001: a bug around the batch (a hook, a span)
-                    log.exception("a batch of %d items failed before it committed", len(batch))
-                    outcomes = [(None, error)] * len(batch)  # its callers must not wait for ever
-                for ticket, (result, error) in zip(batch, outcomes, strict=True):
-                    if ticket.outcome.done():
-                        continue  # its caller stopped waiting
-                    if error is None:
-                        ticket.outcome.set_result(result)
-                    else:
-                        ticket.outcome.set_exception(error)
-        finally:
+    def _commit_next(self, lane: _Lane) -> None:
+        """Starts the task that commits the lane's next batch, or leaves the
+        lane idle when nothing waits. A task a batch, in the context of the
+        batch's first caller: its statements' spans are that call's children."""
+        if not lane.queue:
             lane.committer = None
+            return
+        lane.committer = asyncio.get_running_loop().create_task(
+            self._commit_oldest(lane), context=lane.queue[0].context)
+
+    async def _commit_oldest(self, lane: _Lane) -> None:
+        """Commits the lane's oldest items as one batch (those that arrived
+        before this task's first step included), answers their callers, then
+        starts the next batch."""
+        batch = [lane.queue.popleft() for _ in range(min(len(lane.queue), self._batch_size_max))]
+        try:
+            if not batch:
+                return  # its callers withdrew before it started
+            try:
+                outcomes = await self._commit(batch)
+            except Exception as error:  # noqa: BLE001: a bug around the batch (a hook, a span)
+                log.exception("a batch of %d items failed before it committed", len(batch))
+                outcomes = [(None, error)] * len(batch)  # its callers must not wait for ever
+            for ticket, (result, error) in zip(batch, outcomes, strict=True):
+                if ticket.outcome.done():
+                    continue  # its caller stopped waiting
+                if error is None:
+                    ticket.outcome.set_result(result)
+                else:
+                    ticket.outcome.set_exception(error)
+        finally:
+            self._commit_next(lane)
 
     async def _commit(self, batch: list[_Ticket]) -> list[tuple[object, BaseException | None]]:
         """Each ticket's (result, error), in the context of the batch's first caller."""
