@@ -4,28 +4,26 @@ waiting at the same moment share one transaction.
 A transaction per deduction on a hot pool stops scaling at the pool row's
 lock. Here calls queue in a lane (chosen by org_id, so one pool always uses
 the same lane, on every replica); the first caller to find its lane idle
-starts the lane's committer, which commits everything queued, in arrival
-order, as one batch (server.store.LaneStore.commit_group). Holds and
-their ends (ReserveCredits, CommitReservation, ReleaseReservation) queue with
-the deductions:
-they take the same pool lock, so sharing it is what makes a hot allocation
-fast, and one lane keeps them all in arrival order. Whoever
-arrives while that transaction runs waits; when it ends, the committer
-takes the next batch, and stops when the lane is empty.
+starts a batch, which commits everything queued, in arrival order, in one
+transaction (server.store.LaneStore.commit_group). Holds and their ends
+(ReserveCredits, CommitReservation, ReleaseReservation) queue with the
+deductions: they take the same pool lock, so sharing it is what makes a
+hot allocation fast, and one lane keeps them all in arrival order. Whoever
+arrives while that transaction runs waits; when it ends, the batch starts
+the next one, and the lane is idle once nothing waits.
 
 Callers are coroutines on the server's event loop (server.app), and so is
-each lane's committer, and so is the batch's transaction (server.store's
-LaneStore, on an async connection): nothing is handed to a thread and back.
+each batch, its transaction included (server.store's LaneStore, on an
+async connection): nothing is handed to a thread and back.
 Waking the callers of a batch is resolving their futures on the loop; with
 one thread per caller, as once, each wake-up cost a caller 100-150 us of
 the interpreter's time, and a batch run in a thread of the lane's cost the
 loop two wake-ups more (benchmarks/README.md, "The lanes' batches on the
-event loop").
+event loop, shipped").
 
 The same mechanism, in a second GroupCommitter over Store.check_batch (in
-threads of its own: server.app says why),
-coalesces CheckCredits: the checks waiting at one moment share one
-statement (no lock, no write, unless a period ended) instead of a pooled
+threads of its own: server.app says why), coalesces CheckCredits: the
+checks waiting at one moment share one statement (no lock, no write, unless a period ended) instead of a pooled
 connection and a round trip each.
 
 There is no timer: a call that finds its lane idle is committed at once, so
@@ -88,12 +86,12 @@ class _Ticket:
 
 
 class _Lane:
-    __slots__ = ("queue", "committer")
+    __slots__ = ("queue", "batch")
 
     def __init__(self):
         self.queue: collections.deque[_Ticket] = collections.deque()
-        # The task committing the lane's batches, while there are any.
-        self.committer: asyncio.Task | None = None
+        # The task committing the lane's current batch; None when idle.
+        self.batch: asyncio.Task | None = None
 
 
 class GroupCommitter:
@@ -142,7 +140,7 @@ class GroupCommitter:
         ticket = _Ticket(item, None if self._tracer is None else trace.get_current_span(),
                          loop.create_future())
         lane.queue.append(ticket)
-        if lane.committer is None:
+        if lane.batch is None:
             self._commit_next(lane)
         left = seconds_left()
         timer = None if left is None else loop.call_later(max(0.0, left), _expire, lane, ticket)
@@ -160,9 +158,9 @@ class GroupCommitter:
         lane idle when nothing waits. A task a batch, in the context of the
         batch's first caller: its statements' spans are that call's children."""
         if not lane.queue:
-            lane.committer = None
+            lane.batch = None
             return
-        lane.committer = asyncio.get_running_loop().create_task(
+        lane.batch = asyncio.get_running_loop().create_task(
             self._commit_oldest(lane), context=lane.queue[0].context)
 
     async def _commit_oldest(self, lane: _Lane) -> None:
