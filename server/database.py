@@ -77,6 +77,19 @@ def use_orjson(conn: psycopg.Connection | psycopg.AsyncConnection) -> None:
     set_json_loads(orjson.loads, conn)
 
 
+def _pool_options(settings: Settings) -> dict:
+    """What both of the server's pools take alike."""
+    return {
+        "kwargs": connection_options(settings),
+        "open": False,
+        "check": None,  # dead connections are found by use and by the health monitor
+        "timeout": settings.pool_wait_timeout_ms / 1000,
+        "max_lifetime": settings.pool_connection_lifetime_ms / 1000,
+        "max_idle": settings.pool_connection_idle_ms / 1000,
+        "reconnect_timeout": 300.0,
+    }
+
+
 def open_pool(settings: Settings, url: str, *,
               configure: Callable[[psycopg.Connection], None] | None = None) -> ConnectionPool:
     """The server's pool, for every call but the group commit's batches
@@ -88,20 +101,9 @@ def open_pool(settings: Settings, url: str, *,
             configure(conn)
 
     pool = ConnectionPool(
-        url,
-        min_size=settings.pool_size_min,
-        max_size=settings.pool_size_max,
-        kwargs=connection_options(settings),
-        open=False,
-        check=None,  # dead connections are found by use and by the health monitor
-        timeout=settings.pool_wait_timeout_ms / 1000,
-        max_waiting=settings.pool_waiting_max,
-        max_lifetime=settings.pool_connection_lifetime_ms / 1000,
-        max_idle=settings.pool_connection_idle_ms / 1000,
-        reconnect_timeout=300.0,
-        name="orgbilling",
-        configure=configure_connection,
-    )
+        url, min_size=settings.pool_size_min, max_size=settings.pool_size_max,
+        max_waiting=settings.pool_waiting_max, name="orgbilling", configure=configure_connection,
+        **_pool_options(settings))
     # Do not wait for min_size here: the server starts and reports NOT_SERVING
     # until the database answers.
     pool.open(wait=False)
@@ -120,19 +122,8 @@ async def open_lane_pool(settings: Settings, url: str, *,
             configure(conn)
 
     pool = AsyncConnectionPool(
-        url,
-        min_size=settings.lane_pool_size,
-        max_size=settings.lane_pool_size,
-        kwargs=connection_options(settings),
-        open=False,
-        check=None,  # as the server's pool: dead connections are found by use
-        timeout=settings.pool_wait_timeout_ms / 1000,
-        max_lifetime=settings.pool_connection_lifetime_ms / 1000,
-        max_idle=settings.pool_connection_idle_ms / 1000,
-        reconnect_timeout=300.0,
-        name="orgbilling-lanes",
-        configure=configure_connection,
-    )
+        url, min_size=settings.lane_pool_size, max_size=settings.lane_pool_size,
+        name="orgbilling-lanes", configure=configure_connection, **_pool_options(settings))
     await pool.open(wait=False)
     return pool
 
