@@ -131,6 +131,30 @@ def test_hot_deductions_through_group_commit_spend_exactly_the_balance(client, d
     assert violations(database_url) == {}
 
 
+def test_connections_ended_under_the_server_are_replaced_and_no_call_fails(client, server, database_url):
+    """Every server connection ended between calls (a PostgreSQL restart or
+    a proxy does this): the next deduction, hold and check each succeed, on
+    a fresh connection of their pool (the lanes' pool and the calls' each
+    retry a connection found dead on use once)."""
+    client.funded_org("acme", 10_000, {"alice": 1_000})
+    client.credits.DeductCredits(item(1))
+    check = pb.CheckCreditsRequest(org_id="acme", user_id="alice", amount_millicredits=1)
+    client.credits.CheckCredits(check)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        ended = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'orgbilling'"
+            " AND pid <> pg_backend_pid()").fetchone()[0]
+    assert ended >= server.settings.lane_pool_size + 1  # the lanes' and at least one of the calls'
+    assert client.credits.DeductCredits(item(10)).allocation_remaining_millicredits == 989
+    hold = client.credits.ReserveCredits(pb.ReserveCreditsRequest(
+        org_id="acme", user_id="alice", amount_millicredits=100, service_type="llm",
+        service_name="batch", idempotency_key=new_key()))
+    assert hold.allocation_remaining_millicredits == 889
+    assert client.credits.CheckCredits(check).allocation_remaining_millicredits == 889
+    assert violations(database_url) == {}
+
+
 # The committer alone, with a recording commit function instead of the database.
 
 def deduction(n, org="o"):
