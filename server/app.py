@@ -379,7 +379,11 @@ def serve(settings: Settings) -> None:
         if settings.log_format == "json":
             log.info("%s", line)
         else:
-            print(line, flush=True)
+            # The line and its newline in one write: print() writes them in
+            # two, and a log record from another thread (stderr, often the
+            # same file) could land between them, on the command's line.
+            sys.stdout.write(f"{line}\n")
+            sys.stdout.flush()
 
     host = settings.listen_address.rsplit(":", 1)[0]
     announce(f"orgbilling listening on {host}:{server.port}")
