@@ -1,6 +1,6 @@
 """The one place the server speaks SQL. Every method is one statement, so one
-short transaction (but commit_group: group commit's one transaction of
-several ledger calls, pipelined, with no round trip between them); the
+short transaction (but LaneStore.commit_group: group commit's one transaction
+of several ledger calls, pipelined, with no round trip between them); the
 ledger's logic lives in the SQL functions of migrations/, called here.
 
 The hot path's calls (a group commit's batch, a batch of checks, a
@@ -217,7 +217,13 @@ class _Plan:
         return self.pools is not None or self.all_or_nothing
 
     def rolls_back(self, rows: list[list[tuple]]) -> bool:
-        return self.all_or_nothing and any(row[1] != "OK" for run in rows for row in run)
+        return self.all_or_nothing and any(_refused(run) for run in rows)
+
+
+def _refused(rows: list[tuple]) -> bool:
+    """Whether any of a statement's deductions was refused (a row's outcome
+    follows its item's number)."""
+    return any(row[1] != "OK" for row in rows)
 
 
 def _check_plan(checks: list[CreditCheck]) -> _Plan:
@@ -253,7 +259,7 @@ def _deductions_plan(items: list[Deduction], *, all_or_nothing: bool = False) ->
 
     def results(rows: list[list[tuple]]) -> list[DeductionResult]:
         (rows,) = rows
-        if all_or_nothing and any(row[1] != "OK" for row in rows):
+        if all_or_nothing and _refused(rows):
             rows = [row if row[1] != "OK" else (row[0], "NOT_APPLIED", None, None, None, False)
                     for row in rows]
         return [_deduction_result(row[1:]) for row in sorted(rows, key=lambda row: row[0])]
