@@ -155,6 +155,21 @@ def deduct_credits(org_ids: list[str]) -> Callable[[Stubs], OneCall]:
     return make
 
 
+def in_turn(*makes: Callable[[Stubs], OneCall]) -> Callable[[Stubs], OneCall]:
+    """Each call is the next of makes' calls, round robin: calls of several
+    methods at once, as a service's traffic is."""
+
+    def make(stubs: Stubs) -> OneCall:
+        next_call = itertools.cycle([make_one(stubs) for make_one in makes]).__next__
+
+        async def call():
+            return await next_call()()
+
+        return call
+
+    return make
+
+
 def deduct_credits_batch(org_id: str, size: int) -> Callable[[Stubs], OneCall]:
     """Each call charges `size` deductions to org_id in one DeductCreditsBatch.
     Batches on one pool run one after another, so a call waits for all the
@@ -224,6 +239,11 @@ SCENARIOS = [
              get_credit_pool(HOT_ORG)),
     Scenario("deduct_hot", "DeductCredits, all on one hot allocation",
              deduct_credits([HOT_ORG]), deductions_per_call=1),
+    # Each method's calls are accepted through a request of their own when
+    # it is registered with gRPC's core, through the one generic request
+    # otherwise (server.app's _AsGenericHandlers): this shows what sharing it costs.
+    Scenario("check_deduct_hot", "CheckCredits and DeductCredits in turn, on the hot allocation",
+             in_turn(check_credits(HOT_ORG), deduct_credits([HOT_ORG]))),
     Scenario("deduct_spread", "DeductCredits, round robin over 1,000 orgs",
              deduct_credits(SPREAD_ORGS), deductions_per_call=1),
 ]

@@ -11,7 +11,7 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from opentelemetry.trace import TracerProvider
 from pythonjsonlogger.json import JsonFormatter
 
@@ -114,6 +114,32 @@ def new_grpc_server(settings: Settings, *, interceptors: list[grpc.aio.ServerInt
         maximum_concurrent_rpcs=settings.worker_threads,
         options=grpc_server_options(settings),
     )
+
+
+class _AsGenericHandlers:
+    """A grpc.aio server as the generated add_*_to_server functions see it:
+    services added through it are generic handlers only, not also
+    registered methods.
+
+    grpc.aio's accept loop keeps a request open in gRPC's core for every
+    registered method, and one for all generic handlers; each time it
+    accepts calls, it hands all those requests to asyncio.wait, whose cost
+    grows with their number: with our 35 methods registered, about 30 us of
+    the loop's time a call. But one request accepts one call at a time:
+    calls of two methods at once, through the one generic request, cost
+    more than through a request each. So the methods called on every
+    request of other services stay registered, and the others come through
+    here (benchmarks/README.md, "The accept loop's open requests")."""
+
+    def __init__(self, server: grpc.aio.Server):
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: dict) -> None:
+        """Nothing more: the generated code adds the same handlers with
+        add_generic_rpc_handlers first."""
 
 
 def grpc_server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -292,19 +318,23 @@ class OrgBillingServer:
             page_size_default=settings.page_size_default,
             page_size_max=settings.page_size_max,
             metrics=self.metrics), server)
+        # The calls other services make on every request, and health, are
+        # registered methods, each accepted through a request of its own;
+        # the rest, called now and then, share one (_AsGenericHandlers).
+        occasional = _AsGenericHandlers(server)
         org_billing_service_pb2_grpc.add_OrgBillingServiceServicer_to_server(
-            OrgBillingServicer(self.store, settings=settings), server)
+            OrgBillingServicer(self.store, settings=settings), occasional)
         # The reports read through the same pool, with the same handling.
         reporting_service_pb2_grpc.add_ReportingServiceServicer_to_server(ReportingServicer(
             ReportStore(self.pool, pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
                         statement_timeout_ms=settings.statement_timeout_ms),
-            settings=settings), server)
+            settings=settings), occasional)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
-        reflection.enable_server_reflection(
+        # As reflection.enable_server_reflection would for a grpc.aio server
+        # (it tells by the server's type, which `occasional` is not).
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
-            server,
-        )
+             reflection.SERVICE_NAME]), occasional)
         self.port = add_port(server, settings)
         return server
 
