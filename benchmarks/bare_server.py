@@ -59,7 +59,7 @@ async def serve(settings: Settings, *, batch_s: float) -> None:
             await committer.submit(item)
             return await check(request, context)
         health.Check = check_after_batch
-    server = new_grpc_server(settings, interceptors=[])
+    server = new_grpc_server(settings)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.add_insecure_port(settings.listen_address)
     stopping = asyncio.Event()

@@ -241,7 +241,7 @@ SCENARIOS = [
              deduct_credits([HOT_ORG]), deductions_per_call=1),
     # Each method's calls are accepted through a request of their own when
     # it is registered with gRPC's core, through the one generic request
-    # otherwise (server.app's _AsGenericHandlers): this shows what sharing it costs.
+    # otherwise (server.interceptors.ChainedServices): this shows what sharing it costs.
     Scenario("check_deduct_hot", "CheckCredits and DeductCredits in turn, on the hot allocation",
              in_turn(check_credits(HOT_ORG), deduct_credits([HOT_ORG]))),
     Scenario("deduct_spread", "DeductCredits, round robin over 1,000 orgs",

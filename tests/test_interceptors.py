@@ -117,10 +117,11 @@ class Harness:
         self.event_loop = EventLoopThread(name="harness")
 
         def new_server():
-            server = grpc.aio.server(interceptors=[chain])
-            server.add_generic_rpc_handlers((echo_service(SERVICE, self.behaviour),
-                                             echo_service(OPEN_SERVICE, self.behaviour)))
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            server = grpc.aio.server()
+            services = chain.services(server)
+            services.add_generic_rpc_handlers((echo_service(SERVICE, self.behaviour),
+                                               echo_service(OPEN_SERVICE, self.behaviour)))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
             return server, server.add_insecure_port("127.0.0.1:0")
 
         self.server, port = self.event_loop.call(new_server)

@@ -1,6 +1,6 @@
 """What grpc.aio's accept loop pays for each call it accepts, by the number
 of requests it keeps open in gRPC's core: one for each registered method,
-and one for all generic handlers (server/app.py's _AsGenericHandlers;
+and one for all generic handlers (server.interceptors.ChainedServices;
 benchmarks/README.md, "The accept loop's open requests").
 
 For each accepted call, the loop (grpc's `AioServer._server_main_loop`)

@@ -106,23 +106,30 @@ class Interceptor:
         return None
 
 
-class InterceptorChain(grpc.aio.ServerInterceptor):
-    """Runs `interceptors`, outermost first, around every call. A servicer
-    that is plain code (not a coroutine) runs in `threads`, and the chain's
-    part of its call with it."""
+class InterceptorChain:
+    """Runs `interceptors`, outermost first, around every call of the
+    services added through `services(server)`. A servicer that is plain
+    code (not a coroutine) runs in `threads`, and the chain's part of its
+    call with it.
+
+    The chain wraps each method's handler once, as its service is added,
+    rather than being one of grpc.aio's interceptors, which it asks for the
+    handler of every call (a coroutine and a lookup a call)."""
 
     def __init__(self, interceptors: list[Interceptor], *, threads: Executor):
         self._interceptors = list(interceptors)
         self._threads = threads
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(self, continuation, handler_call_details):
-        path = handler_call_details.method
+    def services(self, server: grpc.aio.Server, *, registered: bool = True) -> "ChainedServices":
+        """The server as the generated add_*_to_server functions should see
+        it: each handler they add goes through this chain."""
+        return ChainedServices(server, self, registered=registered)
+
+    def handler(self, path: str, inner: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """inner wrapped in the chain, once per method."""
         handler = self._handlers.get(path)
         if handler is None:
-            inner = await continuation(handler_call_details)
-            if inner is None:
-                return None  # unknown methods are not remembered: callers cannot grow the cache
             handler = self._handlers[path] = self._wrap(Method(path, inner), inner)
         return handler
 
@@ -135,6 +142,50 @@ class InterceptorChain(grpc.aio.ServerInterceptor):
         if handler.request_streaming:
             raise TypeError(f"{method.path}: a servicer of streamed requests must be a coroutine")
         return _in_threads(plumbing, behavior, self._threads)
+
+
+class ChainedServices:
+    """A grpc.aio server as the generated add_*_to_server functions see it,
+    adding every handler in the chain. With registered=False, a service is
+    a generic handler only, not also registered methods.
+
+    grpc.aio's accept loop keeps a request open in gRPC's core for every
+    registered method, and one for all generic handlers; each time it
+    accepts calls, it hands all those requests to asyncio.wait, whose cost
+    grows with their number: with our 35 methods registered, about 20 us a
+    call (benchmarks.micro.accept_loop). But one request accepts one call at
+    a time: calls of two methods at once, through the one generic request,
+    cost more than through a request each. So the services called on every
+    request of other services stay registered, and the others are generic
+    (server.app; benchmarks/README.md, "The accept loop's open requests")."""
+
+    def __init__(self, server: grpc.aio.Server, chain: InterceptorChain, *, registered: bool):
+        self._server = server
+        self._chain = chain
+        self._registered = registered
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_Chained(h, self._chain) for h in handlers))
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: dict) -> None:
+        if self._registered:
+            self._server.add_registered_method_handlers(service_name, {
+                name: self._chain.handler(f"/{service_name}/{name}", handler)
+                for name, handler in method_handlers.items()})
+
+
+class _Chained(grpc.GenericRpcHandler):
+    """A generic handler's handlers, in the chain."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, chain: InterceptorChain):
+        self._inner = inner
+        self._chain = chain
+
+    def service(self, handler_call_details):
+        inner = self._inner.service(handler_call_details)
+        if inner is None:
+            return None  # unknown methods are not remembered: callers cannot grow the cache
+        return self._chain.handler(handler_call_details.method, inner)
 
 
 class _Plumbing:
