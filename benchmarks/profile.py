@@ -63,6 +63,10 @@ def parse_arguments(argv):
                         help="the server's ledger answers DeductCredits and CheckCredits at once"
                              " (benchmarks.canned_ledger_server)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--native", action="store_true",
+                        help="sample native frames too (py-spy --native, which pauses the server"
+                             " for each sample): where the time in gRPC's core, uvloop and the"
+                             " interpreter goes")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--stacks", type=Path, metavar="FILE",
                         help="also keep py-spy's samples in FILE (one `frame;frame;... count` line"
@@ -230,7 +234,7 @@ def main(argv=None) -> None:
                     [str(PY_SPY), "record", "--pid", str(server.process.pid), "--format", "raw",
                      "--rate", str(arguments.rate), "--duration",
                      str(int(arguments.warmup_s + arguments.duration_s)), "--output", str(profile),
-                     "--nonblocking", "--gil"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                     "--gil", *(["--native"] if arguments.native else ["--nonblocking"])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 log = data_dir / "postgres" / LOG_FILE if data_dir is not None else None
                 log_start = log.stat().st_size if log is not None else 0
                 stats.execute("SELECT pg_stat_reset()")
