@@ -57,6 +57,16 @@ SERVICE_NAMES = [
     org_billing_service_pb2.DESCRIPTOR.services_by_name["OrgBillingService"].full_name,
     reporting_service_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
 ]
+# The calls other services make on every request, and health probes' Check:
+# registered methods, each accepted through a request of its own; the rest,
+# called now and then, share one (ChainedServices says why).
+_CREDIT_SERVICE = SERVICE_NAMES[0]
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+FREQUENT_METHODS = frozenset({
+    f"/{_CREDIT_SERVICE}/CheckCredits", f"/{_CREDIT_SERVICE}/DeductCredits",
+    f"/{_CREDIT_SERVICE}/ReserveCredits", f"/{_CREDIT_SERVICE}/CommitReservation",
+    f"/{_CREDIT_SERVICE}/ReleaseReservation", f"/{_HEALTH_SERVICE}/Check",
+})
 # A health name SERVING from start until shutdown whatever the database says,
 # for liveness probes: restarting a replica cannot bring a database back.
 # The other names ("" and each service) follow the database: readiness.
@@ -282,10 +292,7 @@ class OrgBillingServer:
         cannot); on the event loop."""
         server = new_grpc_server(self.settings)
         chain = InterceptorChain(interceptors, threads=self.rpc_threads)
-        # The calls other services make on every request, and health, are
-        # registered methods, each accepted through a request of its own;
-        # the rest, called now and then, share one (ChainedServices says why).
-        frequent, occasional = chain.services(server), chain.services(server, registered=False)
+        services = chain.services(server, registered=FREQUENT_METHODS)
         settings = self.settings
         credit_service_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(
             self.store, committer=self.committer, checks=self.check_coalescer,
@@ -295,20 +302,19 @@ class OrgBillingServer:
             reservation_ttl_max_ms=settings.reservation_ttl_max_ms,
             page_size_default=settings.page_size_default,
             page_size_max=settings.page_size_max,
-            metrics=self.metrics), frequent)
+            metrics=self.metrics), services)
         org_billing_service_pb2_grpc.add_OrgBillingServiceServicer_to_server(
-            OrgBillingServicer(self.store, settings=settings), occasional)
+            OrgBillingServicer(self.store, settings=settings), services)
         # The reports read through the same pool, with the same handling.
         reporting_service_pb2_grpc.add_ReportingServiceServicer_to_server(ReportingServicer(
             ReportStore(self.pool, pool_wait_timeout_ms=settings.pool_wait_timeout_ms,
                         statement_timeout_ms=settings.statement_timeout_ms),
-            settings=settings), occasional)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, frequent)
+            settings=settings), services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, services)
         # As reflection.enable_server_reflection would for a grpc.aio server
-        # (it tells by the server's type, which `occasional` is not).
+        # (it tells by the server's type, which `services` is not).
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
-            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME]), occasional)
+            [*SERVICE_NAMES, _HEALTH_SERVICE, reflection.SERVICE_NAME]), services)
         self.port = add_port(server, settings)
         return server
 

@@ -12,11 +12,12 @@ import time
 
 import grpc
 import pytest
-from google.protobuf import wrappers_pb2
+from google.protobuf import descriptor_pool, wrappers_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from orgbilling.server.app import FREQUENT_METHODS
 from orgbilling.server.auth import scopes
 from orgbilling.server.auth.caller import Caller
 from orgbilling.server.errors import ServiceError, unauthenticated
@@ -74,7 +75,7 @@ class FakeAuthenticator:
         raise unauthenticated("missing", "no credentials")
 
 
-def echo_service(name: str, behaviour: Behaviour):
+def echo_handlers(behaviour: Behaviour) -> dict[str, grpc.RpcMethodHandler]:
     def unary(request, context):
         return behaviour.run(request, context)
 
@@ -88,11 +89,11 @@ def echo_service(name: str, behaviour: Behaviour):
 
     options = {"request_deserializer": wrappers_pb2.StringValue.FromString,
                "response_serializer": wrappers_pb2.StringValue.SerializeToString}
-    return grpc.method_handlers_generic_handler(name, {
+    return {
         "Unary": grpc.unary_unary_rpc_method_handler(unary, **options),
         "Stream": grpc.unary_stream_rpc_method_handler(stream, **options),
         "OnLoop": grpc.unary_unary_rpc_method_handler(on_loop, **options),
-    })
+    }
 
 
 class Harness:
@@ -118,9 +119,16 @@ class Harness:
 
         def new_server():
             server = grpc.aio.server()
-            services = chain.services(server)
-            services.add_generic_rpc_handlers((echo_service(SERVICE, self.behaviour),
-                                               echo_service(OPEN_SERVICE, self.behaviour)))
+            # Unary a registered method, the others served by their service's
+            # generic handler only (as server.app does): every test of a kind
+            # below covers both ways in.
+            services = chain.services(server, registered={UNARY, f"/{OPEN_SERVICE}/Unary",
+                                                          "/grpc.health.v1.Health/Check"})
+            for name in (SERVICE, OPEN_SERVICE):
+                # As the generated add_*_to_server functions add a service.
+                handlers = echo_handlers(self.behaviour)
+                services.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+                services.add_registered_method_handlers(name, handlers)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
             return server, server.add_insecure_port("127.0.0.1:0")
 
@@ -399,3 +407,11 @@ def held_call(h: Harness, kind: str, **options):
     finally:
         release.set()
         thread.join(10)
+
+
+def test_the_servers_frequent_methods_are_methods_of_its_services():
+    # A misspelt path would quietly leave its method to the generic handler.
+    pool = descriptor_pool.Default()
+    for path in FREQUENT_METHODS:
+        _, service, method = path.split("/")
+        assert pool.FindServiceByName(service).FindMethodByName(method) is not None, path

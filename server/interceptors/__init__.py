@@ -41,6 +41,7 @@ import asyncio
 import contextvars
 import inspect
 import time
+from collections.abc import Container
 from concurrent.futures import Executor
 from typing import AsyncIterator, Callable, Iterator
 
@@ -121,9 +122,12 @@ class InterceptorChain:
         self._threads = threads
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
-    def services(self, server: grpc.aio.Server, *, registered: bool = True) -> "ChainedServices":
+    def services(self, server: grpc.aio.Server, *,
+                 registered: Container[str] | None = None) -> "ChainedServices":
         """The server as the generated add_*_to_server functions should see
-        it: each handler they add goes through this chain."""
+        it: each handler they add goes through this chain. Only the methods
+        whose paths are in registered (all when None) are also registered
+        methods (ChainedServices says why)."""
         return ChainedServices(server, self, registered=registered)
 
     def handler(self, path: str, inner: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -146,8 +150,8 @@ class InterceptorChain:
 
 class ChainedServices:
     """A grpc.aio server as the generated add_*_to_server functions see it,
-    adding every handler in the chain. With registered=False, a service is
-    a generic handler only, not also registered methods.
+    adding every handler in the chain. The methods not in `registered` are
+    served by their service's generic handler only.
 
     grpc.aio's accept loop keeps a request open in gRPC's core for every
     registered method, and one for all generic handlers; each time it
@@ -155,11 +159,12 @@ class ChainedServices:
     grows with their number: with our 35 methods registered, about 20 us a
     call (benchmarks.micro.accept_loop). But one request accepts one call at
     a time: calls of two methods at once, through the one generic request,
-    cost more than through a request each. So the services called on every
+    cost more than through a request each. So the methods called on every
     request of other services stay registered, and the others are generic
     (server.app; benchmarks/README.md, "The accept loop's open requests")."""
 
-    def __init__(self, server: grpc.aio.Server, chain: InterceptorChain, *, registered: bool):
+    def __init__(self, server: grpc.aio.Server, chain: InterceptorChain, *,
+                 registered: Container[str] | None):
         self._server = server
         self._chain = chain
         self._registered = registered
@@ -168,10 +173,13 @@ class ChainedServices:
         self._server.add_generic_rpc_handlers(tuple(_Chained(h, self._chain) for h in handlers))
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: dict) -> None:
-        if self._registered:
-            self._server.add_registered_method_handlers(service_name, {
-                name: self._chain.handler(f"/{service_name}/{name}", handler)
-                for name, handler in method_handlers.items()})
+        chosen = {}
+        for name, handler in method_handlers.items():
+            path = f"/{service_name}/{name}"
+            if self._registered is None or path in self._registered:
+                chosen[name] = self._chain.handler(path, handler)
+        if chosen:
+            self._server.add_registered_method_handlers(service_name, chosen)
 
 
 class _Chained(grpc.GenericRpcHandler):
