@@ -234,7 +234,8 @@ def main(argv=None) -> None:
                     [str(PY_SPY), "record", "--pid", str(server.process.pid), "--format", "raw",
                      "--rate", str(arguments.rate), "--duration",
                      str(int(arguments.warmup_s + arguments.duration_s)), "--output", str(profile),
-                     "--gil", *(["--native"] if arguments.native else ["--nonblocking"])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                     "--gil", *(["--native"] if arguments.native else ["--nonblocking"])],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 log = data_dir / "postgres" / LOG_FILE if data_dir is not None else None
                 log_start = log.stat().st_size if log is not None else 0
                 stats.execute("SELECT pg_stat_reset()")

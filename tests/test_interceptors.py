@@ -119,9 +119,9 @@ class Harness:
 
         def new_server():
             server = grpc.aio.server()
-            # Unary a registered method, the others served by their service's
-            # generic handler only (as server.app does): every test of a kind
-            # below covers both ways in.
+            # Unary a registered method, Stream and OnLoop served by their
+            # service's generic handler only, as server.app splits its
+            # services: the tests below, run for each kind, take both ways in.
             services = chain.services(server, registered={UNARY, f"/{OPEN_SERVICE}/Unary",
                                                           "/grpc.health.v1.Health/Check"})
             for name in (SERVICE, OPEN_SERVICE):

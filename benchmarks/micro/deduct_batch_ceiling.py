@@ -48,7 +48,7 @@ def deductions_per_s(url: str, callers: int) -> float:
     # More than any caller can send in the window: built before it starts.
     batches_each = int(DURATION_S * 60 / callers) + 2
     ready = threading.Barrier(callers + 1)
-    window = {}
+    window = {"end": float("inf")}  # until all callers are ready
     sent = [0] * callers
 
     def caller(index: int) -> None:
@@ -66,7 +66,6 @@ def deductions_per_s(url: str, callers: int) -> float:
     threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
     for thread in threads:
         thread.start()
-    window["end"] = float("inf")
     ready.wait()
     start = time.monotonic()
     window["end"] = start + DURATION_S
