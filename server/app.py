@@ -52,16 +52,16 @@ from orgbilling.server.tracing import (
 
 log = logging.getLogger(__name__)
 
+_CREDIT_SERVICE = credit_service_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVICE_NAMES = [
-    credit_service_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
+    _CREDIT_SERVICE,
     org_billing_service_pb2.DESCRIPTOR.services_by_name["OrgBillingService"].full_name,
     reporting_service_pb2.DESCRIPTOR.services_by_name["ReportingService"].full_name,
 ]
 # The calls other services make on every request, and health probes' Check:
 # registered methods, each accepted through a request of its own; the rest,
 # called now and then, share one (ChainedServices says why).
-_CREDIT_SERVICE = SERVICE_NAMES[0]
-_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 FREQUENT_METHODS = frozenset({
     f"/{_CREDIT_SERVICE}/CheckCredits", f"/{_CREDIT_SERVICE}/DeductCredits",
     f"/{_CREDIT_SERVICE}/ReserveCredits", f"/{_CREDIT_SERVICE}/CommitReservation",

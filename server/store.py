@@ -35,8 +35,9 @@ from orgbilling.server.request_context import seconds_left
 
 # Deductions and their results are tuples: a DeductCreditsBatch makes a
 # thousand of each, and a frozen dataclass cost three times the time to
-# build (1.1 against 0.4 us). Deduction's fields are in the order of
-# deduct_credits_batch's arrays, which _batch_params takes them in.
+# build (1.1 against 0.4 us). Deduction's fields are in the order of the
+# arguments of deduct_credits and deduct_credits_batch, which _statement
+# and _batch_params take them in.
 class Deduction(NamedTuple):
     org_id: str
     user_id: str
@@ -671,10 +672,8 @@ def _statement(run: list) -> tuple[str, tuple]:
     if isinstance(item, Deduction):
         if len(run) > 1:
             return _DEDUCT_BATCH, _batch_params(run)
-        return (_DEDUCT_ONE,
-                (item.org_id, item.user_id, item.amount_millicredits, item.service_type,
-                 item.service_name, item.idempotency_key, item.request_hash, item.request_id,
-                 Jsonb(item.metadata)))
+        *fields, metadata = item
+        return _DEDUCT_ONE, (*fields, Jsonb(metadata))
     columns = _reservations_params(run)
     if len(run) == 1:
         return _RESERVATION_ONE, tuple(column[0] for column in columns)
