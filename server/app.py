@@ -397,15 +397,17 @@ def serve(settings: Settings) -> None:
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD_OBJECTS)
 
-    def announce(line: str) -> None:
+    def announce(*lines: str) -> None:
         # On stdout for people; a log record in JSON, so that every line is one.
         if settings.log_format == "json":
-            log.info("%s", line)
+            for line in lines:
+                log.info("%s", line)
         else:
-            # The line and its newline in one write: print() writes them in
-            # two, and a log record from another thread (stderr, often the
-            # same file) could land between them, on the command's line.
-            sys.stdout.write(f"{line}\n")
+            # The lines and their newlines in one write: a log record from
+            # another thread (stderr, often the same file) could otherwise
+            # land between them, on the command's line or between the
+            # command and the line that introduces it.
+            sys.stdout.write("".join(f"{line}\n" for line in lines))
             sys.stdout.flush()
 
     host = settings.listen_address.rsplit(":", 1)[0]
@@ -414,8 +416,8 @@ def serve(settings: Settings) -> None:
         probe_host = settings.probe_listen_address.rsplit(":", 1)[0]
         announce(f"health probes (Check only) on {probe_host}:{server.probe_port}")
     if admin_key_path is not None:
-        announce(f"local admin key (every scope) saved in {admin_key_path}; try:")
-        announce("  " + grpcurl_example(f"{host}:{server.port}", admin_key_path, settings.tls_cert))
+        announce(f"local admin key (every scope) saved in {admin_key_path}; try:",
+                 "  " + grpcurl_example(f"{host}:{server.port}", admin_key_path, settings.tls_cert))
     while not stopping.wait(1.0):
         pass
     log.info("shutting down")
