@@ -146,10 +146,12 @@ class Measurement:
 
 
 async def measure(call: OneCall, callers: int, warmup_s: float, duration_s: float,
-                  probes: Probes) -> Measurement:
+                  probes: Probes, *, timeline: list[tuple[float, float]] | None = None) -> Measurement:
     """Runs `callers` loops of `call` for warmup_s + duration_s. Counts the
     calls that end inside the measured window, so calls longer than the
-    warm-up (a batch of 1,000) are counted too."""
+    warm-up (a batch of 1,000) are counted too. Each of those that succeeds
+    is added to timeline, if given, as (when it ended in the window, its
+    latency), in seconds."""
     latencies: list[float] = []
     error_codes: collections.Counter[str] = collections.Counter()
     window_start = time.perf_counter() + warmup_s
@@ -169,6 +171,8 @@ async def measure(call: OneCall, callers: int, warmup_s: float, duration_s: floa
                     error_codes[failure] += 1
                 else:
                     latencies.append(ended - started)
+                    if timeline is not None:
+                        timeline.append((ended - window_start, ended - started))
 
     tasks = [asyncio.create_task(caller()) for _ in range(callers)]
     try:
