@@ -4,17 +4,17 @@ dumps itself into PostgreSQL's binary array format in one pass.
 psycopg dumps a plain list by finding an element type from its items (ints
 all scanned, for the narrowest type), a dumper for that type, then item by
 item through it. For a group-committed batch of 12 deductions that came to
-55 us of the server's CPU for the nine arrays; typed, 22 us; for a
-DeductCreditsBatch of 1,000, 1.8 against 0.9 ms
+55-57 us of the server's CPU for the nine arrays; typed, 26 us; for a
+DeductCreditsBatch of 1,000, 1.83 against 1.22 ms
 (benchmarks/micro/array_dump.py, both ways in one process).
 
-The dumpers are registered once for every connection (psycopg.adapters): a
-typed array means the same on any of them. A connection that somehow
-lacked them would still dump a typed array as the list it also is.
+The dumpers are registered once, globally (psycopg.adapters), so that a
+typed array means the same on every connection made after this module is
+imported; one made before would still dump it as the list it also is.
 """
 
 import struct
-import uuid
+from operator import attrgetter
 
 import orjson
 import psycopg
@@ -83,7 +83,7 @@ for _array, _type_name, _encode in (
     (TextArray, "text", str.encode),
     (BigintArray, "int8", _BIGINT),
     (ByteaArray, "bytea", bytes),
-    (UuidArray, "uuid", uuid.UUID.bytes.fget),
+    (UuidArray, "uuid", attrgetter("bytes")),
     (JsonbArray, "jsonb", lambda value: _JSONB_VERSION + orjson.dumps(value)),
 ):
     psycopg.adapters.register_dumper(_array, _dumper(_type_name, _encode))
