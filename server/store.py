@@ -122,16 +122,15 @@ class Refund:
     request_id: str
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CreditCheck:
+# Tuples, as Deduction is: one of each a CheckCredits call.
+class CreditCheck(NamedTuple):
     """A CheckCredits call, checked: what check_batch takes."""
     org_id: str
     user_id: str
     amount_millicredits: int
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CheckResult:
+class CheckResult(NamedTuple):
     outcome: str
     sufficient: bool
     allocation_remaining_millicredits: int
