@@ -68,13 +68,15 @@ class Call:
     (None for a streamed request); `ends_by` (time.monotonic) cuts a stream
     short, checked between messages."""
 
-    __slots__ = ("method", "context", "request_id", "caller", "ends_by", "failure", "_raw",
-                 "_deserialize")
+    __slots__ = ("method", "context", "metadata", "request_id", "caller", "ends_by", "failure",
+                 "_raw", "_deserialize")
 
     def __init__(self, method: Method, context: grpc.ServicerContext, *, raw, deserialize):
         self.method = method
         self.context = context
-        self.request_id = request_id_from(context.invocation_metadata())
+        # The caller's metadata, read from gRPC once for every layer that needs it.
+        self.metadata = context.invocation_metadata() or ()
+        self.request_id = request_id_from(self.metadata)
         self.caller = None
         self.ends_by: float | None = None
         # The status the chain ended the call with, when it failed; for the

@@ -34,8 +34,7 @@ class AuthInterceptor(Interceptor):
         return method.service not in self._open_services
 
     def intercept(self, call: Call):
-        context = call.context
-        caller = self._authenticator.authenticate(context.invocation_metadata(), context.auth_context())
+        caller = self._authenticator.authenticate(call.metadata, call.context.auth_context())
         _authorize(call, caller)
         call.caller = caller
         caller_var.set(caller)

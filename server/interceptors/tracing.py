@@ -59,8 +59,7 @@ class TracingInterceptor(Interceptor):
         if named is None:
             named = self._per_method[method.path] = _name_and_attributes(method)
         name, attributes = named
-        metadata = call.context.invocation_metadata() or ()
-        caller = propagate.extract({m.key: m.value for m in metadata})
+        caller = propagate.extract({m.key: m.value for m in call.metadata})
         span = self._tracer.start_span(name, context=caller, kind=SpanKind.SERVER,
                                        attributes={**attributes, REQUEST_ID: call.request_id})
         # Current for the rest of the call: the statements' spans and the
