@@ -20,6 +20,7 @@ import hmac
 import logging
 import threading
 import time
+from typing import NamedTuple
 
 from orgbilling.server.auth.api_keys import KeyRecord, hash_secret, load_live_records, split_key
 from orgbilling.server.auth.caller import Caller
@@ -29,10 +30,16 @@ from orgbilling.server.errors import credentials_unverifiable, unauthenticated
 log = logging.getLogger(__name__)
 
 
+class _Key(NamedTuple):
+    secret_sha256: bytes
+    # Made once a load rather than once a call.
+    caller: Caller
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Snapshot:
-    by_key_id: dict[str, KeyRecord]
-    by_subject: dict[str, KeyRecord]
+    by_key_id: dict[str, _Key]
+    by_subject: dict[str, Caller]
     loaded_at: float  # time.monotonic()
 
 
@@ -80,8 +87,10 @@ class KeyRing:
         with self._pool.connection(timeout=self._connection_timeout_s) as conn:
             records = load_live_records(conn)
         self._snapshot = _Snapshot(
-            by_key_id={r.key_id: r for r in records if r.secret_sha256 is not None},
-            by_subject={r.certificate_subject: r for r in records if r.certificate_subject is not None},
+            by_key_id={r.key_id: _Key(r.secret_sha256, caller_of(r)) for r in records
+                       if r.secret_sha256 is not None},
+            by_subject={r.certificate_subject: caller_of(r) for r in records
+                        if r.certificate_subject is not None},
             loaded_at=time.monotonic(),
         )
 
@@ -111,21 +120,21 @@ class KeyRing:
         if parts is None:
             raise unauthenticated("malformed", "malformed API key: expected obk_<key id>_<secret>")
         key_id, secret = parts
-        record = self._fresh_snapshot().by_key_id.get(key_id)
-        if record is None:
+        stored = self._fresh_snapshot().by_key_id.get(key_id)
+        if stored is None:
             self._reload_for_unknown_key.run()
-            record = self._fresh_snapshot().by_key_id.get(key_id)
+            stored = self._fresh_snapshot().by_key_id.get(key_id)
         # Constant-time comparison of the hashes: the time taken tells nothing
         # about how much of the secret was right.
-        if record is None or not hmac.compare_digest(record.secret_sha256, hash_secret(secret)):
+        if stored is None or not hmac.compare_digest(stored.secret_sha256, hash_secret(secret)):
             # Unknown, revoked and wrong secret look the same to the caller.
             raise unauthenticated("invalid", "invalid API key")
-        return caller_of(record)
+        return stored.caller
 
     def authenticate_certificate(self, subject: str) -> Caller:
-        record = self._fresh_snapshot().by_subject.get(subject)
-        if record is None:
+        caller = self._fresh_snapshot().by_subject.get(subject)
+        if caller is None:
             raise unauthenticated(
                 "invalid", f"no live credential admits the client certificate subject {subject!r}"
             )
-        return caller_of(record)
+        return caller
