@@ -14,6 +14,7 @@ imported; one made before would still dump it as the list it also is.
 """
 
 import struct
+from collections.abc import Callable
 from operator import attrgetter
 
 import orjson
@@ -53,16 +54,34 @@ _BIGINT = struct.Struct("!q").pack
 _JSONB_VERSION = b"\x01"
 
 
-def _dumper(type_name: str, encode) -> type[Dumper]:
+def _dumper(type_name: str, encode: Callable | None = None, *,
+            encode_in: Callable[[str], Callable] | None = None) -> type[Dumper]:
+    """The dumper of one array type, whose items' binary form is encode(item),
+    or, for the types PostgreSQL reads in the client encoding (text, jsonb),
+    encode_in(the connection's Python encoding name)(item)."""
     element_oid = postgres.types[type_name].oid
+    array_oid = postgres.types[type_name].array_oid
 
     class ArrayDumper(Dumper):
         format = pq.Format.BINARY
-        oid = postgres.types[type_name].array_oid
+        # The array's oid is set on each dumper, not on the class: psycopg
+        # registers a class with an oid as the dumper of that oid too, for
+        # whoever knows only the type (COPY's set_types), and this one dumps
+        # flat lists of one type only.
+        oid = 0
+
+        def __init__(self, cls: type, context=None):
+            super().__init__(cls, context)
+            self.oid = array_oid
+            if encode_in is None:
+                self._encode = encode
+            else:
+                self._encode = encode_in(self.connection.info.encoding if self.connection else "utf-8")
 
         def dump(self, obj: list) -> bytes:
             if not obj:
                 return _EMPTY.pack(0, 0, element_oid)
+            encode = self._encode
             parts = [b""]
             has_null = 0
             for item in obj:
@@ -79,11 +98,32 @@ def _dumper(type_name: str, encode) -> type[Dumper]:
     return ArrayDumper
 
 
-for _array, _type_name, _encode in (
-    (TextArray, "text", str.encode),
-    (BigintArray, "int8", _BIGINT),
-    (ByteaArray, "bytea", bytes),
-    (UuidArray, "uuid", attrgetter("bytes")),
-    (JsonbArray, "jsonb", lambda value: _JSONB_VERSION + orjson.dumps(value)),
+# PostgreSQL reads text, and jsonb's text, in the connection's
+# client_encoding (server.database asks for UTF8 on every connection; any
+# other is honoured here as psycopg's own str dumper does).
+def _text(encoding: str) -> Callable[[str], bytes]:
+    if encoding == "utf-8":
+        return str.encode
+    return lambda value: value.encode(encoding)
+
+
+def _jsonb(encoding: str) -> Callable[[object], bytes]:
+    if encoding == "utf-8":
+        return lambda value: _JSONB_VERSION + orjson.dumps(value)
+    return lambda value: _JSONB_VERSION + orjson.dumps(value).decode().encode(encoding)
+
+
+def _bytea(value) -> bytes:
+    # Not bytes(value) for any value: that makes an int n into n zero bytes,
+    # and a list of ints into their bytes; only a buffer is a bytea's value.
+    return value if type(value) is bytes else bytes(memoryview(value))
+
+
+for _array, _type_name, _encoder in (
+    (TextArray, "text", {"encode_in": _text}),
+    (BigintArray, "int8", {"encode": _BIGINT}),
+    (ByteaArray, "bytea", {"encode": _bytea}),
+    (UuidArray, "uuid", {"encode": attrgetter("bytes")}),
+    (JsonbArray, "jsonb", {"encode_in": _jsonb}),
 ):
-    psycopg.adapters.register_dumper(_array, _dumper(_type_name, _encode))
+    psycopg.adapters.register_dumper(_array, _dumper(_type_name, **_encoder))

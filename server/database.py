@@ -51,10 +51,10 @@ def connection_options(settings: Settings) -> dict:
     PgBouncer in transaction mode, each transaction may run on another server
     connection, shared with other clients, and session state would leak to
     them. What the session needs is sent in the startup packet instead:
-    application_name, which PgBouncer tracks and applies per transaction, and
-    `options`, which PgBouncer 1.18 refuses unless told to ignore it
-    (ignore_startup_parameters = options: then the role's defaults apply;
-    see the README's Operations section).
+    application_name and client_encoding, which PgBouncer tracks and applies
+    per transaction, and `options`, which PgBouncer 1.18 refuses unless told
+    to ignore it (ignore_startup_parameters = options: then the role's
+    defaults apply; see the README's Operations section).
     """
     return {
         "autocommit": True,  # each ledger function call is its own transaction
@@ -63,6 +63,9 @@ def connection_options(settings: Settings) -> dict:
         "prepare_threshold": 0 if settings.prepared_statements else None,
         "connect_timeout": max(1, settings.database_connect_timeout_ms // 1000),
         "application_name": "orgbilling",
+        # Text is sent and read as UTF-8 whatever the database's encoding or
+        # the environment's PGCLIENTENCODING (PgBouncer tracks it per client).
+        "client_encoding": "UTF8",
         "options": f"-c statement_timeout={settings.statement_timeout_ms}"
         " -c idle_in_transaction_session_timeout=60000 -c TimeZone=UTC",
     }
