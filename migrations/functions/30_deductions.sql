@@ -17,6 +17,16 @@
 --     matched only org_id and read every attribution row of the org for each
 --     deduction. Every row is found through a primary key, whatever the
 --     statistics say.
+--   * Sequential scans off is not enough for a join: with a table of a
+--     few thousand rows (allocations), or one nearly empty when the plan
+--     was made (a new deployment's attribution rows), the planner would
+--     rather hash or merge the whole table, through any index, than probe
+--     it once per item, and that plan stays as the table grows. So the
+--     batch probes each row it needs by its key, in a LATERAL subquery that
+--     the planner cannot flatten into a join (OFFSET 0; or FOR UPDATE), and
+--     its UPDATE ... FROM statements name the keys with = ANY, so that only
+--     the batch's rows are read (benchmarks/README.md, "Plans that read
+--     whole tables").
 --   * plan_cache_mode = force_generic_plan, on the deductions. The batch's
 --     statements take arrays whose length the planner cannot see, so
 --     plpgsql's plan cache judged every custom plan cheaper than the generic
@@ -337,27 +347,45 @@ DECLARE
     f_alloc_org text[] := '{}';
     f_alloc_user text[] := '{}';
     f_alloc_used bigint[] := '{}';
+    any_reserved boolean;
+    any_period_ended boolean;
+    any_reset_due boolean;
 BEGIN
     IF item_count = 0 THEN
         RETURN;
     END IF;
 
-    PERFORM 1 FROM organization_credit_pools
-     WHERE org_id = ANY (p_org_ids) ORDER BY org_id FOR UPDATE;
+    -- The pools, locked; with whether any has holds or an ended period, so
+    -- that the statements for those run only when there is work for them.
+    SELECT coalesce(bool_or(locked.reserved_millicredits > 0), false),
+           coalesce(bool_or(locked.period_ends_at <= ledger_now()), false)
+      INTO any_reserved, any_period_ended
+      FROM (SELECT reserved_millicredits, period_ends_at FROM organization_credit_pools
+             WHERE org_id = ANY (p_org_ids) ORDER BY org_id FOR UPDATE) AS locked;
     -- Expired holds give their credits back before anything is read
     -- (35_reservations.sql), under the pool locks just taken.
-    PERFORM release_expired_holds(org_id) FROM organization_credit_pools
-     WHERE org_id = ANY (p_org_ids) AND reserved_millicredits > 0;
+    IF any_reserved THEN
+        PERFORM release_expired_holds(org_id) FROM organization_credit_pools
+         WHERE org_id = ANY (p_org_ids) AND reserved_millicredits > 0;
+    END IF;
     -- So do ended subscription periods, with their refreshes.
-    PERFORM advance_due_periods(p) FROM organization_credit_pools AS p
-     WHERE org_id = ANY (p_org_ids) AND period_ends_at <= ledger_now();
-    PERFORM 1 FROM user_credit_allocations
-     WHERE (org_id, user_id) IN (SELECT * FROM unnest(p_org_ids, p_user_ids))
-     ORDER BY org_id, user_id FOR UPDATE;
+    IF any_period_ended THEN
+        PERFORM advance_due_periods(p) FROM organization_credit_pools AS p
+         WHERE org_id = ANY (p_org_ids) AND period_ends_at <= ledger_now();
+    END IF;
+    -- The allocations, each probed by its key and locked, in key order.
+    SELECT coalesce(bool_or(locked.next_reset_at <= ledger_now()), false) INTO any_reset_due
+      FROM (SELECT DISTINCT k.org_id, k.user_id FROM unnest(p_org_ids, p_user_ids) AS k(org_id, user_id)
+             ORDER BY k.org_id, k.user_id) AS k
+     CROSS JOIN LATERAL (SELECT a.next_reset_at FROM user_credit_allocations AS a
+                          WHERE a.org_id = k.org_id AND a.user_id = k.user_id FOR UPDATE) AS locked;
     -- Periods due for a reset start again before anything is charged to them.
-    PERFORM reset_allocation_if_due(a) FROM user_credit_allocations AS a
-     WHERE (a.org_id, a.user_id) IN (SELECT * FROM unnest(p_org_ids, p_user_ids))
-       AND a.next_reset_at <= ledger_now();
+    IF any_reset_due THEN
+        PERFORM reset_allocation_if_due(a) FROM user_credit_allocations AS a
+         WHERE a.org_id = ANY (p_org_ids) AND a.user_id = ANY (p_user_ids)
+           AND (a.org_id, a.user_id) IN (SELECT * FROM unnest(p_org_ids, p_user_ids))
+           AND a.next_reset_at <= ledger_now();
+    END IF;
 
     FOR d IN
         WITH items AS (
@@ -375,13 +403,16 @@ BEGIN
                c.allocation_remaining_after AS prior_remaining, c.pool_spendable_after AS prior_spendable,
                r.operation AS record_operation, r.request_hash AS record_hash, r.result AS record_result
           FROM items AS i
-          LEFT JOIN organization_credit_pools AS p ON p.org_id = i.org_id
-          LEFT JOIN user_credit_allocations AS a ON a.org_id = i.org_id AND a.user_id = i.user_id
-          LEFT JOIN credit_usage_attribution AS c
-                 ON c.org_id = i.org_id AND c.idempotency_key = i.idempotency_key
-          LEFT JOIN idempotency_records AS r
-                 ON r.org_id = i.org_id AND r.family = 'deductions'
-                AND r.idempotency_key = i.idempotency_key
+          LEFT JOIN LATERAL (SELECT * FROM organization_credit_pools AS p
+                              WHERE p.org_id = i.org_id OFFSET 0) AS p ON true
+          LEFT JOIN LATERAL (SELECT * FROM user_credit_allocations AS a
+                              WHERE a.org_id = i.org_id AND a.user_id = i.user_id OFFSET 0) AS a ON true
+          LEFT JOIN LATERAL (SELECT * FROM credit_usage_attribution AS c
+                              WHERE c.org_id = i.org_id AND c.idempotency_key = i.idempotency_key
+                             OFFSET 0) AS c ON true
+          LEFT JOIN LATERAL (SELECT * FROM idempotency_records AS r
+                              WHERE r.org_id = i.org_id AND r.family = 'deductions'
+                                AND r.idempotency_key = i.idempotency_key OFFSET 0) AS r ON true
         WINDOW same_key AS (PARTITION BY i.org_id, i.idempotency_key ORDER BY i.n)
          ORDER BY i.org_id, i.n
     LOOP
@@ -491,45 +522,51 @@ BEGIN
         f_alloc_used := f_alloc_used || used;
     END IF;
 
-    -- The items' own columns are joined back by position from one unnest,
-    -- never read as p_x[i] (subscripting a flat array walks it from the start).
-    INSERT INTO credit_usage_attribution (
-        org_id, deduction_id, user_id, amount_millicredits, service_type, service_name,
-        idempotency_key, request_hash, request_id, metadata, allocation_period,
-        allocation_remaining_after, pool_spendable_after)
-    SELECT i.org_id, w.id, i.user_id, i.amount, i.service_type, i.service_name,
-           i.idempotency_key, i.request_hash, i.request_id, i.metadata, w.period,
-           w.remaining, w.spendable
-      FROM unnest(p_org_ids, p_user_ids, p_amounts, p_service_types, p_service_names,
-                  p_idempotency_keys, p_request_hashes, p_request_ids, p_metadata)
-           WITH ORDINALITY AS i(org_id, user_id, amount, service_type, service_name,
-                                idempotency_key, request_hash, request_id, metadata, n)
-      JOIN unnest(w_n, w_id, w_period, w_remaining, w_spendable)
-           AS w(n, id, period, remaining, spendable) ON w.n = i.n;
+    -- Each write only when there is something to write: a statement costs
+    -- the batch its executor's start and end even with no rows.
+    IF cardinality(refused_n) > 0 THEN
+        INSERT INTO idempotency_records (org_id, family, idempotency_key, operation, request_hash, result)
+        SELECT i.org_id, 'deductions', i.idempotency_key, 'DeductCredits', i.request_hash, f.result
+          FROM unnest(p_org_ids, p_idempotency_keys, p_request_hashes)
+               WITH ORDINALITY AS i(org_id, idempotency_key, request_hash, n)
+          JOIN unnest(refused_n, refused_result) AS f(n, result) ON f.n = i.n;
+    END IF;
+    IF cardinality(w_n) > 0 THEN
+        -- The items' own columns are joined back by position from one unnest,
+        -- never read as p_x[i] (subscripting a flat array walks it from the start).
+        INSERT INTO credit_usage_attribution (
+            org_id, deduction_id, user_id, amount_millicredits, service_type, service_name,
+            idempotency_key, request_hash, request_id, metadata, allocation_period,
+            allocation_remaining_after, pool_spendable_after)
+        SELECT i.org_id, w.id, i.user_id, i.amount, i.service_type, i.service_name,
+               i.idempotency_key, i.request_hash, i.request_id, i.metadata, w.period,
+               w.remaining, w.spendable
+          FROM unnest(p_org_ids, p_user_ids, p_amounts, p_service_types, p_service_names,
+                      p_idempotency_keys, p_request_hashes, p_request_ids, p_metadata)
+               WITH ORDINALITY AS i(org_id, user_id, amount, service_type, service_name,
+                                    idempotency_key, request_hash, request_id, metadata, n)
+          JOIN unnest(w_n, w_id, w_period, w_remaining, w_spendable)
+               AS w(n, id, period, remaining, spendable) ON w.n = i.n;
 
-    -- The same charges, summed into the summary tables once per user and
-    -- service: a batch on a hot allocation is one bucket.
-    PERFORM add_usage_to_summaries(i.org_id, i.user_id, i.service_type, i.service_name,
-                                   sum(i.amount)::bigint, count(*))
-       FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
-            WITH ORDINALITY AS i(org_id, user_id, service_type, service_name, amount, n)
-       JOIN unnest(w_n) AS w(n) ON w.n = i.n
-      GROUP BY i.org_id, i.user_id, i.service_type, i.service_name;
+        -- The same charges, summed into the summary tables once per user and
+        -- service: a batch on a hot allocation is one bucket.
+        PERFORM add_usage_to_summaries(i.org_id, i.user_id, i.service_type, i.service_name,
+                                       sum(i.amount)::bigint, count(*))
+           FROM unnest(p_org_ids, p_user_ids, p_service_types, p_service_names, p_amounts)
+                WITH ORDINALITY AS i(org_id, user_id, service_type, service_name, amount, n)
+           JOIN unnest(w_n) AS w(n) ON w.n = i.n
+          GROUP BY i.org_id, i.user_id, i.service_type, i.service_name;
 
-    INSERT INTO idempotency_records (org_id, family, idempotency_key, operation, request_hash, result)
-    SELECT i.org_id, 'deductions', i.idempotency_key, 'DeductCredits', i.request_hash, f.result
-      FROM unnest(p_org_ids, p_idempotency_keys, p_request_hashes)
-           WITH ORDINALITY AS i(org_id, idempotency_key, request_hash, n)
-      JOIN unnest(refused_n, refused_result) AS f(n, result) ON f.n = i.n;
-
-    UPDATE user_credit_allocations AS a
-       SET used_millicredits = f.used, updated_at = ledger_now()
-      FROM unnest(f_alloc_org, f_alloc_user, f_alloc_used) AS f(org_id, user_id, used)
-     WHERE a.org_id = f.org_id AND a.user_id = f.user_id AND a.used_millicredits <> f.used;
-    UPDATE organization_credit_pools AS p
-       SET used_millicredits = f.used, updated_at = ledger_now()
-      FROM unnest(f_org, f_pool_used) AS f(org_id, used)
-     WHERE p.org_id = f.org_id AND p.used_millicredits <> f.used;
+        UPDATE user_credit_allocations AS a
+           SET used_millicredits = f.used, updated_at = ledger_now()
+          FROM unnest(f_alloc_org, f_alloc_user, f_alloc_used) AS f(org_id, user_id, used)
+         WHERE a.org_id = f.org_id AND a.user_id = f.user_id AND a.used_millicredits <> f.used
+           AND a.org_id = ANY (f_alloc_org) AND a.user_id = ANY (f_alloc_user);
+        UPDATE organization_credit_pools AS p
+           SET used_millicredits = f.used, updated_at = ledger_now()
+          FROM unnest(f_org, f_pool_used) AS f(org_id, used)
+         WHERE p.org_id = f.org_id AND p.used_millicredits <> f.used AND p.org_id = ANY (f_org);
+    END IF;
 
     RETURN QUERY
         SELECT x.n::integer, x.outcome, x.deduction_id, x.remaining, x.spendable, x.replayed

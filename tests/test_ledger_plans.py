@@ -1,0 +1,89 @@
+"""A batch reads the rows of its own items, whatever the size of the ledger's
+tables and whatever their statistics said when its plans were made.
+
+plpgsql keeps each statement's plan for the session, and the server's
+connections live for many minutes: a plan made while a table was small or
+empty (a new deployment) must not read the whole table once it has grown.
+Measured with the tables' own counters of the rows and index entries read
+(pg_stat_user_tables, pg_stat_user_indexes). With a few thousand
+allocations or fewer, the planner would rather hash all of them, through
+any index, than probe a few: 30_deductions.sql says how the batch keeps
+to its own rows."""
+
+import os
+
+import psycopg
+import pytest
+
+from orgbilling.server.binary_arrays import BigintArray, ByteaArray, JsonbArray, TextArray
+
+LEDGER_TABLES = ("organization_credit_pools", "user_credit_allocations", "credit_usage_attribution",
+                 "idempotency_records")
+# What a batch of two deductions may read: each item's pool, allocation,
+# key in the ledger and in the stored refusals, locked, read and written
+# back; a few times over, never a table's worth.
+ROWS_READ_MAX = 60
+
+
+def deduct_batch(conn: psycopg.Connection, org_ids: list[str], *, user_id: str = "u") -> list[str]:
+    n = len(org_ids)
+    rows = conn.execute(
+        "SELECT outcome FROM deduct_credits_batch(%b, %b, %b, %b, %b, %b, %b, %b, %b) ORDER BY item",
+        (TextArray(org_ids), TextArray([user_id] * n), BigintArray([1] * n), TextArray(["llm"] * n),
+         TextArray(["m"] * n), TextArray(os.urandom(8).hex() for _ in range(n)),
+         ByteaArray(os.urandom(32) for _ in range(n)), TextArray(["r"] * n), JsonbArray([{}] * n)),
+    ).fetchall()
+    return [outcome for (outcome,) in rows]
+
+
+def rows_read(conn: psycopg.Connection) -> int:
+    """Rows and index entries the ledger's tables have given so far, this
+    connection's own included (flushed first)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return conn.execute(
+        "SELECT (SELECT sum(coalesce(seq_tup_read, 0)) FROM pg_stat_user_tables WHERE relname = ANY (%(t)s))"
+        "     + (SELECT sum(idx_tup_read) FROM pg_stat_user_indexes WHERE relname = ANY (%(t)s))",
+        {"t": list(LEDGER_TABLES)}).fetchone()[0]
+
+
+@pytest.fixture(params=[100, 1000, 5000], ids=lambda orgs: f"{orgs} orgs")
+def many_orgs(request, database_url):
+    """Orgs whose allocations all belong to one user (one person in
+    many orgs), each with a few deductions and a stored refusal, and the
+    tables' statistics taken then, as autovacuum takes them after the
+    first writes."""
+    orgs = request.param
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO organizations SELECT 'o' || g FROM generate_series(1, %s) AS g", (orgs,))
+        conn.execute("INSERT INTO organization_credit_pools (org_id, total_millicredits)"
+                     " SELECT 'o' || g, 10^12 FROM generate_series(1, %s) AS g", (orgs,))
+        conn.execute("INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits, reset_period)"
+                     " SELECT 'o' || g, 'u', 10^12, 'NEVER' FROM generate_series(1, %s) AS g", (orgs,))
+        for first in range(1, 100, 2):
+            assert deduct_batch(conn, [f"o{first}", f"o{first + 1}"]) == ["OK", "OK"]
+        assert deduct_batch(conn, ["o1"], user_id="nobody") == ["ALLOCATION_NOT_FOUND"]
+        conn.execute("ANALYZE")
+    return database_url
+
+
+def test_a_batch_reads_its_own_rows_not_the_tables(many_orgs):
+    with psycopg.connect(many_orgs, autocommit=True, prepare_threshold=0) as conn:
+        # The session's plans are made now.
+        assert deduct_batch(conn, ["o1", "o2"]) == ["OK", "OK"]
+        # Then the ledger grows: o1 has 20,000 deductions, and refusals are
+        # stored under 2,000 keys of o2.
+        conn.execute("""
+            INSERT INTO credit_usage_attribution (org_id, user_id, amount_millicredits, service_type,
+                service_name, idempotency_key, request_hash, request_id, metadata, allocation_period,
+                allocation_remaining_after, pool_spendable_after)
+            SELECT 'o1', 'u', 1, 'llm', 'm', 'past-' || g, '\\x00', 'r', '{}', 0, 0, 0
+              FROM generate_series(1, 20000) AS g""")
+        conn.execute("""
+            INSERT INTO idempotency_records (org_id, family, idempotency_key, operation, request_hash, result)
+            SELECT 'o2', 'deductions', 'refused-' || g, 'DeductCredits', '\\x00', '{}'
+              FROM generate_series(1, 2000) AS g""")
+        before = rows_read(conn)
+        assert deduct_batch(conn, ["o1", "o2"]) == ["OK", "OK"]
+        read = rows_read(conn) - before
+    assert read <= ROWS_READ_MAX, f"a batch of two deductions read {read} rows and index entries"
