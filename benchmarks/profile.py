@@ -224,7 +224,7 @@ def main(argv=None) -> None:
                                     if arguments.canned_ledger else "orgbilling.server")) as server:
             use_token(bench_token(database_url))
             if not arguments.bare:
-                create_orgs(server.address, [HOT_ORG, *SPREAD_ORGS])
+                create_orgs(server.address, [HOT_ORG, *SPREAD_ORGS], database_url=database_url)
             with tempfile.TemporaryDirectory() as scratch, \
                     Probes(server.process.pid, postmaster_process(data_dir), database_url) as probes, \
                     psycopg.connect(database_url, autocommit=True) as stats:

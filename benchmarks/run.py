@@ -330,7 +330,7 @@ def run(arguments) -> dict:
         setup_started = time.monotonic()
         use_token(bench_token(database_url))
         log(f"creating {len(ALL_ORGS)} orgs through the API...")
-        create_orgs(server.address, ALL_ORGS)
+        create_orgs(server.address, ALL_ORGS, database_url=database_url)
         setup_s = time.monotonic() - setup_started
         with Probes(server.process.pid, postmaster_process(data_dir), database_url) as probes:
             measured = asyncio.run(measure_everything(server.address, database_url, data_dir,

@@ -12,6 +12,7 @@ import os
 from collections.abc import Awaitable, Callable
 
 import grpc
+import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orgbilling.v1 import credit_service_pb2 as credit_pb
@@ -46,9 +47,13 @@ BIG_TABLE_ORG = "bench-big-table"
 ALL_ORGS = [HOT_ORG, *SPREAD_ORGS, PGBENCH_ORG, BIG_TABLE_ORG]
 
 
-def create_orgs(address: str, org_ids: list[str], threads: int = 8) -> None:
+def create_orgs(address: str, org_ids: list[str], *, database_url: str, threads: int = 8) -> None:
     """Subscribes, funds and allocates each org through the real API (not
-    SQL), so the data is what production would hold."""
+    SQL), so the data is what production would hold; then takes those
+    tables' statistics, as autovacuum does a minute after such writes.
+    Without, the server's first plans are made on tables never analyzed,
+    and made again in the middle of a run when autovacuum comes
+    (benchmarks/README.md, "Plans that read whole tables")."""
     client = Client(address, metadata=CALL_METADATA)
     try:
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -61,6 +66,9 @@ def create_orgs(address: str, org_ids: list[str], threads: int = 8) -> None:
             list(funded)  # re-raises the first failure
     finally:
         client.close()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ANALYZE organizations, organization_subscriptions, organization_credit_pools,"
+                     " user_credit_allocations, org_billing_history")
 
 
 @dataclasses.dataclass

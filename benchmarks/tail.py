@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     with benchmark_database() as (database_url, data_dir):
         with benchmark_server(database_url) as server:
             use_token(bench_token(database_url))
-            create_orgs(server.address, [HOT_ORG, *SPREAD_ORGS])
+            create_orgs(server.address, [HOT_ORG, *SPREAD_ORGS], database_url=database_url)
             with Probes(server.process.pid, postmaster_process(data_dir), database_url) as probes:
                 for scenario in arguments.scenarios:
                     timeline = asyncio.run(timed_calls(server.address, scenario, arguments, probes))

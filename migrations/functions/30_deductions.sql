@@ -18,15 +18,19 @@
 --     deduction. Every row is found through a primary key, whatever the
 --     statistics say.
 --   * Sequential scans off is not enough for a join: with a table of a
---     few thousand rows (allocations), or one nearly empty when the plan
---     was made (a new deployment's attribution rows), the planner would
---     rather hash or merge the whole table, through any index, than probe
---     it once per item, and that plan stays as the table grows. So the
---     batch probes each row it needs by its key, in a LATERAL subquery that
---     the planner cannot flatten into a join (OFFSET 0; or FOR UPDATE), and
---     its UPDATE ... FROM statements name the keys with = ANY, so that only
---     the batch's rows are read (benchmarks/README.md, "Plans that read
---     whole tables").
+--     few thousand rows (allocations), or of a few rows when the plan was
+--     made (a new deployment's first deductions), the planner would rather
+--     hash or merge the whole table, through any index, than probe it once
+--     per item, and that plan stays as the table grows. So the batch probes
+--     each row it needs by its key, in a LATERAL subquery that the planner
+--     cannot flatten into a join (OFFSET 0; or FOR UPDATE), and its
+--     UPDATE ... FROM statements name the keys with = ANY, so that only the
+--     batch's rows are read. One case is left, for deduct_credits too:
+--     statistics taken while credit_usage_attribution was empty (an ANALYZE
+--     by hand on a new database) make any index holding org_id look as good
+--     as the key for a probe (PostgreSQL 18 skip-scans them), until the
+--     next ANALYZE, autovacuum's after the first 50 rows, makes the plans
+--     again (benchmarks/README.md, "Plans that read whole tables").
 --   * plan_cache_mode = force_generic_plan, on the deductions. The batch's
 --     statements take arrays whose length the planner cannot see, so
 --     plpgsql's plan cache judged every custom plan cheaper than the generic
