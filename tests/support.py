@@ -138,6 +138,18 @@ def set_ledger_clock(database_url: str, at: "datetime.datetime | None") -> None:
                          " ON CONFLICT (only_row) DO UPDATE SET frozen_at = excluded.frozen_at", (at,))
 
 
+def add_orgs_in_sql(conn: psycopg.Connection, count: int, *, user_id: str, millicredits: int) -> None:
+    """Orgs 'o1' to 'o<count>', written straight in SQL (no subscription):
+    each a pool of `millicredits` and one allocation of as much to user_id,
+    reset never. For measuring the ledger's SQL over many orgs."""
+    conn.execute("INSERT INTO organizations SELECT 'o' || g FROM generate_series(1, %s) AS g", (count,))
+    conn.execute("INSERT INTO organization_credit_pools (org_id, total_millicredits)"
+                 " SELECT 'o' || g, %s FROM generate_series(1, %s) AS g", (millicredits, count))
+    conn.execute("INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits, reset_period)"
+                 " SELECT 'o' || g, %s, %s, 'NEVER' FROM generate_series(1, %s) AS g",
+                 (user_id, millicredits, count))
+
+
 def fund_org(client, org_id: str, pool_millicredits: int, users: dict[str, int]) -> None:
     """Client.funded_org through an orgbilling.client CreditClient."""
     client.create_subscription(org_id=org_id, plan="PLAN_BYOK", billing_cycle="BILLING_CYCLE_MONTHLY")

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from orgbilling.server.binary_arrays import BigintArray, ByteaArray, JsonbArray, TextArray
+from tests.support import add_orgs_in_sql
 
 LEDGER_TABLES = ("organization_credit_pools", "user_credit_allocations", "credit_usage_attribution",
                  "idempotency_records")
@@ -47,19 +48,31 @@ def rows_read(conn: psycopg.Connection) -> int:
         {"t": list(LEDGER_TABLES)}).fetchone()[0]
 
 
+def add_past_deductions(conn: psycopg.Connection, org_id: str, count: int) -> None:
+    """count deductions of org_id's user 'u', written straight in SQL."""
+    conn.execute("""
+        INSERT INTO credit_usage_attribution (org_id, user_id, amount_millicredits, service_type,
+            service_name, idempotency_key, request_hash, request_id, metadata, allocation_period,
+            allocation_remaining_after, pool_spendable_after)
+        SELECT %s, 'u', 1, 'llm', 'm', 'past-' || g, '\\x00', 'r', '{}', 0, 0, 0
+          FROM generate_series(1, %s) AS g""", (org_id, count))
+
+
+def rows_read_by_a_batch(conn: psycopg.Connection, org_ids: list[str]) -> int:
+    """The rows and index entries one batch of deductions on org_ids reads."""
+    before = rows_read(conn)
+    assert deduct_batch(conn, org_ids) == ["OK"] * len(org_ids)
+    return rows_read(conn) - before
+
+
 @pytest.fixture(params=[100, 1000, 5000], ids=lambda orgs: f"{orgs} orgs")
 def many_orgs(request, database_url):
     """Orgs whose allocations all belong to one user (one person in
     many orgs), each with a few deductions and a stored refusal, and the
     tables' statistics taken then, as autovacuum takes them after the
     first writes."""
-    orgs = request.param
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("INSERT INTO organizations SELECT 'o' || g FROM generate_series(1, %s) AS g", (orgs,))
-        conn.execute("INSERT INTO organization_credit_pools (org_id, total_millicredits)"
-                     " SELECT 'o' || g, 10^12 FROM generate_series(1, %s) AS g", (orgs,))
-        conn.execute("INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits, reset_period)"
-                     " SELECT 'o' || g, 'u', 10^12, 'NEVER' FROM generate_series(1, %s) AS g", (orgs,))
+        add_orgs_in_sql(conn, request.param, user_id="u", millicredits=10**12)
         for first in range(1, 100, 2):
             assert deduct_batch(conn, [f"o{first}", f"o{first + 1}"]) == ["OK", "OK"]
         assert deduct_batch(conn, ["o1"], user_id="nobody") == ["ALLOCATION_NOT_FOUND"]
@@ -73,19 +86,12 @@ def test_a_batch_reads_its_own_rows_not_the_tables(many_orgs):
         assert deduct_batch(conn, ["o1", "o2"]) == ["OK", "OK"]
         # Then the ledger grows: o1 has 20,000 deductions, and refusals are
         # stored under 2,000 keys of o2.
-        conn.execute("""
-            INSERT INTO credit_usage_attribution (org_id, user_id, amount_millicredits, service_type,
-                service_name, idempotency_key, request_hash, request_id, metadata, allocation_period,
-                allocation_remaining_after, pool_spendable_after)
-            SELECT 'o1', 'u', 1, 'llm', 'm', 'past-' || g, '\\x00', 'r', '{}', 0, 0, 0
-              FROM generate_series(1, 20000) AS g""")
+        add_past_deductions(conn, "o1", 20_000)
         conn.execute("""
             INSERT INTO idempotency_records (org_id, family, idempotency_key, operation, request_hash, result)
             SELECT 'o2', 'deductions', 'refused-' || g, 'DeductCredits', '\\x00', '{}'
               FROM generate_series(1, 2000) AS g""")
-        before = rows_read(conn)
-        assert deduct_batch(conn, ["o1", "o2"]) == ["OK", "OK"]
-        read = rows_read(conn) - before
+        read = rows_read_by_a_batch(conn, ["o1", "o2"])
     assert read <= ROWS_READ_MAX, f"a batch of two deductions read {read} rows and index entries"
 
 
@@ -95,21 +101,10 @@ def test_plans_made_on_an_empty_ledger_are_made_again_at_its_next_analyze(databa
     plans made then may read a whole org, until the next ANALYZE
     (autovacuum's, after the first 50 rows) makes them again."""
     with psycopg.connect(database_url, autocommit=True, prepare_threshold=0) as conn:
-        conn.execute("INSERT INTO organizations VALUES ('o1'), ('o2')")
-        conn.execute("INSERT INTO organization_credit_pools (org_id, total_millicredits)"
-                     " VALUES ('o1', 10^12), ('o2', 10^12)")
-        conn.execute("INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits, reset_period)"
-                     " VALUES ('o1', 'u', 10^12, 'NEVER'), ('o2', 'u', 10^12, 'NEVER')")
+        add_orgs_in_sql(conn, 2, user_id="u", millicredits=10**12)
         conn.execute("ANALYZE")
         assert deduct_batch(conn, ["o1", "o2"]) == ["OK", "OK"]
-        conn.execute("""
-            INSERT INTO credit_usage_attribution (org_id, user_id, amount_millicredits, service_type,
-                service_name, idempotency_key, request_hash, request_id, metadata, allocation_period,
-                allocation_remaining_after, pool_spendable_after)
-            SELECT 'o1', 'u', 1, 'llm', 'm', 'past-' || g, '\\x00', 'r', '{}', 0, 0, 0
-              FROM generate_series(1, 20000) AS g""")
+        add_past_deductions(conn, "o1", 20_000)
         conn.execute("ANALYZE credit_usage_attribution")
-        before = rows_read(conn)
-        assert deduct_batch(conn, ["o1", "o2"]) == ["OK", "OK"]
-        read = rows_read(conn) - before
+        read = rows_read_by_a_batch(conn, ["o1", "o2"])
     assert read <= ROWS_READ_MAX, f"a batch of two deductions read {read} rows and index entries"

@@ -22,6 +22,7 @@ import psycopg
 from benchmarks.micro.ledger import backend_cpu_s
 from orgbilling.server.binary_arrays import BigintArray, ByteaArray, JsonbArray, TextArray
 from tests.postgres import Postgres
+from tests.support import add_orgs_in_sql
 
 ORGS = 1000
 BATCHES = 300
@@ -33,11 +34,7 @@ WAYS = (("spread over 8 orgs", 8, True), ("hot, 16 a batch", 16, False))
 def many_orgs_database(postgres: Postgres) -> str:
     url = postgres.create_database("deduct_batch_spread")
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("INSERT INTO organizations SELECT 'o' || g FROM generate_series(1, %s) AS g", (ORGS,))
-        conn.execute("INSERT INTO organization_credit_pools (org_id, total_millicredits)"
-                     " SELECT 'o' || g, 10^15 FROM generate_series(1, %s) AS g", (ORGS,))
-        conn.execute("INSERT INTO user_credit_allocations (org_id, user_id, limit_millicredits, reset_period)"
-                     " SELECT 'o' || g, 'u', 10^15, 'NEVER' FROM generate_series(1, %s) AS g", (ORGS,))
+        add_orgs_in_sql(conn, ORGS, user_id="u", millicredits=10**15)
         conn.execute(BATCH, batch(["o1", "o2"]))
         conn.execute("ANALYZE")
     return url
