@@ -8,6 +8,7 @@ pg_stat_statements, while the benchmark's load runs one scenario
     python -m benchmarks.profile --bare          # baseline A0's server under the noop load
     python -m benchmarks.profile --bare --bare-batch-ms 0.3   # waiting for a group commit, alone
     python -m benchmarks.profile --canned-ledger  # the real server, but deductions and checks answered at once
+    python -m benchmarks.profile --scenario noop --unchained-health   # the real server, health outside the chain
 
 Prints the server's top functions by own time and by time inside them (as a
 share of the samples, and as CPU microseconds per call from the measured
@@ -62,6 +63,10 @@ def parse_arguments(argv):
     parser.add_argument("--canned-ledger", action="store_true",
                         help="the server's ledger answers DeductCredits and CheckCredits at once"
                              " (benchmarks.canned_ledger_server)")
+    parser.add_argument("--unchained-health", action="store_true",
+                        help="the server's health service outside the interceptor chain, as the bare"
+                             " server adds it (benchmarks.unchained_health_server): with --scenario"
+                             " noop, what the chain costs a no-op")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--native", action="store_true",
                         help="sample native frames too (py-spy --native, which pauses the server"
@@ -75,6 +80,17 @@ def parse_arguments(argv):
                         help="print the plans (EXPLAIN ANALYZE, BUFFERS, by auto_explain on a"
                              " sample of the calls) of the statements that took the most time")
     return parser.parse_args(argv)
+
+
+def server_module(arguments) -> str:
+    """The module the profiled server runs as (`python -m module serve`)."""
+    if arguments.canned_ledger and arguments.unchained_health:
+        raise SystemExit("choose one of --canned-ledger and --unchained-health")
+    if arguments.canned_ledger:
+        return "benchmarks.canned_ledger_server"
+    if arguments.unchained_health:
+        return "benchmarks.unchained_health_server"
+    return "orgbilling.server"
 
 
 def collapsed_stacks(path: Path) -> list[tuple[list[str], int]]:
@@ -220,8 +236,7 @@ def main(argv=None) -> None:
             conn.execute(f"ALTER DATABASE {database} SET track_functions = 'pl'")
         has_statements = with_statement_statistics(database_url, data_dir)
         with (bare_server(database_url, f"--batch-ms={arguments.bare_batch_ms}") if arguments.bare
-              else benchmark_server(database_url, module="benchmarks.canned_ledger_server"
-                                    if arguments.canned_ledger else "orgbilling.server")) as server:
+              else benchmark_server(database_url, module=server_module(arguments))) as server:
             use_token(bench_token(database_url))
             if not arguments.bare:
                 create_orgs(server.address, [HOT_ORG, *SPREAD_ORGS], database_url=database_url)
