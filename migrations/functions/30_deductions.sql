@@ -51,13 +51,14 @@
 -- Scalar, with plans cached by plpgsql: the same upserts over unnest() of
 -- one-element arrays cost a lone deduction 50 us more of database CPU
 -- (measured: 345 against 295 us). Nor does one statement a table for all of
--- a batch's buckets: a first version spent about 355 us of database time per
--- item of a spread batch, against 186 with this function per bucket (it
--- hashed whole tables); a second, with its UPDATEs probing by key, 138
--- against 150 in benchmarks.micro.deduct_batch_spread's batches over 8
--- orgs, and no difference under load (benchmarks/README.md, "Performance,
--- round two" and "The summaries set-based, again"). No SET lines: it runs
--- with its callers' settings, and a SET would cost each call.
+-- a batch's buckets: a first version, whose UPDATEs joined the batch to the
+-- running totals' tables, spent about 355 us of database time per item of
+-- a spread batch, against 186 with this function per bucket; a second,
+-- probing each row by its key, 138 against 150 in
+-- benchmarks.micro.deduct_batch_spread's batches over 8 orgs, and no
+-- difference under load (benchmarks/README.md, "Performance, round two"
+-- and "The summaries set-based, again"). No SET lines: it runs with its
+-- callers' settings, and a SET would cost each call.
 CREATE OR REPLACE FUNCTION add_usage_to_summaries(
     p_org_id text, p_user_id text, p_service_type text, p_service_name text,
     p_amount bigint, p_count bigint)
