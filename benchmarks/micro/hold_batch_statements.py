@@ -1,13 +1,16 @@
 """Database and client CPU per hold, for holds sent one transaction each or
-in batches of 16 in one transaction as the group commit sends them.
+in batches of 16 in one transaction as the group commit sends them, and
+per hold reserved and then committed, in batches of 16 each.
 
     .venv/bin/python -m benchmarks.micro.hold_batch_statements
 
 Ways: "alone", one hold per transaction as the server sends a lone call (a
 reservations_batch of one where the schema has it, else reserve_credits); "pipelined",
 16 reserve_credits statements in one transaction (the group commit before
-reservations_batch); "batch", one reservations_batch of 16 (the group
-commit now), when the schema has it. Run it from a worktree of an older
+reservations_batch; only where the schema still has reserve_credits); "batch", one reservations_batch of 16 (the group
+commit now), when the schema has it; "batch_then_commit", a batch of 16
+holds of 2 millicredits, then one of their 16 commits of 1 (the load's
+reserve_commit_hot pairs, as a lane sends them). Run it from a worktree of an older
 commit to measure that commit's functions. One connection, one hot
 allocation; the backend's own CPU time is read from /proc/<pid>/stat, which
 no other process disturbs. The ways alternate, three rounds each; the first
@@ -38,8 +41,8 @@ TTL_US = 600_000_000
 LOCK = "SELECT 1 FROM organization_credit_pools WHERE org_id = 'o' FOR UPDATE"
 
 
-def holds(count: int) -> list[tuple]:
-    return [("o", "u", 1, TTL_US, "s", "n", uuid.uuid4().hex, b"\x00", "", Jsonb({}))
+def holds(count: int, *, amount: int = 1) -> list[tuple]:
+    return [("o", "u", amount, TTL_US, "s", "n", uuid.uuid4().hex, b"\x00", "", Jsonb({}))
             for _ in range(count)]
 
 
@@ -76,14 +79,47 @@ def batch(conn: psycopg.Connection) -> int:
     return HOLDS
 
 
+COMMITS = """
+    SELECT * FROM reservations_batch(
+        array_fill('CommitReservation'::text, ARRAY[%(n)s]), %(o)b::text[],
+        array_fill(NULL::text, ARRAY[%(n)s]), %(ids)b::uuid[], array_fill(1::int8, ARRAY[%(n)s]),
+        array_fill(NULL::int8, ARRAY[%(n)s]), array_fill(NULL::text, ARRAY[%(n)s]),
+        array_fill(NULL::text, ARRAY[%(n)s]), %(k)b::text[], %(h)b::bytea[], %(r)b::text[],
+        %(m)b::jsonb[])"""
+
+
+def batch_then_commit(conn: psycopg.Connection) -> int:
+    for _ in range(HOLDS // BATCH_SIZE):
+        columns = [list(column) for column in zip(*holds(BATCH_SIZE, amount=2))]
+        with conn.transaction():
+            conn.execute(LOCK)
+            held = conn.execute(BATCH, dict(zip(("o", "u", "a", "t", "st", "sn", "k", "h", "r", "m"), columns),
+                                            n=BATCH_SIZE)).fetchall()
+        ids = [uuid.UUID(answer["reservation_id"]) for _, answer in sorted(held)]
+        with conn.transaction():
+            conn.execute(LOCK)
+            conn.execute(COMMITS, {"n": BATCH_SIZE, "o": ["o"] * BATCH_SIZE, "ids": ids,
+                                   "k": [uuid.uuid4().hex for _ in ids], "h": [b"\x01"] * BATCH_SIZE,
+                                   "r": [""] * BATCH_SIZE, "m": [Jsonb({})] * BATCH_SIZE}).fetchall()
+    return HOLDS
+
+
 def ways(conn: psycopg.Connection) -> list:
-    has_batch = conn.execute("SELECT to_regproc('reservations_batch') IS NOT NULL").fetchone()[0]
-    return [alone_batch, pipelined, batch] if has_batch else [alone, pipelined]
+    def has(function: str) -> bool:
+        return conn.execute("SELECT to_regproc(%s) IS NOT NULL", (function,)).fetchone()[0]
+
+    batched = has("reservations_batch")
+    chosen = [alone_batch if batched else alone]
+    if has("reserve_credits"):  # 0008_drop_single_hold_functions.sql dropped it
+        chosen.append(pipelined)
+    if batched:
+        chosen += [batch, batch_then_commit]
+    return chosen
 
 
 def main() -> None:
-    # Fresh statistics each round: the holds pile up (none is committed),
-    # and a plan of an empty table would scan them all.
+    # Fresh statistics each round: the holds pile up, and a plan of an
+    # empty table would scan them all.
     compare("hold_batches", ways, unit="hold", before_each="ANALYZE credit_reservations")
 
 
