@@ -19,7 +19,7 @@ from orgbilling.server.binary_arrays import BigintArray, ByteaArray, JsonbArray,
 from tests.support import add_orgs_in_sql
 
 LEDGER_TABLES = ("organization_credit_pools", "user_credit_allocations", "credit_usage_attribution",
-                 "idempotency_records")
+                 "idempotency_records", "credit_reservations")
 # What a batch of two deductions may read: each item's pool, allocation,
 # key in the ledger and in the stored refusals, locked, read and written
 # back; a few times over, never a table's worth.
@@ -35,6 +35,23 @@ def deduct_batch(conn: psycopg.Connection, org_ids: list[str], *, user_id: str =
          ByteaArray(os.urandom(32) for _ in range(n)), TextArray(["r"] * n), JsonbArray([{}] * n)),
     ).fetchall()
     return [outcome for (outcome,) in rows]
+
+
+def reservations_batch(conn: psycopg.Connection, org_ids: list[str], *,
+                       commit: list[str] | None = None) -> list[dict]:
+    """Holds of 2 millicredits for org_ids' user 'u', or, with commit (their
+    reservation IDs), commits of 1 of them; the answers in order."""
+    n = len(org_ids)
+    rows = conn.execute(
+        "SELECT result FROM reservations_batch(%b, %b, %b, %b::uuid[], %b, %b, %b, %b, %b, %b, %b, %b)"
+        " ORDER BY item",
+        (TextArray(["CommitReservation" if commit else "ReserveCredits"] * n), TextArray(org_ids),
+         TextArray(["u"] * n), commit or [None] * n, BigintArray([1 if commit else 2] * n),
+         BigintArray([None if commit else 60_000_000] * n), TextArray(["llm"] * n),
+         TextArray(["m"] * n), TextArray(os.urandom(8).hex() for _ in range(n)),
+         ByteaArray(os.urandom(32) for _ in range(n)), TextArray(["r"] * n), JsonbArray([{}] * n)),
+    ).fetchall()
+    return [answer for (answer,) in rows]
 
 
 def rows_read(conn: psycopg.Connection) -> int:
@@ -108,3 +125,31 @@ def test_plans_made_on_an_empty_ledger_are_made_again_at_its_next_analyze(databa
         conn.execute("ANALYZE credit_usage_attribution")
         read = rows_read_by_a_batch(conn, ["o1", "o2"])
     assert read <= ROWS_READ_MAX, f"a batch of two deductions read {read} rows and index entries"
+
+
+def test_a_batch_of_holds_and_commits_reads_its_own_rows_not_the_tables(many_orgs):
+    """reservations_batch: its holds and their commits, written at the
+    batch's end (35_reservations.sql), probe the rows they name."""
+    def reserve_and_commit(conn) -> tuple[int, int]:
+        before = rows_read(conn)
+        held = reservations_batch(conn, ["o1", "o2"])
+        assert [answer["outcome"] for answer in held] == ["OK", "OK"]
+        after_holds = rows_read(conn)
+        committed = reservations_batch(conn, ["o1", "o2"],
+                                       commit=[answer["reservation_id"] for answer in held])
+        assert [answer["outcome"] for answer in committed] == ["OK", "OK"]
+        return after_holds - before, rows_read(conn) - after_holds
+
+    with psycopg.connect(many_orgs, autocommit=True, prepare_threshold=0) as conn:
+        reserve_and_commit(conn)  # the session's plans are made now
+        # Then the ledger grows: o1 has 20,000 ended holds and as many deductions.
+        add_past_deductions(conn, "o1", 20_000)
+        conn.execute("""
+            INSERT INTO credit_reservations (org_id, user_id, amount_millicredits, state, service_type,
+                service_name, idempotency_key, expires_at, resolved_at)
+            SELECT 'o1', 'u', 1, 'RELEASED', 'llm', 'm', 'past-hold-' || g,
+                   now() + interval '1 minute', now()
+              FROM generate_series(1, 20000) AS g""")
+        holds_read, commits_read = reserve_and_commit(conn)
+    assert holds_read <= ROWS_READ_MAX, f"a batch of two holds read {holds_read} rows and index entries"
+    assert commits_read <= ROWS_READ_MAX, f"a batch of two commits read {commits_read} rows and index entries"

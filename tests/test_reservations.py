@@ -562,7 +562,9 @@ def test_a_batch_of_holds_commits_and_releases_answers_as_one_call_at_a_time(cli
     """reservations_batch keeps the balances in memory for the whole batch:
     the same calls, over two orgs and two users each, answer exactly as they
     do one transaction each (replays, refusals, a hold ended twice, a commit
-    beyond its hold), and leave the same balances."""
+    beyond its hold, keys used again in the batch, which it answers from
+    memory since it writes its rows after the last call), and leave the
+    same balances."""
     from orgbilling.server.store import Reservation, ReservationCommit, ReservationRelease
 
     def calls(orgs: dict[str, str], holds: dict[str, str]) -> list:
@@ -600,6 +602,15 @@ def test_a_batch_of_holds_commits_and_releases_answers_as_one_call_at_a_time(cli
             hold("a", "bob", 50, "k10"),
             commit_("a", "a-alice", 1, "k2"),         # k2 with another request
             hold("b", "alice", 400, "k11"),           # 200 held by k1: 400 does not fit
+            hold("a", "alice", 0, "k12"),             # refused before its key is stored
+            hold("a", "alice", 10, "k12"),            # so the key is new
+            commit_("b", "b-alice", 5000, "k13"),     # refused, and stored
+            commit_("b", "b-alice", 5000, "k13"),     # its replay
+            commit_("b", "b-alice", 50, "k14"),       # the refusal kept the hold open
+            release_("b", "b-alice", "k15"),          # committed just before
+            hold("b", "bob", 20, "k16"),
+            release_("b", "b-bob", "k16"),            # k16 is the hold's key
+            hold("b", "bob", 20, "k16"),              # the hold's replay, past the refused release
         ]
 
     def setup(name):
@@ -632,9 +643,13 @@ def test_a_batch_of_holds_commits_and_releases_answers_as_one_call_at_a_time(cli
     assert [a["outcome"] for a in batched] == [
         "INSUFFICIENT_CREDITS", "OK", "OK", "OK", "OK", "RESERVATION_NOT_OPEN", "INSUFFICIENT_CREDITS", "OK",
         "INSUFFICIENT_CREDITS", "OK", "INSUFFICIENT_CREDITS", "ALLOCATION_NOT_FOUND",
-        "RESERVATION_NOT_FOUND", "OK", "OK", "IDEMPOTENCY_KEY_REUSED", "INSUFFICIENT_CREDITS"]
-    assert batched[3]["replayed"] and batched[13]["replayed"]
+        "RESERVATION_NOT_FOUND", "OK", "OK", "IDEMPOTENCY_KEY_REUSED", "INSUFFICIENT_CREDITS",
+        "INVALID_AMOUNT", "OK", "INSUFFICIENT_CREDITS", "INSUFFICIENT_CREDITS", "OK",
+        "RESERVATION_NOT_OPEN", "OK", "IDEMPOTENCY_KEY_REUSED", "OK"]
+    assert [i for i, a in enumerate(batched) if a.get("replayed")] == [3, 13, 20, 25]
     assert batched[13]["deduction_id"] == batched[7]["deduction_id"]
+    assert batched[25]["reservation_id"] == batched[23]["reservation_id"]
+    assert batched[22]["state"] == "COMMITTED"
     assert batched[0]["allocation_remaining"] == 400  # the reset came first
     for letter in "ab":
         for user in ("alice", "bob"):
@@ -649,6 +664,6 @@ def test_a_batch_of_holds_commits_and_releases_answers_as_one_call_at_a_time(cli
                      FROM user_credit_allocations WHERE org_id = %(org)s""", {"org": org}).fetchone()
 
     assert periods("batch-a") == periods("alone-a") == ([1, 0], 1)
-    assert balances(database_url, "batch-a", "bob") == (250, 50, 500, 250)
-    assert balances(database_url, "batch-a", "alice") == (150, 200, 500, 250)
+    assert balances(database_url, "batch-a", "bob") == (250, 50, 500, 260)
+    assert balances(database_url, "batch-a", "alice") == (150, 210, 500, 260)
     assert violations(database_url) == {}

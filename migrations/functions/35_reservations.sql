@@ -26,8 +26,17 @@
 -- pool locked: every writer of an allocation holds its pool's lock first, so
 -- the allocations updated here in any order cannot deadlock. Returns how
 -- many holds it expired.
+--
+-- Planned on every call (force_custom_plan), with the org and the tables'
+-- sizes as they are: three indexes can answer the probe below, and a plan
+-- kept for the session from the statistics of a small table chose the
+-- primary key, then read every hold the org ever had on each call
+-- (tests/test_ledger_plans.py), or, after an ANALYZE, the sweeper's index
+-- of every org's open holds. Planning costs 15 us a call (2.7 us with the
+-- kept plan, measured over 20,000 calls), paid only where holds are open.
 CREATE OR REPLACE FUNCTION release_expired_holds(p_org_id text) RETURNS integer
 LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     expired_count integer;
@@ -121,8 +130,7 @@ $$;
 
 -- Reserve, Commit and Release calls in one transaction, each with its own
 -- answer, with the semantics of running them one at a time in the order
--- given (and exactly those of reserve_credits, commit_reservation and
--- release_reservation below, which are this function for one call).
+-- given; the server sends a lone call as a batch of one.
 -- Returns one row per call (item is its 1-based position), in no
 -- particular order. Answers are jsonb: outcome, and
 --   ReserveCredits, OK: reservation_id, expires_at_us, allocation_remaining,
@@ -144,13 +152,22 @@ $$;
 -- each rewriting the hot pool and allocation rows, cost about 210 us of
 -- database CPU a hold in batches of 16, this about 115
 -- (benchmarks/micro/hold_batch_statements.py; benchmarks/README.md,
--- "Performance, round two"). Holds, keys and attribution rows are written
--- call by call, so a key or a hold used twice in one batch reads what the
--- call before it wrote.
+-- "Performance, round two"). So are the rows the calls write: new holds,
+-- the commits' attribution rows, the ended holds and the stored answers are
+-- gathered as columns and written after the last call, one statement a
+-- table, as deduct_credits_batch writes its items; one-row statements call
+-- by call cost a reserve and its commit about 140 of their 230 us of
+-- database CPU in batches of 16 (benchmarks/README.md, "Reserve and commit,
+-- written at once"). A key or a hold used again later in the batch is read
+-- from what the calls before left in memory (key_owner, hold_ended), since
+-- the tables do not have it yet: a key's stored answer, a hold's end. A
+-- hold reserved in the batch cannot be named by a later call of it: its ID
+-- is made here (uuidv7) and told to no one before the transaction commits.
 --
--- Locks: each org's pool (lock_pool, in org_id order), then its allocations
--- as calls reach them: every writer of an allocation holds its pool's lock
--- first, so that order cannot deadlock.
+-- Locks: each org's pool (lock_pool, in org_id order), then its holds and
+-- allocations as calls reach them: every writer of an allocation holds its
+-- pool's lock first, so that order cannot deadlock. The writes at the end
+-- touch only rows this transaction has locked, and new ones.
 CREATE OR REPLACE FUNCTION reservations_batch(
     p_operations text[], p_org_ids text[], p_user_ids text[], p_reservation_ids uuid[],
     p_amounts bigint[], p_ttls_us bigint[], p_service_types text[], p_service_names text[],
@@ -163,6 +180,17 @@ AS $$
 DECLARE
     item_count integer := coalesce(cardinality(p_operations), 0);
     answers jsonb[] := array_fill(NULL::jsonb, ARRAY[item_count]);
+    -- By call (1-based position), as of after it: the call whose answer its
+    -- key has stored in this batch (key_owner), with that call's operation,
+    -- request hash and, for a commit that charged, its hold; and how this
+    -- batch ended the call's hold (hold_ended). Each call starts from the
+    -- last call before it with the same key, or hold.
+    key_owner integer[] := array_fill(NULL::integer, ARRAY[item_count]);
+    owner_operation text[] := array_fill(NULL::text, ARRAY[item_count]);
+    owner_hash bytea[] := array_fill(NULL::bytea, ARRAY[item_count]);
+    owner_hold uuid[] := array_fill(NULL::uuid, ARRAY[item_count]);
+    hold_ended text[] := array_fill(NULL::text, ARRAY[item_count]);
+    owner integer;
     d record;
     current_org text;
     -- The current org's pool and the allocations its calls reached so far,
@@ -175,28 +203,59 @@ DECLARE
     a user_credit_allocations;
     r credit_reservations;
     prior credit_usage_attribution;
-    prior_answer jsonb;
+    stored idempotency_records;
     holder text;
     reserved bigint;
     remaining bigint;
     spendable bigint;
+    expires timestamptz;
+    created uuid;
     charged uuid;
-    -- The commits' charges, for the summaries.
-    s_org text[] := '{}';
-    s_user text[] := '{}';
-    s_type text[] := '{}';
-    s_name text[] := '{}';
-    s_amount bigint[] := '{}';
+    answer jsonb;
+    -- The rows to write after the last call, as columns. New holds:
+    h_n integer[] := '{}';
+    h_id uuid[] := '{}';
+    h_expires timestamptz[] := '{}';
+    -- The commits' attribution rows (and, summed, their summaries):
+    c_n integer[] := '{}';
+    c_id uuid[] := '{}';
+    c_org text[] := '{}';
+    c_user text[] := '{}';
+    c_type text[] := '{}';
+    c_name text[] := '{}';
+    c_amount bigint[] := '{}';
+    c_metadata jsonb[] := '{}';
+    c_period integer[] := '{}';
+    c_remaining bigint[] := '{}';
+    c_spendable bigint[] := '{}';
+    -- The holds ended:
+    e_org text[] := '{}';
+    e_id uuid[] := '{}';
+    e_state text[] := '{}';
+    e_committed bigint[] := '{}';
+    e_deduction uuid[] := '{}';
+    -- The answers stored in idempotency_records:
+    k_n integer[] := '{}';
+    k_result jsonb[] := '{}';
 BEGIN
     FOR d IN
-        SELECT * FROM unnest(p_operations, p_org_ids, p_user_ids, p_reservation_ids, p_amounts,
-                             p_ttls_us, p_service_types, p_service_names, p_idempotency_keys,
-                             p_request_hashes, p_request_ids, p_metadata)
+        SELECT x.*,
+               lag(x.n) OVER (PARTITION BY x.org_id, x.idempotency_key ORDER BY x.n) AS key_before,
+               lag(x.n) OVER (PARTITION BY x.org_id, x.reservation_id ORDER BY x.n) AS hold_before
+          FROM unnest(p_operations, p_org_ids, p_user_ids, p_reservation_ids, p_amounts,
+                      p_ttls_us, p_service_types, p_service_names, p_idempotency_keys,
+                      p_request_hashes, p_request_ids, p_metadata)
                WITH ORDINALITY AS x(operation, org_id, user_id, reservation_id, amount, ttl_us,
                                     service_type, service_name, idempotency_key, request_hash,
                                     request_id, metadata, n)
          ORDER BY x.org_id, x.n
     LOOP
+        IF d.key_before IS NOT NULL THEN
+            key_owner[d.n] := key_owner[d.key_before];
+        END IF;
+        IF d.hold_before IS NOT NULL THEN
+            hold_ended[d.n] := hold_ended[d.hold_before];
+        END IF;
         IF current_org IS DISTINCT FROM d.org_id THEN
             IF current_org IS NOT NULL THEN
                 PERFORM write_balances(p, allocations, a);
@@ -239,160 +298,233 @@ BEGIN
             END IF;
             CONTINUE;
         END IF;
-        prior_answer := idempotency_lookup(d.org_id, d.idempotency_key, d.operation, d.request_hash);
-        IF prior_answer IS NOT NULL THEN
-            answers[d.n] := prior_answer; CONTINUE;
-        END IF;
-
-        IF d.operation = 'ReserveCredits' THEN
-            holder := d.user_id;
-        ELSE
-            SELECT * INTO r FROM credit_reservations
-             WHERE org_id = d.org_id AND reservation_id = d.reservation_id FOR UPDATE;
-            IF NOT FOUND THEN
-                answers[d.n] := idempotency_remember(d.org_id, d.idempotency_key, d.operation,
-                    d.request_hash, '{"outcome": "RESERVATION_NOT_FOUND"}');
-                CONTINUE;
-            END IF;
-            IF r.state <> 'OPEN' THEN
-                answers[d.n] := idempotency_remember(d.org_id, d.idempotency_key, d.operation,
-                    d.request_hash, jsonb_build_object('outcome', 'RESERVATION_NOT_OPEN', 'state', r.state));
-                CONTINUE;
-            END IF;
-            holder := r.user_id;
-        END IF;
-
-        -- The allocation, as the calls before left it: a is the last call's
-        -- (users[u]), kept back in allocations only when another is needed
-        -- (write_balances takes it as it is), since copying rows in and out
-        -- of an array cost a lone call 30 us.
-        IF u IS NULL OR users[u] <> holder THEN
-            IF u IS NOT NULL THEN
-                allocations[u] := a;
-            END IF;
-            u := array_position(users, holder);
-            IF u IS NULL THEN
-                SELECT * INTO a FROM user_credit_allocations
-                 WHERE org_id = d.org_id AND user_id = holder FOR UPDATE;
-                IF FOUND THEN
-                    users := users || holder;
-                    allocations := allocations || a;
-                    u := cardinality(users);
-                END IF;
+        -- Any other answer of the family, as idempotency_lookup reads it.
+        SELECT * INTO stored FROM idempotency_records
+         WHERE org_id = d.org_id AND family = 'deductions' AND idempotency_key = d.idempotency_key;
+        IF FOUND THEN
+            IF stored.operation = d.operation AND stored.request_hash = d.request_hash THEN
+                answers[d.n] := stored.result || '{"replayed": true}';
             ELSE
-                a := allocations[u];
+                answers[d.n] := '{"outcome": "IDEMPOTENCY_KEY_REUSED"}';
             END IF;
-        END IF;
-        IF d.operation = 'ReserveCredits' AND (u IS NULL OR a.revoked_at IS NOT NULL) THEN
-            answers[d.n] := idempotency_remember(d.org_id, d.idempotency_key, d.operation,
-                d.request_hash, '{"outcome": "ALLOCATION_NOT_FOUND"}');
             CONTINUE;
         END IF;
-        -- A charge starts the allocation's new period first; a release only
-        -- answers as if it had (below). The reset writes the row's period and
-        -- used; reserved stays as this batch left it.
-        IF d.operation <> 'ReleaseReservation' AND a.next_reset_at <= ledger_now() THEN
-            reserved := a.reserved_millicredits;
-            a := reset_allocation_if_due(a);
-            a.reserved_millicredits := reserved;
+        -- Used by a call before in this batch, the same two ways.
+        owner := key_owner[d.n];
+        IF owner IS NOT NULL THEN
+            IF owner_operation[owner] = d.operation AND owner_hash[owner] = d.request_hash
+               AND (owner_hold[owner] IS NULL OR owner_hold[owner] = d.reservation_id) THEN
+                answers[d.n] := answers[owner] || '{"replayed": true}';
+            ELSE
+                answers[d.n] := '{"outcome": "IDEMPOTENCY_KEY_REUSED"}';
+            END IF;
+            CONTINUE;
         END IF;
 
-        remaining := a.limit_millicredits - a.used_millicredits - a.reserved_millicredits;
-        spendable := p.total_millicredits + p.overage_limit_millicredits
-                     - p.used_millicredits - p.reserved_millicredits;
-        CASE d.operation
-        WHEN 'ReserveCredits' THEN
-            IF d.amount > remaining OR d.amount > spendable THEN
-                answers[d.n] := idempotency_remember(d.org_id, d.idempotency_key, d.operation,
-                    d.request_hash, jsonb_build_object(
+        charged := NULL;
+        <<decide>>
+        BEGIN
+            IF d.operation = 'ReserveCredits' THEN
+                holder := d.user_id;
+            ELSE
+                SELECT * INTO r FROM credit_reservations
+                 WHERE org_id = d.org_id AND reservation_id = d.reservation_id FOR UPDATE;
+                IF NOT FOUND THEN
+                    answer := '{"outcome": "RESERVATION_NOT_FOUND"}'; EXIT decide;
+                END IF;
+                r.state := coalesce(hold_ended[d.n], r.state);
+                IF r.state <> 'OPEN' THEN
+                    answer := jsonb_build_object('outcome', 'RESERVATION_NOT_OPEN', 'state', r.state);
+                    EXIT decide;
+                END IF;
+                holder := r.user_id;
+            END IF;
+
+            -- The allocation, as the calls before left it: a is the last call's
+            -- (users[u]), kept back in allocations only when another is needed
+            -- (write_balances takes it as it is), since copying rows in and out
+            -- of an array cost a lone call 30 us.
+            IF u IS NULL OR users[u] <> holder THEN
+                IF u IS NOT NULL THEN
+                    allocations[u] := a;
+                END IF;
+                u := array_position(users, holder);
+                IF u IS NULL THEN
+                    SELECT * INTO a FROM user_credit_allocations
+                     WHERE org_id = d.org_id AND user_id = holder FOR UPDATE;
+                    IF FOUND THEN
+                        users := users || holder;
+                        allocations := allocations || a;
+                        u := cardinality(users);
+                    END IF;
+                ELSE
+                    a := allocations[u];
+                END IF;
+            END IF;
+            IF d.operation = 'ReserveCredits' AND (u IS NULL OR a.revoked_at IS NOT NULL) THEN
+                answer := '{"outcome": "ALLOCATION_NOT_FOUND"}'; EXIT decide;
+            END IF;
+            -- A charge starts the allocation's new period first; a release only
+            -- answers as if it had (below). The reset writes the row's period and
+            -- used; reserved stays as this batch left it.
+            IF d.operation <> 'ReleaseReservation' AND a.next_reset_at <= ledger_now() THEN
+                reserved := a.reserved_millicredits;
+                a := reset_allocation_if_due(a);
+                a.reserved_millicredits := reserved;
+            END IF;
+
+            remaining := a.limit_millicredits - a.used_millicredits - a.reserved_millicredits;
+            spendable := p.total_millicredits + p.overage_limit_millicredits
+                         - p.used_millicredits - p.reserved_millicredits;
+            CASE d.operation
+            WHEN 'ReserveCredits' THEN
+                IF d.amount > remaining OR d.amount > spendable THEN
+                    answer := jsonb_build_object(
                         'outcome', 'INSUFFICIENT_CREDITS',
                         'allocation_remaining', greatest(0, remaining),
-                        'pool_spendable', greatest(0, spendable)));
-                CONTINUE;
-            END IF;
-            a.reserved_millicredits := a.reserved_millicredits + d.amount;
-            p.reserved_millicredits := p.reserved_millicredits + d.amount;
-            INSERT INTO credit_reservations (
-                org_id, user_id, amount_millicredits, service_type, service_name,
-                idempotency_key, request_id, metadata, expires_at)
-            VALUES (
-                d.org_id, d.user_id, d.amount, d.service_type, d.service_name,
-                d.idempotency_key, d.request_id, d.metadata,
-                ledger_now() + d.ttl_us * interval '1 microsecond')
-            RETURNING * INTO r;
-            answers[d.n] := idempotency_remember(d.org_id, d.idempotency_key, d.operation,
-                d.request_hash, jsonb_build_object(
-                    'outcome', 'OK', 'reservation_id', r.reservation_id,
-                    'expires_at_us', epoch_micros(r.expires_at),
-                    'allocation_remaining', remaining - d.amount,
-                    'pool_spendable', spendable - d.amount));
-        WHEN 'CommitReservation' THEN
-            -- The most this commit may charge: its own hold, and what is free besides.
-            remaining := remaining + r.amount_millicredits;
-            spendable := spendable + r.amount_millicredits;
-            IF d.amount > r.amount_millicredits AND (d.amount > remaining OR d.amount > spendable) THEN
-                answers[d.n] := idempotency_remember(d.org_id, d.idempotency_key, d.operation,
-                    d.request_hash, jsonb_build_object(
+                        'pool_spendable', greatest(0, spendable));
+                    EXIT decide;
+                END IF;
+                a.reserved_millicredits := a.reserved_millicredits + d.amount;
+                p.reserved_millicredits := p.reserved_millicredits + d.amount;
+                created := uuidv7();
+                expires := ledger_now() + d.ttl_us * interval '1 microsecond';
+                h_n := h_n || d.n::integer;
+                h_id := h_id || created;
+                h_expires := h_expires || expires;
+                answer := jsonb_build_object(
+                    'outcome', 'OK', 'reservation_id', created, 'expires_at_us', epoch_micros(expires),
+                    'allocation_remaining', remaining - d.amount, 'pool_spendable', spendable - d.amount);
+            WHEN 'CommitReservation' THEN
+                -- The most this commit may charge: its own hold, and what is free besides.
+                remaining := remaining + r.amount_millicredits;
+                spendable := spendable + r.amount_millicredits;
+                IF d.amount > r.amount_millicredits AND (d.amount > remaining OR d.amount > spendable) THEN
+                    answer := jsonb_build_object(
                         'outcome', 'INSUFFICIENT_CREDITS',
                         'allocation_remaining', greatest(0, remaining),
                         'pool_spendable', greatest(0, spendable),
-                        'held', r.amount_millicredits));
-                CONTINUE;
-            END IF;
-            a.used_millicredits := a.used_millicredits + d.amount;
-            a.reserved_millicredits := a.reserved_millicredits - r.amount_millicredits;
-            p.used_millicredits := p.used_millicredits + d.amount;
-            p.reserved_millicredits := p.reserved_millicredits - r.amount_millicredits;
-            -- Below zero only when the limit was cut under a hold committed in full.
-            remaining := greatest(0, remaining - d.amount);
-            spendable := greatest(0, spendable - d.amount);
-            INSERT INTO credit_usage_attribution (
-                org_id, user_id, amount_millicredits, service_type, service_name, idempotency_key,
-                request_hash, request_id, metadata, allocation_period,
-                allocation_remaining_after, pool_spendable_after, reservation_id)
-            VALUES (
-                d.org_id, r.user_id, d.amount, r.service_type, r.service_name, d.idempotency_key,
-                d.request_hash, d.request_id, r.metadata || d.metadata, a.period_number,
-                remaining, spendable, r.reservation_id)
-            RETURNING deduction_id INTO charged;
-            UPDATE credit_reservations
-               SET state = 'COMMITTED', resolved_at = ledger_now(),
-                   committed_millicredits = d.amount, deduction_id = charged
-             WHERE org_id = d.org_id AND reservation_id = d.reservation_id;
-            s_org := s_org || d.org_id;
-            s_user := s_user || r.user_id;
-            s_type := s_type || r.service_type;
-            s_name := s_name || r.service_name;
-            s_amount := s_amount || d.amount;
-            answers[d.n] := jsonb_build_object(
-                'outcome', 'OK', 'deduction_id', charged,
-                'allocation_remaining', remaining, 'pool_spendable', spendable, 'replayed', false);
-        ELSE
-            a.reserved_millicredits := a.reserved_millicredits - r.amount_millicredits;
-            p.reserved_millicredits := p.reserved_millicredits - r.amount_millicredits;
-            UPDATE credit_reservations
-               SET state = 'RELEASED', resolved_at = ledger_now()
-             WHERE org_id = d.org_id AND reservation_id = d.reservation_id;
-            answers[d.n] := idempotency_remember(d.org_id, d.idempotency_key, d.operation,
-                d.request_hash, jsonb_build_object(
+                        'held', r.amount_millicredits);
+                    EXIT decide;
+                END IF;
+                a.used_millicredits := a.used_millicredits + d.amount;
+                a.reserved_millicredits := a.reserved_millicredits - r.amount_millicredits;
+                p.used_millicredits := p.used_millicredits + d.amount;
+                p.reserved_millicredits := p.reserved_millicredits - r.amount_millicredits;
+                -- Below zero only when the limit was cut under a hold committed in full.
+                remaining := greatest(0, remaining - d.amount);
+                spendable := greatest(0, spendable - d.amount);
+                charged := uuidv7();
+                c_n := c_n || d.n::integer;
+                c_id := c_id || charged;
+                c_org := c_org || d.org_id;
+                c_user := c_user || r.user_id;
+                c_type := c_type || r.service_type;
+                c_name := c_name || r.service_name;
+                c_amount := c_amount || d.amount;
+                c_metadata := c_metadata || (r.metadata || d.metadata);
+                c_period := c_period || a.period_number;
+                c_remaining := c_remaining || remaining;
+                c_spendable := c_spendable || spendable;
+                e_org := e_org || d.org_id;
+                e_id := e_id || d.reservation_id;
+                e_state := e_state || 'COMMITTED'::text;
+                e_committed := e_committed || d.amount;
+                e_deduction := e_deduction || charged;
+                hold_ended[d.n] := 'COMMITTED';
+                answer := jsonb_build_object(
+                    'outcome', 'OK', 'deduction_id', charged,
+                    'allocation_remaining', remaining, 'pool_spendable', spendable);
+            ELSE
+                a.reserved_millicredits := a.reserved_millicredits - r.amount_millicredits;
+                p.reserved_millicredits := p.reserved_millicredits - r.amount_millicredits;
+                e_org := e_org || d.org_id;
+                e_id := e_id || d.reservation_id;
+                e_state := e_state || 'RELEASED'::text;
+                e_committed := e_committed || NULL::bigint;
+                e_deduction := e_deduction || NULL::uuid;
+                hold_ended[d.n] := 'RELEASED';
+                answer := jsonb_build_object(
                     'outcome', 'OK',
                     'allocation_remaining', greatest(0, a.limit_millicredits
                         - CASE WHEN a.next_reset_at <= ledger_now() THEN 0 ELSE a.used_millicredits END
                         - a.reserved_millicredits),
                     'pool_spendable', greatest(0, p.total_millicredits + p.overage_limit_millicredits
-                                                  - p.used_millicredits - p.reserved_millicredits)));
-        END CASE;
+                                                  - p.used_millicredits - p.reserved_millicredits));
+            END CASE;
+        END decide;
+
+        -- The answer is stored under the key, as a call alone stores it: a
+        -- commit's charge in its attribution row, any other answer in
+        -- idempotency_records (idempotency_remember); a later call of this
+        -- batch with the key finds it through key_owner.
+        key_owner[d.n] := d.n;
+        owner_operation[d.n] := d.operation;
+        owner_hash[d.n] := d.request_hash;
+        IF charged IS NOT NULL THEN
+            owner_hold[d.n] := d.reservation_id;
+        ELSE
+            k_n := k_n || d.n::integer;
+            k_result := k_result || answer;
+        END IF;
+        answers[d.n] := answer || '{"replayed": false}';
     END LOOP;
     IF current_org IS NOT NULL THEN
         PERFORM write_balances(p, allocations, a);
     END IF;
 
-    IF cardinality(s_org) > 0 THEN
+    -- The rows, one statement a table, each only when there is something to
+    -- write (a statement costs its executor's start and end even with no
+    -- rows). The calls' own columns are joined back by position from one
+    -- unnest, never read as p_x[i] (subscripting a flat array walks it).
+    IF cardinality(h_n) > 0 THEN
+        INSERT INTO credit_reservations (
+            org_id, reservation_id, user_id, amount_millicredits, service_type, service_name,
+            idempotency_key, request_id, metadata, expires_at)
+        SELECT i.org_id, h.id, i.user_id, i.amount, i.service_type, i.service_name,
+               i.idempotency_key, i.request_id, i.metadata, h.expires_at
+          FROM unnest(p_org_ids, p_user_ids, p_amounts, p_service_types, p_service_names,
+                      p_idempotency_keys, p_request_ids, p_metadata)
+               WITH ORDINALITY AS i(org_id, user_id, amount, service_type, service_name,
+                                    idempotency_key, request_id, metadata, n)
+          JOIN unnest(h_n, h_id, h_expires) AS h(n, id, expires_at) ON h.n = i.n;
+    END IF;
+    IF cardinality(c_n) > 0 THEN
+        INSERT INTO credit_usage_attribution (
+            org_id, deduction_id, user_id, amount_millicredits, service_type, service_name,
+            idempotency_key, request_hash, request_id, metadata, allocation_period,
+            allocation_remaining_after, pool_spendable_after, reservation_id)
+        SELECT c.org_id, c.id, c.user_id, c.amount, c.service_type, c.service_name,
+               i.idempotency_key, i.request_hash, i.request_id, c.metadata, c.period,
+               c.remaining, c.spendable, i.reservation_id
+          FROM unnest(p_idempotency_keys, p_request_hashes, p_request_ids, p_reservation_ids)
+               WITH ORDINALITY AS i(idempotency_key, request_hash, request_id, reservation_id, n)
+          JOIN unnest(c_n, c_id, c_org, c_user, c_type, c_name, c_amount, c_metadata, c_period,
+                      c_remaining, c_spendable)
+               AS c(n, id, org_id, user_id, service_type, service_name, amount, metadata, period,
+                    remaining, spendable) ON c.n = i.n;
         PERFORM add_usage_to_summaries(s.org_id, s.user_id, s.service_type, s.service_name,
                                        sum(s.amount)::bigint, count(*))
-           FROM unnest(s_org, s_user, s_type, s_name, s_amount)
+           FROM unnest(c_org, c_user, c_type, c_name, c_amount)
                 AS s(org_id, user_id, service_type, service_name, amount)
           GROUP BY s.org_id, s.user_id, s.service_type, s.service_name;
+    END IF;
+    -- Each hold ends once in a batch (a later call finds it ended).
+    IF cardinality(e_id) > 0 THEN
+        UPDATE credit_reservations AS h
+           SET state = e.state, resolved_at = ledger_now(),
+               committed_millicredits = e.committed, deduction_id = e.deduction_id
+          FROM unnest(e_org, e_id, e_state, e_committed, e_deduction)
+               AS e(org_id, reservation_id, state, committed, deduction_id)
+         WHERE h.org_id = e.org_id AND h.reservation_id = e.reservation_id
+           AND h.org_id = ANY (e_org) AND h.reservation_id = ANY (e_id);
+    END IF;
+    IF cardinality(k_n) > 0 THEN
+        INSERT INTO idempotency_records (org_id, family, idempotency_key, operation, request_hash, result)
+        SELECT i.org_id, 'deductions', i.idempotency_key, i.operation, i.request_hash, k.result
+          FROM unnest(p_org_ids, p_idempotency_keys, p_operations, p_request_hashes)
+               WITH ORDINALITY AS i(org_id, idempotency_key, operation, request_hash, n)
+          JOIN unnest(k_n, k_result) AS k(n, result) ON k.n = i.n;
     END IF;
 
     RETURN QUERY SELECT x.n::integer, x.answer FROM unnest(answers) WITH ORDINALITY AS x(answer, n);
