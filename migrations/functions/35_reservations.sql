@@ -155,14 +155,17 @@ $$;
 -- "Performance, round two"). So are the rows the calls write: new holds,
 -- the commits' attribution rows, the ended holds and the stored answers are
 -- gathered as columns and written after the last call, one statement a
--- table, as deduct_credits_batch writes its items; one-row statements call
--- by call cost a reserve and its commit about 140 of their 230 us of
--- database CPU in batches of 16 (benchmarks/README.md, "Reserve and commit,
--- written at once"). A key or a hold used again later in the batch is read
--- from what the calls before left in memory (key_owner, hold_ended), since
--- the tables do not have it yet: a key's stored answer, a hold's end. A
--- hold reserved in the batch cannot be named by a later call of it: its ID
--- is made here (uuidv7) and told to no one before the transaction commits.
+-- table, as deduct_credits_batch writes its items. Written call by call, a
+-- reserve and its commit cost 213-219 us of database CPU in batches of 16,
+-- written at once 175 (benchmarks/micro/hold_batch_statements.py), and
+-- under load 266-276 against 214-220; a lone call pays 65-110 us more,
+-- mostly for this function's bookkeeping (benchmarks/README.md, "Reserve
+-- and commit, written at once"). A key or a hold used again later in the
+-- batch is read from what the calls before left in memory (key_owner,
+-- hold_ended), since the tables do not have it yet: a key's stored answer,
+-- a hold's end. A hold reserved in the batch cannot be named by a later
+-- call of it: its ID is made here (uuidv7) and told to no one before the
+-- transaction commits.
 --
 -- Locks: each org's pool (lock_pool, in org_id order), then its holds and
 -- allocations as calls reach them: every writer of an allocation holds its
