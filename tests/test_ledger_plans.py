@@ -129,7 +129,9 @@ def test_plans_made_on_an_empty_ledger_are_made_again_at_its_next_analyze(databa
 
 def test_a_batch_of_holds_and_commits_reads_its_own_rows_not_the_tables(many_orgs):
     """reservations_batch: its holds and their commits, written at the
-    batch's end (35_reservations.sql), probe the rows they name."""
+    batch's end (35_reservations.sql), probe the rows they name; so does
+    the probe for expired holds of each pool it locks, which, with the plan
+    kept from a small table, read every hold the org ever had."""
     def reserve_and_commit(conn) -> tuple[int, int]:
         before = rows_read(conn)
         held = reservations_batch(conn, ["o1", "o2"])
