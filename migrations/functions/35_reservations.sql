@@ -212,6 +212,7 @@ DECLARE
     reserved bigint;
     remaining bigint;
     spendable bigint;
+    held_at timestamptz;
     expires timestamptz;
     created uuid;
     charged uuid;
@@ -219,6 +220,7 @@ DECLARE
     -- The rows to write after the last call, as columns. New holds:
     h_n integer[] := '{}';
     h_id uuid[] := '{}';
+    h_created timestamptz[] := '{}';
     h_expires timestamptz[] := '{}';
     -- The commits' attribution rows (and, summed, their summaries):
     c_n integer[] := '{}';
@@ -254,6 +256,11 @@ BEGIN
                                     request_id, metadata, n)
          ORDER BY x.org_id, x.n
     LOOP
+        -- Any other operation is a bug: fail loudly, as idempotency_family does.
+        IF d.operation NOT IN ('ReserveCredits', 'CommitReservation', 'ReleaseReservation')
+           OR d.operation IS NULL THEN
+            RAISE EXCEPTION 'reservations_batch cannot run %', d.operation;
+        END IF;
         IF d.key_before IS NOT NULL THEN
             key_owner[d.n] := key_owner[d.key_before];
         END IF;
@@ -348,7 +355,7 @@ BEGIN
             -- (users[u]), kept back in allocations only when another is needed
             -- (write_balances takes it as it is), since copying rows in and out
             -- of an array cost a lone call 30 us.
-            IF u IS NULL OR users[u] <> holder THEN
+            IF u IS NULL OR users[u] IS DISTINCT FROM holder THEN
                 IF u IS NOT NULL THEN
                     allocations[u] := a;
                 END IF;
@@ -392,9 +399,13 @@ BEGIN
                 a.reserved_millicredits := a.reserved_millicredits + d.amount;
                 p.reserved_millicredits := p.reserved_millicredits + d.amount;
                 created := uuidv7();
-                expires := ledger_now() + d.ttl_us * interval '1 microsecond';
+                -- Both ends from one reading of the clock, as the row's
+                -- CHECK (expires_at > created_at) needs.
+                held_at := ledger_now();
+                expires := held_at + d.ttl_us * interval '1 microsecond';
                 h_n := h_n || d.n::integer;
                 h_id := h_id || created;
+                h_created := h_created || held_at;
                 h_expires := h_expires || expires;
                 answer := jsonb_build_object(
                     'outcome', 'OK', 'reservation_id', created, 'expires_at_us', epoch_micros(expires),
@@ -484,14 +495,15 @@ BEGIN
     IF cardinality(h_n) > 0 THEN
         INSERT INTO credit_reservations (
             org_id, reservation_id, user_id, amount_millicredits, service_type, service_name,
-            idempotency_key, request_id, metadata, expires_at)
+            idempotency_key, request_id, metadata, created_at, expires_at)
         SELECT i.org_id, h.id, i.user_id, i.amount, i.service_type, i.service_name,
-               i.idempotency_key, i.request_id, i.metadata, h.expires_at
+               i.idempotency_key, i.request_id, i.metadata, h.created_at, h.expires_at
           FROM unnest(p_org_ids, p_user_ids, p_amounts, p_service_types, p_service_names,
                       p_idempotency_keys, p_request_ids, p_metadata)
                WITH ORDINALITY AS i(org_id, user_id, amount, service_type, service_name,
                                     idempotency_key, request_id, metadata, n)
-          JOIN unnest(h_n, h_id, h_expires) AS h(n, id, expires_at) ON h.n = i.n;
+          JOIN unnest(h_n, h_id, h_created, h_expires) AS h(n, id, created_at, expires_at)
+            ON h.n = i.n;
     END IF;
     IF cardinality(c_n) > 0 THEN
         INSERT INTO credit_usage_attribution (
