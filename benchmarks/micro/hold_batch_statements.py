@@ -4,17 +4,19 @@ per hold reserved and then committed, in batches of 16 each.
 
     .venv/bin/python -m benchmarks.micro.hold_batch_statements
 
-Ways: "alone", one hold per transaction as the server sends a lone call (a
-reservations_batch of one where the schema has it, else reserve_credits); "pipelined",
-16 reserve_credits statements in one transaction (the group commit before
-reservations_batch; only where the schema still has reserve_credits); "batch", one reservations_batch of 16 (the group
-commit now), when the schema has it; "batch_then_commit", a batch of 16
-holds of 2 millicredits, then one of their 16 commits of 1 (the load's
-reserve_commit_hot pairs, as a lane sends them). Run it from a worktree of an older
-commit to measure that commit's functions. One connection, one hot
-allocation; the backend's own CPU time is read from /proc/<pid>/stat, which
-no other process disturbs. The ways alternate, three rounds each; the first
-round warms plans and caches. See benchmarks/README.md.
+Ways: "alone", one hold per transaction as the server sends a lone call
+(a reservations_batch of one where the schema has it, else
+reserve_credits); "pipelined", 16 reserve_credits statements in one
+transaction (the group commit before reservations_batch; only where the
+schema still has reserve_credits); "batch", one reservations_batch of 16
+(the group commit now), when the schema has it; "batch_then_commit", a
+batch of 16 holds of 2 millicredits, then one of their 16 commits of 1
+(the load's reserve_commit_hot pairs, as a lane sends them). Run it from a
+worktree of an older commit to measure that commit's functions. One
+connection, one hot allocation; the backend's own CPU time is read from
+/proc/<pid>/stat, which no other process disturbs. The ways alternate,
+three rounds each; the first round warms plans and caches. See
+benchmarks/README.md.
 """
 
 import uuid
@@ -69,13 +71,18 @@ def pipelined(conn: psycopg.Connection) -> int:
     return HOLDS
 
 
+def reserve_batch(conn: psycopg.Connection, *, amount: int = 1) -> list[tuple]:
+    """One reservations_batch of BATCH_SIZE holds, in a transaction of its own."""
+    columns = [list(column) for column in zip(*holds(BATCH_SIZE, amount=amount))]
+    with conn.transaction():
+        conn.execute(LOCK)
+        return conn.execute(BATCH, dict(zip(("o", "u", "a", "t", "st", "sn", "k", "h", "r", "m"), columns),
+                                        n=BATCH_SIZE)).fetchall()
+
+
 def batch(conn: psycopg.Connection) -> int:
     for _ in range(HOLDS // BATCH_SIZE):
-        columns = [list(column) for column in zip(*holds(BATCH_SIZE))]
-        with conn.transaction():
-            conn.execute(LOCK)
-            conn.execute(BATCH, dict(zip(("o", "u", "a", "t", "st", "sn", "k", "h", "r", "m"), columns),
-                                     n=BATCH_SIZE)).fetchall()
+        reserve_batch(conn)
     return HOLDS
 
 
@@ -90,11 +97,7 @@ COMMITS = """
 
 def batch_then_commit(conn: psycopg.Connection) -> int:
     for _ in range(HOLDS // BATCH_SIZE):
-        columns = [list(column) for column in zip(*holds(BATCH_SIZE, amount=2))]
-        with conn.transaction():
-            conn.execute(LOCK)
-            held = conn.execute(BATCH, dict(zip(("o", "u", "a", "t", "st", "sn", "k", "h", "r", "m"), columns),
-                                            n=BATCH_SIZE)).fetchall()
+        held = reserve_batch(conn, amount=2)
         ids = [uuid.UUID(answer["reservation_id"]) for _, answer in sorted(held)]
         with conn.transaction():
             conn.execute(LOCK)
