@@ -31,8 +31,8 @@ class EndedCall:
             return None
 
         @staticmethod
-        def is_active():
-            return True
+        def cancelled():
+            return False
 
     caller = Caller(principal="apikey:0123456789abcdef", display_name="chat-api",
                     scopes=frozenset({"credits.deduct"}), org_ids=None)

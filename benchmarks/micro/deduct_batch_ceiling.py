@@ -12,7 +12,9 @@ sends deduct_credits_batch on a connection of its own (autocommit, as
 server.store sends a batch), for a few seconds. Alternated with the same
 without credit_usage_attribution's foreign key, dropped in this database
 only: what checking each new row against its allocation costs
-(benchmarks/README.md, "The batch's ceiling"). Two rounds.
+(benchmarks/README.md, "The batch's ceiling"). Two rounds. Each figure comes
+with the backends' CPU and the WAL a deduction took (bytes, records,
+full-page images: what the commit of a batch has to flush).
 """
 
 import os
@@ -22,7 +24,7 @@ import time
 import psycopg
 from psycopg.types.json import Jsonb
 
-from benchmarks.micro.ledger import hot_allocation_database
+from benchmarks.micro.ledger import backend_cpu_s, hot_allocation_database
 from tests.postgres import Postgres
 
 ITEMS = 1000
@@ -43,20 +45,26 @@ def batch_columns() -> list[list]:
     return [list(column) for column in zip(*rows)]
 
 
-def deductions_per_s(url: str, callers: int) -> float:
-    """Deductions a second over DURATION_S, `callers` connections sending batches."""
+def deductions_per_s(url: str, callers: int) -> tuple[float, int, float]:
+    """Deductions a second over DURATION_S, `callers` connections sending
+    batches; how many deductions they made, and their backends' CPU
+    seconds meanwhile."""
     # More than any caller can send in the window: built before it starts.
     batches_each = int(DURATION_S * 60 / callers) + 2
     ready = threading.Barrier(callers + 1)
     window = {"end": float("inf")}  # until all callers are ready
     sent = [0] * callers
+    cpu_s = [0.0] * callers
 
     def caller(index: int) -> None:
         batches = [batch_columns() for _ in range(batches_each)]
         with psycopg.connect(url, autocommit=True) as conn:
             ready.wait()
+            cpu_before = backend_cpu_s(conn)
             for columns in batches:
                 if time.monotonic() >= window["end"]:
+                    time.sleep(0.05)  # /proc's CPU time catches up
+                    cpu_s[index] = backend_cpu_s(conn) - cpu_before
                     return
                 rows = conn.execute(BATCH, columns).fetchall()
                 assert all(row[1] == "OK" for row in rows)
@@ -71,7 +79,30 @@ def deductions_per_s(url: str, callers: int) -> float:
     window["end"] = start + DURATION_S
     for thread in threads:
         thread.join()
-    return sum(sent) * ITEMS / (time.monotonic() - start)
+    deductions = sum(sent) * ITEMS
+    return deductions / (time.monotonic() - start), deductions, sum(cpu_s)
+
+
+def wal_written(conn: psycopg.Connection) -> tuple[int, int, int]:
+    """The cluster's WAL so far: bytes (exact, from the insert position),
+    records and full-page images (pg_stat_wal, which a backend publishes
+    when it ends: read after the callers' connections closed)."""
+    time.sleep(0.2)
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return conn.execute(
+        "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn, wal_records, wal_fpi FROM pg_stat_wal"
+    ).fetchone()
+
+
+def measured(url: str, callers: int) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        before = wal_written(conn)
+        per_s, deductions, cpu_s = deductions_per_s(url, callers)
+        wal_bytes, records, full_pages = (
+            (after - earlier) / deductions for after, earlier in zip(wal_written(conn), before))
+    return (f"{callers} callers {per_s:,.0f}/s (a deduction: {cpu_s / deductions * 1e6:.1f} us of"
+            f" backend CPU; WAL {wal_bytes:,.0f} bytes, {records:.1f} records,"
+            f" {full_pages:.2f} full pages)")
 
 
 def main() -> None:
@@ -86,8 +117,7 @@ def main() -> None:
                 with psycopg.connect(url, autocommit=True) as conn:
                     if round_number > 1 or change is DROP_FOREIGN_KEY:
                         conn.execute(change)
-                figures = ", ".join(f"{callers} callers {deductions_per_s(url, callers):,.0f}/s"
-                                    for callers in CALLERS)
+                figures = ", ".join(measured(url, callers) for callers in CALLERS)
                 print(f"round {round_number}, {label}: {figures}", flush=True)
     finally:
         postgres.close()
