@@ -133,7 +133,9 @@ class ReservationNotOpen(FailedPrecondition):
 
 
 class BatchNotApplied(FailedPrecondition):
-    """An all-or-nothing batch with refused items: nothing was charged."""
+    """An all-or-nothing batch with refused items: nothing was charged. The
+    refusals stay under their keys (the same batch again is refused again):
+    to try the refused items again, send them under new keys."""
 
     @property
     def refused_items(self) -> list[int]:

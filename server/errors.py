@@ -184,12 +184,13 @@ def refusal(outcome: str, **metadata) -> ServiceError:
 
 def batch_not_applied(*, refused_items: list[int], item_count: int,
                       first_refused_reason: str) -> ServiceError:
-    """An all-or-nothing batch in which some items were refused, so none was
-    charged. At most 100 item indexes are listed, so that a batch of
-    thousands cannot make the error itself too large to send."""
+    """An all-or-nothing batch in which some items were refused, so it
+    charged nothing (an item replaying an earlier call's charge stays as
+    that call left it). At most 100 item indexes are listed, so that a batch
+    of thousands cannot make the error itself too large to send."""
     return ServiceError(
         grpc.StatusCode.FAILED_PRECONDITION, "BATCH_NOT_APPLIED",
-        f"{len(refused_items)} of {item_count} deductions were refused, so none was charged",
+        f"{len(refused_items)} of {item_count} deductions were refused, so this call charged none",
         metadata={
             "refused_items": ",".join(map(str, refused_items[:100])),
             "refused_count": len(refused_items),

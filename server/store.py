@@ -143,7 +143,7 @@ class CheckResult(NamedTuple):
 _DEDUCTION_COLUMNS = ("outcome, coalesce(deduction_id::text, ''), coalesce(allocation_remaining, 0),"
                       " coalesce(pool_spendable, 0), replayed")
 _DEDUCT_BATCH = (f"SELECT item, {_DEDUCTION_COLUMNS}"
-                 " FROM deduct_credits_batch(%b, %b, %b, %b, %b, %b, %b, %b, %b)")
+                 " FROM deduct_credits_batch(%b, %b, %b, %b, %b, %b, %b, %b, %b, %b)")
 _CHECK_ONE = "SELECT * FROM has_sufficient_credits(%s, %s, %s)"
 _DEDUCT_ONE = f"SELECT 1, {_DEDUCTION_COLUMNS} FROM deduct_credits(%b, %b, %b, %b, %b, %b, %b, %b, %b)"
 _RESERVATION_TYPES = ("text", "text", "text", "uuid", "bigint", "bigint", "text", "text", "text",
@@ -218,25 +218,10 @@ class _Plan:
     and its results from their rows (one list of rows a statement; every row
     starts with its item's number). With `pools`, the statements run in one
     transaction that first locks those pools, in org_id order as every batch
-    takes them, then sends the statements pipelined; with `all_or_nothing`,
-    in one transaction rolled back when any row's outcome is not OK."""
+    takes them, then sends the statements pipelined."""
     statements: list[tuple[str, tuple]]
     results: Callable[[list[list[tuple]]], list]
     pools: list[str] | None = None
-    all_or_nothing: bool = False
-
-    @property
-    def in_transaction(self) -> bool:
-        return self.pools is not None or self.all_or_nothing
-
-    def rolls_back(self, rows: list[list[tuple]]) -> bool:
-        return self.all_or_nothing and any(_refused(run) for run in rows)
-
-
-def _refused(rows: list[tuple]) -> bool:
-    """Whether any of a statement's deductions was refused (a row's outcome
-    follows its item's number)."""
-    return any(row[1] != "OK" for row in rows)
 
 
 def _check_plan(checks: list[CreditCheck]) -> _Plan:
@@ -262,9 +247,10 @@ def _check_plan(checks: list[CreditCheck]) -> _Plan:
 
 def _deductions_plan(items: list[Deduction], *, all_or_nothing: bool = False) -> _Plan:
     """Deductions in one transaction, each with its own result, as if run
-    one at a time in the order given. With all_or_nothing, any refusal rolls
-    back the whole batch (the results still say which failed; the others'
-    outcome is then NOT_APPLIED)."""
+    one at a time in the order given. With all_or_nothing, one refusal and
+    none is charged: the results still say which were refused, the others
+    are NOT_APPLIED, and the refusals are kept under their keys
+    (deduct_credits_batch says why)."""
     if len(items) == 1 and not all_or_nothing:
         # Same rules, a fraction of the fixed cost: a batch of one through
         # deduct_credits_batch cost 1.3 ms of database CPU, through
@@ -274,12 +260,9 @@ def _deductions_plan(items: list[Deduction], *, all_or_nothing: bool = False) ->
 
     def results(rows: list[list[tuple]]) -> list[DeductionResult]:
         (rows,) = rows
-        if all_or_nothing and _refused(rows):
-            rows = [row if row[1] != "OK" else (row[0], "NOT_APPLIED", "", 0, 0, False)
-                    for row in rows]
         return [_deduction_result(row) for row in sorted(rows, key=_ITEM)]
 
-    return _Plan([(_DEDUCT_BATCH, _batch_params(items))], results, all_or_nothing=all_or_nothing)
+    return _Plan([(_DEDUCT_BATCH, _batch_params(items, all_or_nothing=all_or_nothing))], results)
 
 
 def _group_plan(items: list) -> _Plan:
@@ -640,32 +623,26 @@ class LaneStore:
 
 def _send(conn: psycopg.Connection, plan: _Plan) -> list[list[tuple]]:
     """Sends plan's statements on conn; their rows, one list a statement."""
-    if not plan.in_transaction:
+    if plan.pools is None:
         (statement,) = plan.statements
         return [conn.execute(*statement).fetchall()]
-    with conn.transaction() as transaction:
-        if plan.pools is not None:
-            conn.execute(_LOCK_POOLS, (plan.pools,))
+    with conn.transaction():
+        conn.execute(_LOCK_POOLS, (plan.pools,))
         with conn.pipeline():
             cursors = [conn.execute(*statement) for statement in plan.statements]
-        rows = [cursor.fetchall() for cursor in cursors]
-        transaction.force_rollback = plan.rolls_back(rows)
-        return rows
+        return [cursor.fetchall() for cursor in cursors]
 
 
 async def _send_async(conn: psycopg.AsyncConnection, plan: _Plan) -> list[list[tuple]]:
     """_send on an async connection."""
-    if not plan.in_transaction:
+    if plan.pools is None:
         (statement,) = plan.statements
         return [await (await conn.execute(*statement)).fetchall()]
-    async with conn.transaction() as transaction:
-        if plan.pools is not None:
-            await conn.execute(_LOCK_POOLS, (plan.pools,))
+    async with conn.transaction():
+        await conn.execute(_LOCK_POOLS, (plan.pools,))
         async with conn.pipeline():
             cursors = [await conn.execute(*statement) for statement in plan.statements]
-        rows = [await cursor.fetchall() for cursor in cursors]
-        transaction.force_rollback = plan.rolls_back(rows)
-        return rows
+        return [await cursor.fetchall() for cursor in cursors]
 
 
 _LOCK_POOLS = "SELECT 1 FROM organization_credit_pools WHERE org_id = ANY (%s) ORDER BY org_id FOR UPDATE"
@@ -688,10 +665,11 @@ def _statement(run: list) -> tuple[str, tuple]:
     return _RESERVATIONS_BATCH, columns
 
 
-def _batch_params(items: list[Deduction]) -> list[list]:
+def _batch_params(items: list[Deduction], *, all_or_nothing: bool = False) -> list:
     # One typed array per column (server.binary_arrays), sent in binary:
     # formatting arrays as text cost 40 us per item (batches of 1,000).
-    return [array(column) for array, column in zip(_DEDUCTION_ARRAYS, zip(*items), strict=True)]
+    return [*(array(column) for array, column in zip(_DEDUCTION_ARRAYS, zip(*items), strict=True)),
+            all_or_nothing]
 
 
 def _reservations_params(items: list) -> tuple:

@@ -294,6 +294,18 @@ class LateFirstAttempt:
         self.make_it_fit, self.applied_keys = make_it_fit, applied_keys
 
 
+def deduct_all_or_nothing(server: RunningServer, key: str, timeout_s: float):
+    """An all-or-nothing DeductCreditsBatch: 1 millicredit under key-fits,
+    which fits, then 1,500 under key, which does not (the limit is 1,000)."""
+    items = [credit_pb.DeductCreditsRequest(
+        org_id=ORG, user_id=USER, amount_millicredits=amount, service_type="llm",
+        service_name="faults", idempotency_key=item_key)
+        for item_key, amount in ((f"{key}-fits", 1), (key, 1_500))]
+    return server.connection.credits.DeductCreditsBatch(
+        credit_pb.DeductCreditsBatchRequest(deductions=items, all_or_nothing=True),
+        metadata=server.connection.metadata, timeout=timeout_s)
+
+
 LATE_FIRST_ATTEMPTS = [
     LateFirstAttempt(
         "deduction",
@@ -309,6 +321,13 @@ LATE_FIRST_ATTEMPTS = [
             org_id=ORG, source=types_pb2.CREDIT_SOURCE_GRANT, amount_millicredits=10**8,
             idempotency_key=new_key()), metadata=server.connection.metadata, timeout=5),
         applied_history_keys),
+    # Either of its items charged is the batch applied.
+    LateFirstAttempt(
+        "all-or-nothing-batch",
+        lambda server, key, timeout_s: deduct_all_or_nothing(server, key, timeout_s),
+        "BATCH_NOT_APPLIED",
+        lambda server: server.allocate(5_000, timeout_s=5),
+        lambda url: {key.removesuffix("-fits") for key in charged_keys(url)}),
 ]
 
 

@@ -74,6 +74,75 @@ def test_all_or_nothing_charges_all_or_none(client, database_url):
     assert violations(database_url) == {}
 
 
+def test_a_refused_all_or_nothing_batch_stays_refused_when_sent_again_after_credits_are_freed(
+        client, database_url):
+    """Its refusals are kept under their keys, as a call alone keeps its own:
+    the same batch again (a retry, or a first attempt arriving late) is
+    refused again, never charged because credits were freed meanwhile. The
+    items that fitted were not applied, and keep nothing under their keys."""
+    client.funded_org("acme", 10_000, {"alice": 1_000})
+    items = [item(300, key="fits"), item(800, key="too-much"), item(300, key="fits")]
+    with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "BATCH_NOT_APPLIED") as refused:
+        batch(client, items, all_or_nothing=True)
+    assert refused["info"].metadata["refused_items"] == "1"
+    client.allocate("acme", "alice", 5_000)
+    with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "BATCH_NOT_APPLIED") as again:
+        batch(client, items, all_or_nothing=True)
+    assert again["info"].metadata["refused_items"] == "1"
+    assert again["info"].metadata["first_refused_reason"] == "INSUFFICIENT_CREDITS"
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM credit_usage_attribution").fetchone()[0] == 0
+        kept = conn.execute("SELECT idempotency_key, result ->> 'outcome', result ->> 'allocation_remaining'"
+                            " FROM idempotency_records WHERE family = 'deductions'").fetchall()
+    assert kept == [("too-much", "INSUFFICIENT_CREDITS", "700")]
+    # The refused item alone replays its refusal; the one that fitted, never
+    # charged, charges now.
+    alone = batch(client, [item(800, key="too-much"), item(300, key="fits")])
+    assert alone[0].error.reason == "INSUFFICIENT_CREDITS"
+    assert not alone[1].deduction.replayed and alone[1].deduction.allocation_remaining_millicredits == 4_700
+    assert violations(database_url) == {}
+
+
+def test_an_all_or_nothing_batch_refused_leaves_earlier_charges_it_replays_as_they_are(
+        client, database_url):
+    """A key charged before, replayed inside a refused all-or-nothing batch,
+    stays charged (once), and the batch charges nothing new."""
+    client.funded_org("acme", 10_000, {"alice": 1_000})
+    first = batch(client, [item(100, key="earlier")])[0].deduction
+    with raises_rpc(grpc.StatusCode.FAILED_PRECONDITION, "BATCH_NOT_APPLIED"):
+        batch(client, [item(100, key="earlier"), item(200), item(5_000)], all_or_nothing=True)
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT idempotency_key, deduction_id::text FROM credit_usage_attribution"
+                            ).fetchall() == [("earlier", first.deduction_id)]
+    assert violations(database_url) == {}
+
+
+def test_an_all_or_nothing_batch_refused_answers_each_item_as_it_stands(client, database_url):
+    """deduct_credits_batch's own answers: a charge made before the batch,
+    replayed, stays OK (replayed); what the batch would have charged, and
+    its replays later in the batch, are NOT_APPLIED; the refusal is the
+    refusal."""
+    client.funded_org("acme", 10_000, {"alice": 1_000})
+
+    def run(conn, keys_and_amounts, all_or_nothing):
+        keys, amounts = zip(*keys_and_amounts)
+        n = len(keys)
+        return conn.execute(
+            "SELECT item, outcome, deduction_id::text, replayed FROM deduct_credits_batch("
+            "%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[],"
+            " %s::text[], %s::jsonb[], %s) ORDER BY item",
+            (["acme"] * n, ["alice"] * n, list(amounts), ["llm"] * n, ["batch"] * n, list(keys),
+             [key.encode() for key in keys], [""] * n, ["{}"] * n, all_or_nothing)).fetchall()
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        ((_, _, earlier_id, _),) = run(conn, [("earlier", 100)], False)
+        rows = run(conn, [("fits", 300), ("earlier", 100), ("too-much", 800), ("fits", 300)], True)
+        assert rows == [(1, "NOT_APPLIED", None, False), (2, "OK", earlier_id, True),
+                        (3, "INSUFFICIENT_CREDITS", None, False), (4, "NOT_APPLIED", None, False)]
+        assert conn.execute("SELECT count(*) FROM credit_usage_attribution").fetchone()[0] == 1
+    assert violations(database_url) == {}
+
+
 def test_batch_rejects_malformed_items_by_position(client, server):
     client.funded_org("acme", 10_000, {"alice": 1_000})
     with raises_rpc(grpc.StatusCode.INVALID_ARGUMENT) as refused:

@@ -33,10 +33,11 @@ def deductions(count: int) -> list[Deduction]:
             for i in range(count)]
 
 
-def plain_params(items: list[Deduction]) -> list[list]:
-    """The arrays as the server built them before server.binary_arrays."""
+def plain_params(items: list[Deduction]) -> list:
+    """The arrays as the server built them before server.binary_arrays
+    (and all_or_nothing, false)."""
     *columns, metadata = (list(column) for column in zip(*items))
-    return [*columns, [Jsonb(entries) for entries in metadata]]
+    return [*columns, [Jsonb(entries) for entries in metadata], False]
 
 
 def dumped(params: list[list]) -> list[bytes]:

@@ -299,6 +299,16 @@ END $$;
 -- IDEMPOTENCY_KEY_REUSED for another request. Returns one row per item (item
 -- is its 1-based position), in no particular order.
 --
+-- With p_all_or_nothing, one item not OK and none is charged: the items
+-- that would have been charged answer NOT_APPLIED (and nothing of them is
+-- written), while the refusals are stored under their keys all the same,
+-- as a call alone stores its own. So the same batch sent again, a retry or
+-- a first attempt reaching the database late, is refused again by its
+-- stored refusals, never charged once credits are freed meanwhile (a
+-- rollback of the whole batch once lost them: tests/test_faults.py). A
+-- stored refusal's balances are those its item saw, after the items before
+-- it in the batch.
+--
 -- Set-based, because per-item statements (two key lookups and an insert per
 -- deduction) cost about 140 us per item, measured on batches of 1,000: lock
 -- the pools, lock the allocations, read every item with what the ledger
@@ -309,10 +319,12 @@ END $$;
 -- (org_id, user_id) order: always pools before allocations, as everywhere
 -- else, and in the same order in every transaction, so batches from several
 -- replicas cannot deadlock.
+DROP FUNCTION IF EXISTS deduct_credits_batch(text[], text[], bigint[], text[], text[], text[],
+                                              bytea[], text[], jsonb[]);
 CREATE OR REPLACE FUNCTION deduct_credits_batch(
     p_org_ids text[], p_user_ids text[], p_amounts bigint[], p_service_types text[],
     p_service_names text[], p_idempotency_keys text[], p_request_hashes bytea[],
-    p_request_ids text[], p_metadata jsonb[])
+    p_request_ids text[], p_metadata jsonb[], p_all_or_nothing boolean DEFAULT false)
 RETURNS TABLE (item integer, outcome text, deduction_id uuid, allocation_remaining bigint,
                pool_spendable bigint, replayed boolean)
 LANGUAGE plpgsql
@@ -357,6 +369,7 @@ DECLARE
     any_reserved boolean;
     any_period_ended boolean;
     any_reset_due boolean;
+    i integer;
 BEGIN
     IF item_count = 0 THEN
         RETURN;
@@ -527,6 +540,18 @@ BEGIN
         f_alloc_org := f_alloc_org || array_fill(current_org, ARRAY[cardinality(users)]);
         f_alloc_user := f_alloc_user || users;
         f_alloc_used := f_alloc_used || used;
+    END IF;
+    IF p_all_or_nothing AND NOT ('OK' = ALL (r_outcome)) THEN
+        -- Not applied: the new charges, and their replays later in the batch
+        -- (a replay of a charge made before the batch stays as it is).
+        FOR i IN 1 .. item_count LOOP
+            IF r_outcome[i] = 'OK' AND (NOT r_replayed[i] OR r_id[i] = ANY (w_id)) THEN
+                r_outcome[i] := 'NOT_APPLIED';
+                r_id[i] := NULL; r_remaining[i] := NULL; r_spendable[i] := NULL;
+                r_replayed[i] := false;
+            END IF;
+        END LOOP;
+        w_n := '{}';
     END IF;
 
     -- Each write only when there is something to write: a statement costs
