@@ -155,11 +155,14 @@ _RESERVATIONS_BATCH = "SELECT * FROM reservations_batch({})".format(
 # (benchmarks/micro/hold_batch_statements.py, measured both ways).
 _RESERVATION_ONE = "SELECT * FROM reservations_batch({})".format(
     ", ".join(f"ARRAY[%b::{name}]" for name in _RESERVATION_TYPES))
-# Many checks in one statement, in the order given (has_sufficient_credits
-# may lock a pool whose period ended: in org_id order, as every batch does).
+# Many checks in one statement, answered in the order given. They run in
+# org_id order as the database sorts it, as every batch locks its pools
+# (has_sufficient_credits may lock a pool whose period ended): under a
+# collation other than C, Python's order of the same ids can differ, and
+# two orders of locks can deadlock.
 _CHECK_BATCH = (
-    "SELECT h.* FROM unnest(%b::text[], %b::text[], %b::bigint[]) WITH ORDINALITY"
-    " AS c(org_id, user_id, amount, n)"
+    "SELECT h.* FROM (SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[]) WITH ORDINALITY"
+    " AS c(org_id, user_id, amount, n) ORDER BY c.org_id OFFSET 0) AS c"
     " CROSS JOIN LATERAL has_sufficient_credits(c.org_id, c.user_id, c.amount) AS h ORDER BY c.n"
 )
 
@@ -231,17 +234,12 @@ def _check_plan(checks: list[CreditCheck]) -> _Plan:
         (one,) = checks
         return _Plan([(_CHECK_ONE, (one.org_id, one.user_id, one.amount_millicredits))],
                      lambda rows: [_check_result(rows[0][0])])
-    order = sorted(range(len(checks)), key=lambda i: checks[i].org_id)
-
     def results(rows: list[list[tuple]]) -> list[CheckResult]:
-        answers: list[CheckResult] = [None] * len(checks)
-        for i, row in zip(order, rows[0], strict=True):
-            answers[i] = _check_result(row)
-        return answers
+        return [_check_result(row) for row in rows[0]]
 
-    return _Plan([(_CHECK_BATCH, (TextArray(checks[i].org_id for i in order),
-                                  TextArray(checks[i].user_id for i in order),
-                                  BigintArray(checks[i].amount_millicredits for i in order)))],
+    return _Plan([(_CHECK_BATCH, (TextArray(check.org_id for check in checks),
+                                  TextArray(check.user_id for check in checks),
+                                  BigintArray(check.amount_millicredits for check in checks)))],
                  results)
 
 
