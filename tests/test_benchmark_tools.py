@@ -85,26 +85,23 @@ def test_every_module_of_the_harness_imports(module):
     importlib.import_module(f"benchmarks.{module}")
 
 
+def _python(*args: str, timeout_s: float = 240) -> str:
+    """`python <args>` from the repository; its output, once it exited 0.
+    No ORGBILLING_* variable of this shell reaches it: with
+    ORGBILLING_DATABASE_URL, a bench would work on that database."""
+    finished = subprocess.run([sys.executable, *args], cwd=REPO, env=environment_without_settings(),
+                              capture_output=True, text=True, timeout=timeout_s)
+    assert finished.returncode == 0, (finished.stdout[-2000:], finished.stderr[-3000:])
+    return finished.stdout
+
+
 @pytest.mark.parametrize("name", sorted(SHRUNK))
 def test_the_micro_bench_runs_to_its_end(name, postgres):
     """It prints its figures and exits 0: its SQL, fakes and helpers match
     the code they measure."""
-    finished = subprocess.run(
-        [sys.executable, "-c", RUN_SHRUNK,
-         json.dumps([name, SHRUNK[name], FLAGS.get(name, []), postgres.admin_url])],
-        cwd=REPO, env=environment_without_settings(), capture_output=True, text=True, timeout=120)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert finished.stdout.strip(), f"{name} printed nothing"
-
-
-def _run_tool(*args: str, timeout_s: float = 240) -> str:
-    """`python -m benchmarks.<args>` from the repository; its output, once it
-    exited 0. No ORGBILLING_* variable of this shell reaches it: with
-    ORGBILLING_DATABASE_URL, a bench would work on that database."""
-    finished = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=environment_without_settings(),
-                              capture_output=True, text=True, timeout=timeout_s)
-    assert finished.returncode == 0, (finished.stdout[-2000:], finished.stderr[-3000:])
-    return finished.stdout
+    out = _python("-c", RUN_SHRUNK, json.dumps([name, SHRUNK[name], FLAGS.get(name, []), postgres.admin_url]),
+                  timeout_s=120)
+    assert out.strip(), f"{name} printed nothing"
 
 
 def _results(results_dir: Path, pattern: str) -> dict:
@@ -116,8 +113,8 @@ def _results(results_dir: Path, pattern: str) -> dict:
 def test_make_bench_measures_every_scenario_baseline_and_target_in_a_short_run(tmp_path):
     """benchmarks.run, as `make bench` runs it but short: its own embedded
     PostgreSQL and server, pgbench, the big table, one server variant."""
-    _run_tool("benchmarks.run", "--callers", "1", "--duration-s", "0.3", "--warmup-s", "0.1",
-              "--big-table-rows", "1000", "--variants", "unprepared", "--results-dir", str(tmp_path))
+    _python("-m", "benchmarks.run", "--callers", "1", "--duration-s", "0.3", "--warmup-s", "0.1",
+            "--big-table-rows", "1000", "--variants", "unprepared", "--results-dir", str(tmp_path))
     run = _results(tmp_path, "*.json")
     measured = {row["scenario"]: row for row in run["scenarios"]}
     assert sorted(measured) == sorted(s.name for s in [BARE_SCENARIO, *SCENARIOS])
@@ -131,8 +128,8 @@ def test_make_bench_measures_every_scenario_baseline_and_target_in_a_short_run(t
 
 @pytest.mark.slow
 def test_the_profile_samples_the_server_and_times_the_ledger_under_load():
-    out = _run_tool("benchmarks.profile", "--scenario", "deduct_hot", "--callers", "4",
-                    "--duration-s", "1", "--warmup-s", "0.2", "--top", "3")
+    out = _python("-m", "benchmarks.profile", "--scenario", "deduct_hot", "--callers", "4",
+                  "--duration-s", "1", "--warmup-s", "0.2", "--top", "3")
     assert "deduct_hot @4:" in out
     assert "server, top functions by own time" in out
     assert "deduct_credits" in out  # the ledger functions' times, from PostgreSQL
@@ -140,8 +137,8 @@ def test_the_profile_samples_the_server_and_times_the_ledger_under_load():
 
 @pytest.mark.slow
 def test_the_tail_tool_places_the_slowest_calls_in_time():
-    out = _run_tool("benchmarks.tail", "--scenarios", "noop,deduct_hot", "--callers", "4",
-                    "--duration-s", "1", "--warmup-s", "0.2")
+    out = _python("-m", "benchmarks.tail", "--scenarios", "noop,deduct_hot", "--callers", "4",
+                  "--duration-s", "1", "--warmup-s", "0.2")
     assert "noop" in out and "deduct_hot" in out and "p99" in out
 
 
@@ -150,9 +147,9 @@ def test_the_reports_bench_seeds_and_times_every_report(postgres, tmp_path):
     """The seed at a thousandth of its scale on a database of the session's
     PostgreSQL, then every ReportingService case and the export."""
     url = postgres.create_database("reports_bench_tool", migrated=False)
-    _run_tool("benchmarks.reports", "--scale", "0.001", "--database-url", url, "--callers", "1",
-              "--duration-s", "0.2", "--warmup-s", "0", "--export-rows", "2000",
-              "--results-dir", str(tmp_path))
+    _python("-m", "benchmarks.reports", "--scale", "0.001", "--database-url", url, "--callers", "1",
+            "--duration-s", "0.2", "--warmup-s", "0", "--export-rows", "2000",
+            "--results-dir", str(tmp_path))
     run = _results(tmp_path, "reports-*.json")
     assert run["cases"] and [case["rpc"] for case in run["cases"] if case["calls"] == 0 or case["errors"]] == []
     assert run["export"]["error"] is None and run["export"]["rows"] > 0
